@@ -1,0 +1,37 @@
+"""Domain errors shared by every layer; the API and the CLI each render them in one shape."""
+
+from __future__ import annotations
+
+
+class SaescopeError(Exception):
+    """Base for errors a user can act on: the message says what went wrong and how to fix it."""
+
+    status_code = 400
+
+
+class ConfigError(SaescopeError):
+    """Bad user input: an unknown preset, hook name, SAE file, corpus or option value."""
+
+    status_code = 422
+
+
+class NotFoundError(SaescopeError):
+    """Something asked for by id does not exist."""
+
+    status_code = 404
+
+
+class OfflineError(SaescopeError):
+    """Something would need a network download, and this machine is offline."""
+
+    status_code = 422
+
+
+class BusyError(SaescopeError):
+    """The model queue is full; the client should retry after `retry_after` seconds."""
+
+    status_code = 503
+
+    def __init__(self, message: str, *, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after

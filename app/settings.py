@@ -1,0 +1,43 @@
+"""Settings from SAESCOPE_* environment variables; the only module that reads the environment."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SAESCOPE_", extra="ignore")
+
+    # Where databases, activation caches and dequantized-model caches live.
+    home: Path = REPO_ROOT / "data"
+    # Trained SAEs are written under models/saes/{model_id}/{sae_id} (weights are gitignored).
+    saes_dir: Path = REPO_ROOT / "models" / "saes"
+    # SQLAlchemy URL; empty means sqlite file {home}/saescope.db.
+    database_url: str = ""
+    # Model the server loads for text search and steering; empty: the model of the first SAE.
+    model: str = ""
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # Model calls (text search, steering) waiting beyond this many get 503 + Retry-After.
+    model_queue_size: int = 4
+    max_text_tokens: int = 1024
+    # Set false to serve only precomputed data (no model in memory; text search answers 503).
+    load_model: bool = True
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.home / "cache"
+
+    @property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.home / 'saescope.db'}"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,109 @@
+"""Plain numpy records the offline pipeline hands to the store: the one contract between them.
+
+The pipeline (torch side) produces these; the store (no torch) writes them. Every array is numpy,
+every per-feature array has length ``d_sae`` along its first axis, indexed by feature index.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+WINDOW_KIND_TOP = 0
+WINDOW_KIND_INTERVAL = 1
+
+
+@dataclass
+class ModelRecord:
+    """A language model as the explorer shows it; ``token_strings[i]`` is token id i, decoded."""
+
+    model_id: str  # e.g. "smollm2-135m"
+    source: str  # preset name, folder, .gguf path or hub id it was loaded from
+    architecture: str  # "llama", "gemma3", ...
+    d_model: int
+    n_layers: int
+    vocab_size: int
+    token_strings: list[str]
+    bos_token_id: int | None = None
+    has_chat_template: bool = False
+
+
+@dataclass
+class SAERecord:
+    """An SAE over one hook point of one model."""
+
+    model_id: str
+    sae_id: str  # Neuronpedia style "{layer}-{set}", e.g. "15-res-topk-4k"
+    hook_name: str  # "blocks.15.hook_resid_post"
+    architecture: str  # relu | topk | batchtopk | jumprelu
+    d_in: int
+    d_sae: int
+    path: str  # folder it was loaded from
+    cfg: dict[str, Any] = field(default_factory=dict)  # the SAE's config as saved
+    train_metrics: dict[str, Any] | None = None  # evals.json written beside a trained SAE
+
+
+@dataclass
+class RunRecord:
+    """One precompute run: what was read and the per-SAE statistics it measured."""
+
+    corpus: str
+    n_tokens: int  # tokens processed (excluding nothing; see n_tokens_counted)
+    n_tokens_counted: int  # tokens that count for statistics (BOS / special tokens excluded)
+    context_size: int
+    window_len: int
+    n_top: int  # top windows kept per feature
+    n_bands: int  # interval bands per feature
+    config: dict[str, Any] = field(default_factory=dict)  # everything needed to reproduce it
+    # Per-SAE statistics: keys "l0_hist" {"edges","counts"}, "density_hist" {"edges","counts"}
+    # (log10 of frac_nonzero), "n_dead", "n_dense", "mean_l0", "explained_variance",
+    # "ce_loss_clean", "ce_loss_sae", "ce_loss_ablated", "ce_loss_recovered", ...
+    sae_stats: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SequenceArrays:
+    """Token sequences referenced by windows; token ids are stored once per sequence."""
+
+    seq_index: np.ndarray  # int64 [n]   position of the sequence in the corpus stream
+    doc_index: np.ndarray  # int64 [n]   document it came from
+    tokens: np.ndarray  # int32 [n, context_size]
+    doc_names: list[str] = field(default_factory=list)  # doc_names[doc_index] (all documents)
+
+
+@dataclass
+class FeatureArrays:
+    """Per-feature statistics; arrays of length d_sae along axis 0."""
+
+    count: np.ndarray  # int64   number of counted tokens where the feature is > 0
+    act_sum: np.ndarray  # float64 sum of activations
+    max_act: np.ndarray  # float32 max activation (0 for dead features)
+    frac_nonzero: np.ndarray  # float64 count / n_tokens_counted
+    hist_edges: np.ndarray  # float64 [n_bins + 1] fixed log-spaced edges, shared by all features
+    hist_counts: np.ndarray  # int64 [d_sae, n_bins]
+    band_share: np.ndarray  # float32 [d_sae, n_bands] share of activation mass per interval band
+    band_count: np.ndarray  # int64 [d_sae, n_bands] activations per interval band
+    logit_pos_ids: np.ndarray  # int32 [d_sae, n_logits] tokens the decoder direction promotes
+    logit_pos_values: np.ndarray  # float32 [d_sae, n_logits]
+    logit_neg_ids: np.ndarray  # int32 [d_sae, n_logits] tokens it suppresses (most negative first)
+    logit_neg_values: np.ndarray  # float32 [d_sae, n_logits]
+    neighbour_idx: np.ndarray  # int32 [d_sae, n_neighbours] nearest features by decoder cosine
+    neighbour_cos: np.ndarray  # float32 [d_sae, n_neighbours]
+
+
+@dataclass
+class WindowArrays:
+    """Text windows shown on feature pages (top activations and interval samples), n windows."""
+
+    feature: np.ndarray  # int32   feature index
+    kind: np.ndarray  # int8    WINDOW_KIND_TOP | WINDOW_KIND_INTERVAL
+    band: np.ndarray  # int16   interval band (0 = lowest); -1 for top windows
+    rank: np.ndarray  # int16   order within (feature, kind, band), 0 first (highest max for top)
+    seq_index: np.ndarray  # int64   sequence (see SequenceArrays.seq_index)
+    start: np.ndarray  # int32   first token position of the window within the sequence
+    length: np.ndarray  # int16   tokens in the window (<= window_len)
+    max_value: np.ndarray  # float32 the feature's max activation in the window
+    max_pos: np.ndarray  # int16   position of that max, relative to start
+    values: np.ndarray  # float16 [n, window_len] activations over the window (padded with 0)
