@@ -400,23 +400,29 @@ def _write_cache(folder: Path, *, model, tokenizer, fingerprint: dict) -> None:
     old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
     try:
         shutil.rmtree(tmp, ignore_errors=True)
-        # GGUF loading leaves a quantization_config that would make from_pretrained ask for
-        # the GGUF file again; the cached weights are plain float32.
-        quant = getattr(model.config, "quantization_config", None)
-        if quant is not None:
-            del model.config.quantization_config
+        # GGUF loading marks the model as quantized (hf_quantizer, config.quantization_config),
+        # which save_pretrained refuses and from_pretrained would follow back to the GGUF file;
+        # the weights are already plain float32, so hide both while saving.
+        hidden = {
+            "quantizer": getattr(model, "hf_quantizer", None),
+            "config": getattr(model.config, "quantization_config", None),
+        }
         try:
+            model.hf_quantizer = None
+            if hidden["config"] is not None:
+                del model.config.quantization_config
             model.save_pretrained(tmp, safe_serialization=True)
         finally:
-            if quant is not None:
-                model.config.quantization_config = quant
+            model.hf_quantizer = hidden["quantizer"]
+            if hidden["config"] is not None:
+                model.config.quantization_config = hidden["config"]
         tokenizer.save_pretrained(tmp)
         # The stamp goes in last: a folder without it is never trusted.
         (tmp / _CACHE_STAMP).write_text(json.dumps(fingerprint, indent=1), encoding="utf-8")
         if folder.exists():
             folder.rename(old)
         tmp.rename(folder)
-    except OSError as exc:
+    except (OSError, ValueError, RuntimeError) as exc:
         log.warning("could not cache the dequantized model at %s: %s", folder, exc)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
