@@ -19,6 +19,7 @@ import sys
 import sysconfig
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -120,9 +121,15 @@ def python_docs() -> Iterator[Document]:
     the order of a hash of their names: fixed, yet well mixed, so any prefix of the corpus is a
     fair sample of the whole and a held-out tail reads like the head.
     """
+    yield from _python_docs_list()
+
+
+@lru_cache(maxsize=1)
+def _python_docs_list() -> tuple[Document, ...]:
+    # Parsing ~560 sources takes seconds; train and eval both read the corpus in one process.
     docs = list(_stdlib_documents()) + list(_pydoc_topic_documents())
     docs.sort(key=lambda d: hashlib.sha256(d.name.encode()).hexdigest())
-    yield from docs
+    return tuple(docs)
 
 
 def _stdlib_documents() -> Iterator[Document]:
