@@ -1,0 +1,611 @@
+"""Streaming per-feature statistics over SAE activations: update() per batch, finalize() once.
+
+Every batch is the SAE encode output for whole sequences, ``acts [n_seq, ctx, d_sae]``.
+``sparsify`` leaves dense land at once: it zeroes the special (BOS / padding) rows, which touches
+only those rows, and makes one ``nonzero`` pass over the block, giving sparse records
+``(token, feature, value)`` with value > 0. All accumulators then work on those records; the
+dense block is only read again through small gathers of the windows being inserted (window_len
+values per inserted window). Nothing takes a top-k along the token axis of a dense block.
+
+State is O(d_sae x k), independent of the corpus length. It is plain numpy (``state_dict`` /
+``load_state_dict``) so the pipeline can checkpoint it and resume bit for bit.
+
+Notation: a record is ``(f, t, v)``: feature f, global token position ``t = seq * ctx + pos``
+(``seq`` is the sequence's index in the corpus stream), activation ``v > 0``. Only counted tokens
+(not BOS, padding or other special tokens) produce records.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from app.store.records import WINDOW_KIND_INTERVAL, WINDOW_KIND_TOP, WindowArrays
+
+EMPTY_PRIORITY = np.iinfo(np.uint64).max
+NO_EXPONENT = np.iinfo(np.int32).min // 2  # a feature that has not fired yet
+INT64_MAX = np.iinfo(np.int64).max
+
+
+# ----------------------------------------------------------------------------------- the batch
+
+
+@dataclass
+class SparseBatch:
+    """One batch as sparse records, plus the dense block for window gathers only."""
+
+    token: np.ndarray  # int64 [n] row in the batch block: seq_local * ctx + pos
+    feature: np.ndarray  # int64 [n]
+    value: np.ndarray  # float32 [n], > 0
+    seq_index: np.ndarray  # int64 [n_seq] global index of each sequence of the batch
+    counted: np.ndarray  # bool [n_seq * ctx] tokens that count for statistics
+    ctx: int
+    d_sae: int
+    dense: torch.Tensor  # float32 [n_seq * ctx, d_sae], special rows zeroed
+
+    @property
+    def n_counted(self) -> int:
+        return int(self.counted.sum())
+
+    def global_pos(self, token: np.ndarray) -> np.ndarray:
+        """Global token position ``seq * ctx + pos`` of batch rows."""
+        return self.seq_index[token // self.ctx] * self.ctx + token % self.ctx
+
+    def windows(self, *, token: np.ndarray, feature: np.ndarray, window_len: int
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Windows of ``window_len`` tokens centred on each (token, feature), clipped to the
+        sequence: (start int32, length int16, values float16 [n, window_len], zero padded)."""
+        pos = token % self.ctx
+        first = pos - window_len // 2
+        start = np.maximum(first, 0)
+        end = np.minimum(first + window_len, self.ctx)
+        length = end - start
+        offsets = np.arange(window_len)
+        cols = np.minimum(start[:, None] + offsets, self.ctx - 1)
+        rows = (token - pos)[:, None] + cols
+        vals = self.dense[torch.from_numpy(rows), torch.from_numpy(feature)[:, None]].numpy()
+        vals = np.where(offsets < length[:, None], vals, 0.0)
+        return start.astype(np.int32), length.astype(np.int16), vals.astype(np.float16)
+
+
+def sparsify(acts: torch.Tensor, *, special_mask: np.ndarray | torch.Tensor,
+             seq_index: np.ndarray) -> SparseBatch:
+    """Turn an encode output [n_seq, ctx, d_sae] into sparse records (zeroes special rows in place).
+
+    Passes over the dense block: one ``nonzero`` (the special rows and the gathers of values at
+    the nonzero coordinates are sparse).
+    """
+    n_seq, ctx, d_sae = acts.shape
+    dense = acts.detach().reshape(n_seq * ctx, d_sae)
+    if dense.dtype != torch.float32:
+        dense = dense.float()
+    special = np.asarray(special_mask, dtype=bool).reshape(-1)
+    special_rows = np.flatnonzero(special)
+    if special_rows.size:
+        dense[torch.from_numpy(special_rows)] = 0.0
+    rows, cols = dense.nonzero(as_tuple=True)
+    vals = dense[rows, cols]
+    positive = vals > 0  # an SAE whose encode can go negative: only positive values "fire"
+    if not bool(positive.all()):
+        rows, cols, vals = rows[positive], cols[positive], vals[positive]
+    return SparseBatch(token=rows.numpy().astype(np.int64), feature=cols.numpy().astype(np.int64),
+                       value=vals.numpy().astype(np.float32),
+                       seq_index=np.asarray(seq_index, dtype=np.int64), counted=~special,
+                       ctx=ctx, d_sae=d_sae, dense=dense)
+
+
+def _group_rank(sorted_groups: np.ndarray) -> np.ndarray:
+    """Rank of each element within its run of equal values (input sorted by group)."""
+    return np.arange(sorted_groups.size) - np.searchsorted(sorted_groups, sorted_groups, "left")
+
+
+def _priority(feature: np.ndarray, gpos: np.ndarray, seed: int) -> np.ndarray:
+    """Deterministic pseudo-random uint64 priority of a record (splitmix64 of feature and
+    position): the same record always gets the same priority, whatever the batch order."""
+    x = (gpos.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+         + feature.astype(np.uint64) * np.uint64(0xD1B54A32D192ED03)
+         + np.uint64(seed & 0xFFFFFFFFFFFFFFFF))
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+# -------------------------------------------------------------------------------- top windows
+
+
+class TopWindows:
+    """Per feature, the ``k`` sequences where it fires hardest, with a window around the max.
+
+    Maths: for feature f and sequence s let ``m(f, s) = max_pos v(f, s, pos)`` and ``p(f, s)`` the
+    first position reaching it. The result is the k pairs with the largest ``m(f, s)``, ties
+    broken by the smaller global position ``s * ctx + p(f, s)``: a total order, so the set is a
+    function of the records alone, whatever the batch order. Streaming: since a sequence lies in
+    one batch, ``m(f, s)`` is final when its batch is seen; the state keeps the current k best per
+    feature, sorted, and a batch's candidates are merged in (top-k of a union = top-k of the union
+    of top-ks). A window's activation values are gathered from the batch being processed when it
+    is inserted, so no second pass is needed.
+    """
+
+    def __init__(self, d_sae: int, *, k: int = 20, window_len: int = 32) -> None:
+        self.d_sae, self.k, self.window_len = d_sae, k, window_len
+        self.value = np.full((d_sae, k), -np.inf, dtype=np.float32)
+        self.gpos = np.full((d_sae, k), INT64_MAX, dtype=np.int64)
+        self.start = np.zeros((d_sae, k), dtype=np.int32)
+        self.length = np.zeros((d_sae, k), dtype=np.int16)
+        self.values = np.zeros((d_sae, k, window_len), dtype=np.float16)
+
+    _fields = ("value", "gpos", "start", "length", "values")
+
+    def update(self, batch: SparseBatch) -> None:
+        f, tok, v = batch.feature, batch.token, batch.value
+        if f.size == 0:
+            return
+        seq_local = tok // batch.ctx
+        # One candidate per (feature, sequence): its max, earliest position on ties.
+        order = np.lexsort((tok, -v, seq_local, f))
+        fs, ss = f[order], seq_local[order]
+        first = np.ones(order.size, dtype=bool)
+        first[1:] = (fs[1:] != fs[:-1]) | (ss[1:] != ss[:-1])
+        cand = order[first]
+        cf, cv, ctok = f[cand], v[cand], tok[cand]
+        cg = batch.global_pos(ctok)
+        # Only candidates that beat the current k-th can enter (the state is sorted).
+        worst_v, worst_g = self.value[cf, -1], self.gpos[cf, -1]
+        keep = (cv > worst_v) | ((cv == worst_v) & (cg < worst_g))
+        if not keep.any():
+            return
+        cf, cv, ctok, cg = cf[keep], cv[keep], ctok[keep], cg[keep]
+        feats = np.unique(cf)
+        n_old = feats.size * self.k
+        all_f = np.concatenate([np.repeat(feats, self.k), cf])
+        all_v = np.concatenate([self.value[feats].ravel(), cv])
+        all_g = np.concatenate([self.gpos[feats].ravel(), cg])
+        order = np.lexsort((all_g, -all_v, all_f))
+        rank = _group_rank(all_f[order])
+        sel = order[rank < self.k]
+        slot = rank[rank < self.k]
+        row = np.searchsorted(feats, all_f[sel])
+        old = {name: getattr(self, name)[feats] for name in self._fields}
+        new = {name: arr.copy() for name, arr in old.items()}
+        from_old = sel < n_old
+        o_sel = sel[from_old]
+        for name in self._fields:
+            new[name][row[from_old], slot[from_old]] = old[name].reshape(
+                n_old, *old[name].shape[2:])[o_sel]
+        n_sel = sel[~from_old] - n_old
+        r_new, s_new = row[~from_old], slot[~from_old]
+        start, length, values = batch.windows(token=ctok[n_sel], feature=cf[n_sel],
+                                              window_len=self.window_len)
+        new["value"][r_new, s_new] = cv[n_sel]
+        new["gpos"][r_new, s_new] = cg[n_sel]
+        new["start"][r_new, s_new] = start
+        new["length"][r_new, s_new] = length
+        new["values"][r_new, s_new] = values
+        for name in self._fields:
+            getattr(self, name)[feats] = new[name]
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        return {name: getattr(self, name) for name in self._fields}
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        for name in self._fields:
+            _check_shape(name, state[name], getattr(self, name))
+            setattr(self, name, np.array(state[name]))
+
+    def finalize(self, *, ctx: int) -> WindowArrays:
+        f, slot = np.nonzero(np.isfinite(self.value))
+        gpos = self.gpos[f, slot]
+        start = self.start[f, slot]
+        return WindowArrays(
+            feature=f.astype(np.int32), kind=np.full(f.size, WINDOW_KIND_TOP, dtype=np.int8),
+            band=np.full(f.size, -1, dtype=np.int16), rank=slot.astype(np.int16),
+            seq_index=gpos // ctx, start=start, length=self.length[f, slot],
+            max_value=self.value[f, slot], max_pos=(gpos % ctx - start).astype(np.int16),
+            values=self.values[f, slot])
+
+
+# ---------------------------------------------------------------------------- interval samples
+
+
+class IntervalSamples:
+    """Per feature: equal-width activation bands over [0, max], a few random windows per band,
+    and each band's count and share of the activation mass.
+
+    The max is only known at the end, so records are binned on a grid that can only get coarser:
+    per feature an exponent ``E`` with ``running_max < 2^E`` (the frexp exponent) and
+    ``n_fine`` linear bins of width ``2^E / n_fine`` over ``[0, 2^E)``. A record's fine bin is
+    ``floor(v * n_fine / 2^E)``; computed with ldexp, exactly. When the running max crosses
+    ``2^E`` the exponent grows by d and bin b becomes ``b >> d`` (the same value floor(v * n_fine
+    / 2^(E+d)) gives directly), so the final grid depends only on the final max: per-bin counts
+    and sums are exact and independent of batch order.
+
+    Samples: each record gets a deterministic hash priority (``_priority``). Per (feature, sample
+    bin), sample bins being ``n_sample_bins`` groups of fine bins, the state keeps the
+    ``candidates`` records of smallest priority: a bottom-s sample is a uniform random sample,
+    bottom-s of a union is bottom-s of the bottom-s's, so merges on coarsening are exact and the
+    result does not depend on batch order or on resuming. Each candidate's window is gathered when
+    it enters.
+
+    Finalize: with the final max M and grid width w = 2^E / n_fine, band j's lower edge is
+    ``w * round(j * M / (n_bands * w))``: the equal-width edge ``j * M / n_bands`` snapped to the
+    grid (off by at most w/2 <= M / n_fine, i.e. under 1% of M with the defaults). Band counts
+    and mass shares are then exact sums of fine bins. Each band's samples are the candidates whose
+    value lies in the band, lowest priority first, up to ``per_band``; every sample lies in its
+    band. Approximation: a sample bin straddling a band edge contributes only its candidates that
+    fall in the band, so a band made mostly of straddling bins may get fewer than ``per_band``
+    samples although it holds more records (with the defaults a band spans 1.6 to 3.2 sample bins).
+    """
+
+    def __init__(self, d_sae: int, *, n_bands: int = 10, per_band: int = 3, window_len: int = 32,
+                 n_fine: int = 128, n_sample_bins: int = 32, candidates: int | None = None,
+                 seed: int = 0) -> None:
+        for name, val in (("n_fine", n_fine), ("n_sample_bins", n_sample_bins)):
+            if val & (val - 1) or val < 1:
+                raise ValueError(f"{name} must be a power of two, got {val}")
+        if n_sample_bins > n_fine or n_fine < 4 * n_bands:
+            raise ValueError("need n_sample_bins <= n_fine and n_fine >= 4 * n_bands")
+        self.d_sae, self.n_bands, self.per_band = d_sae, n_bands, per_band
+        self.window_len, self.n_fine, self.n_sample_bins = window_len, n_fine, n_sample_bins
+        self.log2_fine = n_fine.bit_length() - 1
+        self.sample_shift = self.log2_fine - (n_sample_bins.bit_length() - 1)
+        self.s = candidates or per_band
+        self.seed = seed
+        shape = (d_sae, n_sample_bins, self.s)
+        self.exponent = np.full(d_sae, NO_EXPONENT, dtype=np.int32)
+        self.bin_count = np.zeros((d_sae, n_fine), dtype=np.int64)
+        self.bin_sum = np.zeros((d_sae, n_fine), dtype=np.float64)
+        self.prio = np.full(shape, EMPTY_PRIORITY, dtype=np.uint64)
+        self.value = np.zeros(shape, dtype=np.float32)
+        self.gpos = np.zeros(shape, dtype=np.int64)
+        self.start = np.zeros(shape, dtype=np.int32)
+        self.length = np.zeros(shape, dtype=np.int16)
+        self.values = np.zeros((*shape, window_len), dtype=np.float16)
+
+    _slot_fields = ("prio", "value", "gpos", "start", "length", "values")
+    _fields = ("exponent", "bin_count", "bin_sum", *_slot_fields)
+
+    def fine_bin(self, value: np.ndarray, exponent: np.ndarray) -> np.ndarray:
+        """floor(v * n_fine / 2^E), exact (a power-of-two scaling of a float is exact)."""
+        b = np.floor(np.ldexp(value.astype(np.float64), self.log2_fine - exponent))
+        return np.minimum(b, self.n_fine - 1).astype(np.int64)
+
+    def update(self, batch: SparseBatch) -> None:
+        f, v = batch.feature, batch.value
+        if f.size == 0:
+            return
+        order = np.argsort(f, kind="stable")
+        fs = f[order]
+        starts = np.flatnonzero(np.r_[True, fs[1:] != fs[:-1]])
+        feats = fs[starts]
+        batch_max = np.maximum.reduceat(v[order], starts)
+        new_exp = np.frexp(batch_max)[1].astype(np.int32)
+        old_exp = self.exponent[feats]
+        grow = (old_exp != NO_EXPONENT) & (new_exp > old_exp)
+        if grow.any():
+            self._coarsen(feats[grow], (new_exp - old_exp)[grow])
+        self.exponent[feats] = np.maximum(old_exp, new_exp)
+
+        fine = self.fine_bin(v, self.exponent[f])
+        flat = f * self.n_fine + fine
+        size = self.d_sae * self.n_fine
+        self.bin_count += np.bincount(flat, minlength=size).reshape(self.d_sae, self.n_fine)
+        self.bin_sum += np.bincount(flat, weights=v.astype(np.float64),
+                                    minlength=size).reshape(self.d_sae, self.n_fine)
+        self._insert(batch, fine >> self.sample_shift)
+
+    def _coarsen(self, feats: np.ndarray, shift: np.ndarray) -> None:
+        """Re-bin features whose exponent grew by ``shift``: fine bin b -> b >> shift."""
+        shift = np.minimum(shift, 62).astype(np.int64)[:, None]
+        n = feats.size
+        target = (np.arange(n)[:, None] * self.n_fine
+                  + (np.arange(self.n_fine)[None, :] >> shift)).ravel()
+        self.bin_count[feats] = np.bincount(
+            target, weights=self.bin_count[feats].ravel().astype(np.float64),
+            minlength=n * self.n_fine).reshape(n, self.n_fine).astype(np.int64)
+        self.bin_sum[feats] = np.bincount(
+            target, weights=self.bin_sum[feats].ravel(), minlength=n * self.n_fine
+        ).reshape(n, self.n_fine)
+        # Samples: merged bins keep the bottom-s priorities of the union of their candidates.
+        nb, s = self.n_sample_bins, self.s
+        old = {name: getattr(self, name)[feats].reshape(n * nb * s, *getattr(
+            self, name).shape[3:]) for name in self._slot_fields}
+        row = np.repeat(np.arange(n), nb * s)
+        new_bin = np.repeat(np.arange(nb)[None, :] >> shift, s, axis=1).ravel()
+        group = row * nb + new_bin
+        order = np.lexsort((old["prio"], group))
+        rank = _group_rank(group[order])
+        sel, slot = order[rank < s], rank[rank < s]
+        for name in self._slot_fields:
+            arr = getattr(self, name)
+            fresh = np.zeros((n, nb, s, *arr.shape[3:]), dtype=arr.dtype)
+            if name == "prio":
+                fresh[:] = EMPTY_PRIORITY
+            fresh[row[sel], new_bin[sel], slot] = old[name][sel]
+            arr[feats] = fresh
+
+    def _insert(self, batch: SparseBatch, sample_bin: np.ndarray) -> None:
+        f = batch.feature
+        gpos = batch.global_pos(batch.token)
+        prio = _priority(f, gpos, self.seed)
+        keep = prio < self.prio[f, sample_bin, -1]
+        if not keep.any():
+            return
+        idx = np.flatnonzero(keep)
+        nb, s = self.n_sample_bins, self.s
+        group = f[idx] * nb + sample_bin[idx]
+        groups = np.unique(group)
+        n_old = groups.size * s
+        g_f, g_b = groups // nb, groups % nb
+        all_group = np.concatenate([np.repeat(groups, s), group])
+        all_prio = np.concatenate([self.prio[g_f, g_b].ravel(), prio[idx]])
+        order = np.lexsort((all_prio, all_group))
+        rank = _group_rank(all_group[order])
+        sel, slot = order[rank < s], rank[rank < s]
+        row = np.searchsorted(groups, all_group[sel])
+        old = {name: getattr(self, name)[g_f, g_b] for name in self._slot_fields}
+        new = {name: arr.copy() for name, arr in old.items()}
+        from_old = sel < n_old
+        o_sel = sel[from_old]
+        for name in self._slot_fields:
+            new[name][row[from_old], slot[from_old]] = old[name].reshape(
+                n_old, *old[name].shape[2:])[o_sel]
+        rec = idx[sel[~from_old] - n_old]
+        r_new, s_new = row[~from_old], slot[~from_old]
+        start, length, values = batch.windows(token=batch.token[rec], feature=f[rec],
+                                              window_len=self.window_len)
+        new["prio"][r_new, s_new] = prio[rec]
+        new["value"][r_new, s_new] = batch.value[rec]
+        new["gpos"][r_new, s_new] = gpos[rec]
+        new["start"][r_new, s_new] = start
+        new["length"][r_new, s_new] = length
+        new["values"][r_new, s_new] = values
+        for name in self._slot_fields:
+            getattr(self, name)[g_f, g_b] = new[name]
+
+    def band_edges(self, max_act: np.ndarray) -> np.ndarray:
+        """int64 [d_sae, n_bands + 1] band edges in fine-bin units (edge j = first fine bin of
+        band j; the last edge is n_fine). Multiply by 2^E / n_fine for activation values."""
+        m_bins = np.ldexp(max_act.astype(np.float64),
+                          self.log2_fine - self.exponent.astype(np.int64))
+        j = np.arange(self.n_bands + 1, dtype=np.float64)
+        edges = np.floor(j[None, :] * m_bins[:, None] / self.n_bands + 0.5).astype(np.int64)
+        edges[:, 0] = 0
+        edges[:, -1] = self.n_fine
+        return edges
+
+    def band_edge_values(self, max_act: np.ndarray) -> np.ndarray:
+        """float64 [d_sae, n_bands + 1] band edges as activation values (last = +inf)."""
+        edges = self.band_edges(max_act).astype(np.float64)
+        vals = np.ldexp(edges, (self.exponent.astype(np.int64) - self.log2_fine)[:, None])
+        vals[:, -1] = np.inf
+        return vals
+
+    def finalize(self, *, max_act: np.ndarray, ctx: int
+                 ) -> tuple[np.ndarray, np.ndarray, WindowArrays]:
+        """(band_count int64 [d_sae, n_bands], band_share float32 [d_sae, n_bands], windows)."""
+        fired = self.exponent != NO_EXPONENT
+        edges = self.band_edges(max_act)
+        # band of fine bin b = number of inner edges <= b
+        fine = np.arange(self.n_fine)
+        band_of_bin = (fine[None, :, None] >= edges[:, None, 1:-1]).sum(axis=2)
+        band_of_bin[~fired] = 0
+        flat = (np.arange(self.d_sae)[:, None] * self.n_bands + band_of_bin).ravel()
+        size = self.d_sae * self.n_bands
+        band_count = np.bincount(flat, weights=self.bin_count.ravel().astype(np.float64),
+                                 minlength=size).reshape(self.d_sae, self.n_bands).astype(np.int64)
+        band_sum = np.bincount(flat, weights=self.bin_sum.ravel(),
+                               minlength=size).reshape(self.d_sae, self.n_bands)
+        total = band_sum.sum(axis=1, keepdims=True)
+        band_share = np.divide(band_sum, total, out=np.zeros_like(band_sum), where=total > 0)
+
+        f, b, c = np.nonzero(self.prio != EMPTY_PRIORITY)
+        value = self.value[f, b, c]
+        band = band_of_bin[f, self.fine_bin(value, self.exponent[f])]
+        order = np.lexsort((self.prio[f, b, c], band, f))
+        group = f[order] * self.n_bands + band[order]
+        rank = _group_rank(group)
+        sel = order[rank < self.per_band]
+        rank = rank[rank < self.per_band]
+        f, b, c, band = f[sel], b[sel], c[sel], band[sel]
+        gpos, start = self.gpos[f, b, c], self.start[f, b, c]
+        values = self.values[f, b, c]
+        length = self.length[f, b, c]
+        # The window's max (the sampled token need not be the max of its window).
+        vals32 = values.astype(np.float32)
+        max_pos = vals32.argmax(axis=1)
+        windows = WindowArrays(
+            feature=f.astype(np.int32), kind=np.full(f.size, WINDOW_KIND_INTERVAL, dtype=np.int8),
+            band=band.astype(np.int16), rank=rank.astype(np.int16), seq_index=gpos // ctx,
+            start=start, length=length, max_value=vals32[np.arange(f.size), max_pos],
+            max_pos=max_pos.astype(np.int16), values=values)
+        return band_count, band_share.astype(np.float32), windows
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        return {name: getattr(self, name) for name in self._fields}
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        for name in self._fields:
+            _check_shape(name, state[name], getattr(self, name))
+            setattr(self, name, np.array(state[name]))
+
+
+# ------------------------------------------------------------------------ counts and histograms
+
+
+def default_hist_edges() -> np.ndarray:
+    """Activation histogram edges shared by every feature: 8 log-spaced bins per decade over
+    [1e-4, 1e4]. Values below the first edge count in the first bin, values above the last edge
+    in the last bin."""
+    return np.logspace(-4, 4, 8 * 8 + 1)
+
+
+DENSITY_EDGES = np.linspace(-8.0, 0.0, 33)  # log10(frac_nonzero), values below -8 in bin 0
+
+
+class ActivationStats:
+    """Per feature count, sum, max and activation histogram; per SAE the L0 distribution.
+
+    Maths: ``count_f = #{t : v(f,t) > 0}``, ``sum_f = sum_t v(f,t)`` (float64, accumulated in a
+    fixed order), ``max_f = max_t v(f,t)`` (0 if never fired), ``frac_nonzero_f = count_f / N``
+    with N the counted tokens, ``hist[f, i] = #{t : edges[i] <= v(f,t) < edges[i+1]}`` with the
+    first and last bins open-ended. ``L0(t) = #{f : v(f,t) > 0}`` over counted tokens (tokens
+    where nothing fires count as L0 = 0). A feature is dead when ``count_f = 0`` and dense when
+    ``frac_nonzero_f > dense_threshold`` (default 0.1: it fires on more than one token in ten).
+    """
+
+    def __init__(self, d_sae: int, *, hist_edges: np.ndarray | None = None,
+                 dense_threshold: float = 0.1) -> None:
+        self.d_sae = d_sae
+        self.hist_edges = default_hist_edges() if hist_edges is None else np.asarray(hist_edges)
+        self.n_hist = self.hist_edges.size - 1
+        self.dense_threshold = dense_threshold
+        self.count = np.zeros(d_sae, dtype=np.int64)
+        self.act_sum = np.zeros(d_sae, dtype=np.float64)
+        self.max_act = np.zeros(d_sae, dtype=np.float32)
+        self.hist = np.zeros((d_sae, self.n_hist), dtype=np.int64)
+        self.l0_counts = np.zeros(d_sae + 1, dtype=np.int64)
+        self.n_tokens = np.zeros((), dtype=np.int64)
+        self.n_counted = np.zeros((), dtype=np.int64)
+
+    _fields = ("count", "act_sum", "max_act", "hist", "l0_counts", "n_tokens", "n_counted")
+
+    def hist_bin(self, value: np.ndarray) -> np.ndarray:
+        b = np.searchsorted(self.hist_edges, value.astype(np.float64), side="right") - 1
+        return np.clip(b, 0, self.n_hist - 1)
+
+    def update(self, batch: SparseBatch) -> None:
+        f, v = batch.feature, batch.value
+        self.n_tokens += batch.counted.size
+        self.n_counted += batch.n_counted
+        self.count += np.bincount(f, minlength=self.d_sae)
+        self.act_sum += np.bincount(f, weights=v.astype(np.float64), minlength=self.d_sae)
+        if f.size:
+            np.maximum.at(self.max_act, f, v)
+        self.hist += np.bincount(f * self.n_hist + self.hist_bin(v),
+                                 minlength=self.d_sae * self.n_hist).reshape(self.d_sae, -1)
+        l0 = np.bincount(batch.token, minlength=batch.counted.size)[batch.counted]
+        self.l0_counts += np.bincount(l0, minlength=self.d_sae + 1)
+
+    def frac_nonzero(self) -> np.ndarray:
+        n = max(int(self.n_counted), 1)
+        return self.count / n
+
+    def sae_stats(self) -> dict[str, Any]:
+        """Per-SAE summary: L0 and density histograms, dead and dense counts, mean L0."""
+        n = int(self.n_counted)
+        levels = np.nonzero(self.l0_counts)[0]
+        top = int(levels[-1]) if levels.size else 0
+        width = max(1, -(-(top + 1) // 64))  # at most 64 integer-aligned bins
+        edges = np.arange(0, top + width + 1, width)
+        l0_hist = np.add.reduceat(self.l0_counts[: edges[-1]], edges[:-1]) if n else \
+            np.zeros(edges.size - 1, dtype=np.int64)
+        frac = self.frac_nonzero()
+        alive = self.count > 0
+        log_frac = np.log10(frac[alive])
+        dbin = np.clip(np.searchsorted(DENSITY_EDGES, log_frac, side="right") - 1, 0,
+                       DENSITY_EDGES.size - 2)
+        density = np.bincount(dbin, minlength=DENSITY_EDGES.size - 1)
+        mean_l0 = float((np.arange(self.d_sae + 1) * self.l0_counts).sum() / n) if n else 0.0
+        return {
+            "l0_hist": {"edges": edges.tolist(), "counts": l0_hist.astype(int).tolist()},
+            "density_hist": {"edges": DENSITY_EDGES.tolist(), "counts": density.tolist()},
+            "n_dead": int((~alive).sum()),
+            "n_dense": int((frac > self.dense_threshold).sum()),
+            "dense_threshold": self.dense_threshold,
+            "mean_l0": mean_l0,
+        }
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        return {name: getattr(self, name) for name in self._fields}
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        for name in self._fields:
+            _check_shape(name, state[name], getattr(self, name))
+            setattr(self, name, np.array(state[name]))
+
+
+def _check_shape(name: str, got: np.ndarray, want: np.ndarray) -> None:
+    if got.shape != want.shape or got.dtype != want.dtype:
+        raise ValueError(f"checkpoint field {name}: {got.dtype}{got.shape}, "
+                         f"expected {want.dtype}{want.shape}")
+
+
+# --------------------------------------------------------------------------------- all together
+
+
+@dataclass
+class FeatureStatsResult:
+    """What ``FeatureAccumulators.finalize`` returns (static features are added separately)."""
+
+    count: np.ndarray
+    act_sum: np.ndarray
+    max_act: np.ndarray
+    frac_nonzero: np.ndarray
+    hist_edges: np.ndarray
+    hist_counts: np.ndarray
+    band_count: np.ndarray
+    band_share: np.ndarray
+    windows: WindowArrays  # top windows then interval samples
+    n_tokens: int
+    n_tokens_counted: int
+    sae_stats: dict[str, Any]
+
+
+class FeatureAccumulators:
+    """Top windows, interval samples and activation statistics, fed from one encode output."""
+
+    def __init__(self, d_sae: int, *, ctx: int, n_top: int = 20, window_len: int = 32,
+                 n_bands: int = 10, per_band: int = 3, seed: int = 0,
+                 dense_threshold: float = 0.1) -> None:
+        self.d_sae, self.ctx = d_sae, ctx
+        self.top = TopWindows(d_sae, k=n_top, window_len=window_len)
+        self.intervals = IntervalSamples(d_sae, n_bands=n_bands, per_band=per_band,
+                                         window_len=window_len, seed=seed)
+        self.stats = ActivationStats(d_sae, dense_threshold=dense_threshold)
+
+    def update(self, acts: torch.Tensor, *, special_mask: np.ndarray,
+               seq_index: np.ndarray) -> SparseBatch:
+        """Feed one encode output [n_seq, ctx, d_sae] of whole sequences ``seq_index``.
+
+        Special rows of ``acts`` are zeroed in place."""
+        if acts.shape[1] != self.ctx or acts.shape[2] != self.d_sae:
+            raise ValueError(f"expected [*, {self.ctx}, {self.d_sae}], got {tuple(acts.shape)}")
+        batch = sparsify(acts, special_mask=special_mask, seq_index=seq_index)
+        self.stats.update(batch)
+        self.top.update(batch)
+        self.intervals.update(batch)
+        return batch
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        state = {}
+        for prefix, part in (("top", self.top), ("iv", self.intervals), ("st", self.stats)):
+            state.update({f"{prefix}.{k}": v for k, v in part.state_dict().items()})
+        return state
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        for prefix, part in (("top", self.top), ("iv", self.intervals), ("st", self.stats)):
+            part.load_state_dict({k.split(".", 1)[1]: v for k, v in state.items()
+                                  if k.startswith(prefix + ".")})
+
+    def finalize(self) -> FeatureStatsResult:
+        max_act = self.stats.max_act.copy()
+        band_count, band_share, iv_windows = self.intervals.finalize(max_act=max_act,
+                                                                      ctx=self.ctx)
+        windows = concat_windows([self.top.finalize(ctx=self.ctx), iv_windows])
+        return FeatureStatsResult(
+            count=self.stats.count.copy(), act_sum=self.stats.act_sum.copy(), max_act=max_act,
+            frac_nonzero=self.stats.frac_nonzero(), hist_edges=self.stats.hist_edges.copy(),
+            hist_counts=self.stats.hist.copy(), band_count=band_count, band_share=band_share,
+            windows=windows, n_tokens=int(self.stats.n_tokens),
+            n_tokens_counted=int(self.stats.n_counted), sae_stats=self.stats.sae_stats())
+
+
+def concat_windows(parts: list[WindowArrays]) -> WindowArrays:
+    """Concatenate window arrays, sorted by (feature, kind, band, rank)."""
+    cols = {name: np.concatenate([getattr(p, name) for p in parts])
+            for name in WindowArrays.__dataclass_fields__}
+    order = np.lexsort((cols["rank"], cols["band"], cols["kind"], cols["feature"]))
+    return WindowArrays(**{name: arr[order] for name, arr in cols.items()})
