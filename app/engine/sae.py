@@ -1,0 +1,434 @@
+"""The SAE module: config, architecture registry (relu, topk, batchtopk, jumprelu), encode/decode.
+
+Conventions follow SAELens (v6) so its users recognise them and its folders load unchanged:
+tensors ``W_enc`` [d_in, d_sae], ``b_enc`` [d_sae], ``W_dec`` [d_sae, d_in], ``b_dec`` [d_in],
+``threshold`` [d_sae]; ``encode`` returns ``feature_acts``; ``forward`` returns the reconstruction.
+
+Input processing, in order: cast to the SAE dtype; ``expected_average_only_in`` multiplies by
+``norm_scaling_factor`` (when one is known); ``apply_b_dec_to_input`` subtracts ``b_dec``. Decoding
+undoes the scaling, so ``decode`` always answers in the model's own activation units.
+
+File formats (SAELens, Gemma Scope 1/2, Llama Scope) live in ``app.engine.sae_formats``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from app.errors import ConfigError
+
+NORMALIZATIONS = ("none", "expected_average_only_in")
+DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+}
+
+
+# --- architecture registry -------------------------------------------------------------------
+# Each architecture is only an activation function over the pre-activations plus the tensors it
+# needs; everything else (input processing, decoder) is shared. Adding one is one entry here.
+
+ActivationFn = Callable[["SAE", Tensor], Tensor]
+
+
+def _relu(sae: SAE, pre: Tensor) -> Tensor:
+    return torch.relu(pre)
+
+
+def _topk(sae: SAE, pre: Tensor) -> Tensor:
+    # As SAELens: pick the k largest pre-activations, then ReLU only those (a latent in the top k
+    # with a negative pre-activation stays 0). torch.topk breaks ties the same way in both.
+    k = int(sae.cfg.k)  # type: ignore[arg-type]
+    values, indices = torch.topk(pre, k=k, dim=-1, sorted=False)
+    return torch.zeros_like(pre).scatter_(-1, indices, values.relu())
+
+
+def _jumprelu(sae: SAE, pre: Tensor) -> Tensor:
+    # Strict comparison, as in Gemma Scope and SAELens: a latent fires when pre > threshold. The
+    # ReLU matters only for negative thresholds, where SAELens still zeroes negative values.
+    return torch.relu(pre) * (pre > sae.threshold).to(pre.dtype)
+
+
+def _batchtopk(sae: SAE, pre: Tensor) -> Tensor:
+    # Training keeps the k * n_tokens largest activations over the whole batch (Bussmann et al.
+    # 2024); inference must not depend on the batch, so it uses the threshold estimated during
+    # training, which is exactly a JumpReLU (SAELens saves these SAEs as "jumprelu" for that
+    # reason).
+    if not sae.training:
+        return _jumprelu(sae, pre)
+    acts = pre.relu()
+    flat = acts.reshape(-1)
+    n_keep = min(flat.numel(), int(round(float(sae.cfg.k) * acts.shape[:-1].numel())))  # type: ignore[arg-type]
+    values, indices = torch.topk(flat, n_keep, sorted=False)
+    return torch.zeros_like(flat).scatter_(-1, indices, values).reshape(acts.shape)
+
+
+@dataclass(frozen=True)
+class Architecture:
+    name: str
+    activation: ActivationFn
+    needs_threshold: bool
+    needs_k: bool
+    # the name written to cfg.json "architecture" so SAELens builds the matching class
+    saelens_name: str
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    "relu": Architecture(
+        "relu", _relu, needs_threshold=False, needs_k=False, saelens_name="standard"
+    ),
+    "topk": Architecture("topk", _topk, needs_threshold=False, needs_k=True, saelens_name="topk"),
+    "batchtopk": Architecture(
+        "batchtopk", _batchtopk, needs_threshold=True, needs_k=True, saelens_name="jumprelu"
+    ),
+    "jumprelu": Architecture(
+        "jumprelu", _jumprelu, needs_threshold=True, needs_k=False, saelens_name="jumprelu"
+    ),
+}
+# Names other tools use for the same maths.
+ARCHITECTURE_ALIASES = {"standard": "relu", "jump_relu": "jumprelu", "batch_topk": "batchtopk"}
+
+
+def canonical_architecture(name: str, *, source: str | None = None) -> str:
+    """Our name for an architecture name from any supported tool; unknown -> ConfigError."""
+    key = ARCHITECTURE_ALIASES.get(str(name).lower(), str(name).lower())
+    if key not in ARCHITECTURES:
+        where = f"{source}: " if source else ""
+        raise ConfigError(
+            f"{where}unknown SAE architecture {name!r}; allowed: {', '.join(ARCHITECTURES)}"
+            f" (also accepted: {', '.join(ARCHITECTURE_ALIASES)})"
+        )
+    return key
+
+
+# --- config ----------------------------------------------------------------------------------
+
+
+@dataclass
+class SAEConfig:
+    """What an SAE is and where it reads from. ``metadata`` keeps any extra keys a file carried."""
+
+    architecture: str
+    d_in: int
+    d_sae: int
+    k: int | float | None = None  # topk: latents per token; batchtopk: average per token
+    hook_name: str | None = None
+    model_name: str | None = None
+    apply_b_dec_to_input: bool = True
+    normalize_activations: str = "none"
+    # expected_average_only_in: inputs are multiplied by this (sqrt(d_in) / mean input norm) and
+    # outputs divided by it. None means it was already folded into the weights (what SAELens
+    # does on load and at the end of training), so nothing is applied at run time.
+    norm_scaling_factor: float | None = None
+    context_size: int | None = None
+    prepend_bos: bool = True
+    exclude_special_tokens: bool | list[int] = False
+    neuronpedia_id: str | None = None
+    dtype: str = "float32"
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.architecture = canonical_architecture(self.architecture)
+        self.validate()
+
+    def validate(self, *, source: str | None = None) -> None:
+        """Raise ConfigError naming the bad field (and the file, when given)."""
+        where = f"{source}: " if source else ""
+        for name in ("d_in", "d_sae"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{where}{name} must be a positive integer (got {value!r})")
+        arch = ARCHITECTURES[self.architecture]
+        if arch.needs_k:
+            if self.k is None or isinstance(self.k, bool) or not isinstance(self.k, int | float):
+                raise ConfigError(
+                    f"{where}architecture {self.architecture} needs k (got {self.k!r})"
+                )
+            if self.architecture == "topk" and (
+                int(self.k) != self.k or not 1 <= self.k <= self.d_sae
+            ):
+                raise ConfigError(
+                    f"{where}topk k must be an integer between 1 and d_sae={self.d_sae} "
+                    f"(got {self.k!r})"
+                )
+            if self.architecture == "topk":
+                self.k = int(self.k)
+            if self.architecture == "batchtopk" and not 0 < self.k <= self.d_sae:
+                raise ConfigError(
+                    f"{where}batchtopk k must be in (0, d_sae={self.d_sae}] (got {self.k!r})"
+                )
+        if self.normalize_activations not in NORMALIZATIONS:
+            raise ConfigError(
+                f"{where}normalize_activations {self.normalize_activations!r} is not supported; "
+                f"allowed: {', '.join(NORMALIZATIONS)}"
+            )
+        if self.norm_scaling_factor is not None:
+            factor = self.norm_scaling_factor
+            if not (isinstance(factor, int | float) and math.isfinite(factor) and factor > 0):
+                raise ConfigError(
+                    f"{where}norm_scaling_factor must be a positive number (got {factor!r})"
+                )
+            if self.normalize_activations != "expected_average_only_in":
+                raise ConfigError(
+                    f"{where}norm_scaling_factor is set but normalize_activations is "
+                    f"{self.normalize_activations!r}; use 'expected_average_only_in'"
+                )
+        if self.dtype not in DTYPES:
+            raise ConfigError(
+                f"{where}dtype {self.dtype!r} not supported; allowed: {', '.join(DTYPES)}"
+            )
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    for name, value in DTYPES.items():
+        if value == dtype:
+            return name
+    raise ConfigError(f"dtype {dtype} not supported; allowed: {', '.join(DTYPES)}")
+
+
+# --- the module ------------------------------------------------------------------------------
+
+
+class SAE(nn.Module):
+    """A sparse autoencoder. Build with ``SAE.load(path)``, ``SAE.from_config(cfg, seed=...)`` or
+    ``SAE.from_tensors(cfg, tensors)``."""
+
+    W_enc: nn.Parameter
+    b_enc: nn.Parameter
+    W_dec: nn.Parameter
+    b_dec: nn.Parameter
+    threshold: nn.Parameter | None
+
+    def __init__(self, cfg: SAEConfig) -> None:
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        dtype = cfg.torch_dtype
+        self.W_enc = nn.Parameter(torch.zeros(cfg.d_in, cfg.d_sae, dtype=dtype))
+        self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae, dtype=dtype))
+        self.W_dec = nn.Parameter(torch.zeros(cfg.d_sae, cfg.d_in, dtype=dtype))
+        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in, dtype=dtype))
+        if self.architecture.needs_threshold:
+            self.threshold = nn.Parameter(torch.zeros(cfg.d_sae, dtype=dtype))
+        else:
+            self.threshold = None
+
+    # construction
+
+    @classmethod
+    def from_config(cls, cfg: SAEConfig, *, seed: int) -> SAE:
+        """Random initialisation for training: unit-norm decoder rows, W_enc = W_dec.T, zero biases
+        (the trainer sets b_dec from the data), zero threshold."""
+        sae = cls(replace(cfg, metadata=dict(cfg.metadata)))
+        gen = torch.Generator().manual_seed(seed)
+        w_dec = torch.randn(cfg.d_sae, cfg.d_in, generator=gen, dtype=torch.float64)
+        w_dec /= w_dec.norm(dim=-1, keepdim=True)
+        with torch.no_grad():
+            sae.W_dec.copy_(w_dec)
+            sae.W_enc.copy_(w_dec.T)
+        return sae
+
+    @classmethod
+    def from_tensors(
+        cls, cfg: SAEConfig, tensors: Mapping[str, Tensor], *, source: str | None = None
+    ) -> SAE:
+        """An SAE in eval mode from named tensors, checked for shape and NaN/Inf.
+
+        ``source`` (a file name) is put in every error message."""
+        cfg.validate(source=source)
+        sae = cls(cfg)
+        expected = sae.expected_shapes()
+        where = source or "SAE tensors"
+        for name, shape in expected.items():
+            if name not in tensors:
+                raise ConfigError(
+                    f"{where}: missing tensor {name!r} (architecture {cfg.architecture} needs "
+                    f"{', '.join(expected)})"
+                )
+            tensor = tensors[name]
+            if tuple(tensor.shape) != shape:
+                raise ConfigError(
+                    f"{where}: tensor {name!r} has shape {list(tensor.shape)}, expected "
+                    f"{list(shape)} (d_in={cfg.d_in}, d_sae={cfg.d_sae})"
+                )
+            if tensor.is_floating_point():
+                bad = int((~torch.isfinite(tensor)).sum())
+                if bad:
+                    raise ConfigError(f"{where}: tensor {name!r} has {bad} NaN/Inf values")
+            with torch.no_grad():
+                getattr(sae, name).copy_(tensor.to(cfg.torch_dtype))
+        return sae.eval()
+
+    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        d_in, d_sae = self.cfg.d_in, self.cfg.d_sae
+        shapes = {
+            "W_enc": (d_in, d_sae),
+            "b_enc": (d_sae,),
+            "W_dec": (d_sae, d_in),
+            "b_dec": (d_in,),
+        }
+        if self.architecture.needs_threshold:
+            shapes["threshold"] = (d_sae,)
+        return shapes
+
+    @classmethod
+    def load(
+        cls,
+        path: str | Path,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: str | None = None,
+        hook_name: str | None = None,
+        model_name: str | None = None,
+    ) -> SAE:
+        """Read an SAE folder in any supported format (detected from its files).
+
+        ``hook_name`` / ``model_name`` fill in (or override) what the folder says, for formats
+        such as Gemma Scope 1 whose files do not name their hook."""
+        from app.engine import sae_formats
+
+        cfg, tensors, source = sae_formats.read_sae_folder(path)
+        overrides: dict[str, Any] = {}
+        if hook_name is not None:
+            overrides["hook_name"] = hook_name
+        if model_name is not None:
+            overrides["model_name"] = model_name
+        if dtype is not None:
+            overrides["dtype"] = dtype
+        if overrides:
+            cfg = replace(cfg, **overrides)
+        return cls.from_tensors(cfg, tensors, source=source).to(device)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the SAELens v6 layout (cfg.json + sae_weights.safetensors) into folder ``path``."""
+        from app.engine import sae_formats
+
+        return sae_formats.write_saelens(self, path)
+
+    # properties
+
+    @property
+    def architecture(self) -> Architecture:
+        return ARCHITECTURES[self.cfg.architecture]
+
+    @property
+    def device(self) -> torch.device:
+        return self.W_enc.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.W_enc.dtype
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> SAE:
+        # keep cfg.dtype truthful after .to(dtype) / .half() / .float()
+        out = super()._apply(fn, *args, **kwargs)
+        self.cfg.dtype = dtype_name(self.W_enc.dtype)
+        return out
+
+    # maths
+
+    def process_input(self, x: Tensor) -> Tensor:
+        """What the encoder sees: cast, optional norm scaling, optional ``b_dec`` subtraction."""
+        x = x.to(self.dtype)
+        if (
+            self.cfg.normalize_activations == "expected_average_only_in"
+            and self.cfg.norm_scaling_factor
+        ):
+            x = x * self.cfg.norm_scaling_factor
+        if self.cfg.apply_b_dec_to_input:
+            x = x - self.b_dec
+        return x
+
+    def encode_with_hidden_pre(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(feature_acts, hidden_pre) for x [..., d_in]; hidden_pre is what the activation sees."""
+        hidden_pre = self.process_input(x) @ self.W_enc + self.b_enc
+        return self.architecture.activation(self, hidden_pre), hidden_pre
+
+    def encode(self, x: Tensor) -> Tensor:
+        """feature_acts [..., d_sae] for x [..., d_in]."""
+        return self.encode_with_hidden_pre(x)[0]
+
+    def decode(self, feature_acts: Tensor) -> Tensor:
+        """Reconstruction [..., d_in] in the model's activation units."""
+        out = feature_acts.to(self.dtype) @ self.W_dec + self.b_dec
+        if (
+            self.cfg.normalize_activations == "expected_average_only_in"
+            and self.cfg.norm_scaling_factor
+        ):
+            out = out / self.cfg.norm_scaling_factor
+        return out
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.decode(self.encode(x))
+
+    # checks and weight transforms
+
+    def check_compatible(self, *, d_model: int, hook_name: str | None = None) -> None:
+        """Raise ConfigError if this SAE cannot read activations of width ``d_model`` at
+        ``hook_name`` (a hook different from the one it was trained on is also refused)."""
+        hook = hook_name or self.cfg.hook_name or "the hook"
+        if self.cfg.d_in != d_model:
+            raise ConfigError(
+                f"SAE d_in={self.cfg.d_in} does not match the width {d_model} of {hook}"
+                f" (model {self.cfg.model_name or 'unknown'}); use an SAE trained on this model"
+            )
+        if hook_name and self.cfg.hook_name and hook_name != self.cfg.hook_name:
+            raise ConfigError(
+                f"SAE was trained on hook {self.cfg.hook_name}, not {hook_name}; pass "
+                f"hook_name={self.cfg.hook_name!r} or load it with SAE.load(path, hook_name=...)"
+            )
+
+    @torch.no_grad()
+    def fold_activation_norm_scaling_factor(self) -> None:
+        """Fold ``norm_scaling_factor`` into the weights (as SAELens does), leaving the encodings
+        and reconstructions unchanged and ``normalize_activations`` = "none"."""
+        factor = self.cfg.norm_scaling_factor
+        if factor is not None:
+            # encoder sees s*x - b_dec = s*(x - b_dec/s); decoder output (zW + b)/s
+            self.W_enc.mul_(factor)
+            self.W_dec.div_(factor)
+            self.b_dec.div_(factor)
+        self.cfg.normalize_activations = "none"
+        self.cfg.norm_scaling_factor = None
+
+    @torch.no_grad()
+    def fold_W_dec_norm(self) -> Tensor:
+        """Make decoder rows unit-norm, scaling each latent's encoder column, bias and threshold
+        by its old norm. Reconstructions are unchanged; feature_acts are multiplied by that norm.
+        Returns the old norms [d_sae]."""
+        norms = self.W_dec.norm(dim=-1)
+        safe = torch.where(norms > 0, norms, torch.ones_like(norms))
+        self.W_dec.div_(safe[:, None])
+        self.W_enc.mul_(safe[None, :])
+        self.b_enc.mul_(safe)
+        if self.threshold is not None:
+            self.threshold.mul_(safe)
+        return norms
+
+    @torch.no_grad()
+    def update_batchtopk_threshold(self, feature_acts: Tensor, *, lr: float = 0.01) -> None:
+        """BatchTopK training: move the inference threshold toward the smallest kept activation
+        (exponential moving average, as in SAELens)."""
+        if self.threshold is None:
+            raise ConfigError(f"architecture {self.cfg.architecture} has no threshold")
+        positive = feature_acts[feature_acts > 0]
+        if positive.numel():
+            self.threshold.mul_(1 - lr).add_(lr * positive.min().to(self.dtype))
+
+    def extra_repr(self) -> str:
+        c = self.cfg
+        k = f", k={c.k}" if c.k is not None else ""
+        return f"{c.architecture}, d_in={c.d_in}, d_sae={c.d_sae}{k}, hook={c.hook_name}"
