@@ -35,3 +35,19 @@ class BusyError(SaescopeError):
     def __init__(self, message: str, *, retry_after: int = 1) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class ConflictError(SaescopeError):
+    """A write lost a race (e.g. a label edited meanwhile): reload and apply the change again."""
+
+    status_code = 409
+
+
+class UnavailableError(SaescopeError):
+    """A service this request needs is not running (no model loaded, or still loading)."""
+
+    status_code = 503
+
+    def __init__(self, message: str, *, retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after

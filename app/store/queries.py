@@ -1,0 +1,468 @@
+"""Keyword-only reads for the API and pages: indexed SQL plus blob decoding, no model calls."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal
+
+import numpy as np
+from sqlalchemy import Text, and_, cast, func, or_, select
+from sqlalchemy.orm import Session
+
+from app.errors import ConfigError, NotFoundError
+from app.store import codec
+from app.store.records import WINDOW_KIND_TOP
+from app.store.tables import SAE, Feature, FeatureToken, Label, Model, Run, Sequence, Window
+
+# A feature firing on more than this fraction of tokens counts as dense (SAELens' dashboards and
+# Neuronpedia use the same 10% line), unless the run recorded its own threshold.
+DEFAULT_DENSE_THRESHOLD = 0.1
+MAX_PER_PAGE = 500
+TOP_TOKENS_PER_FEATURE = 5
+
+SortKey = Literal["index", "frac_nonzero", "max_act", "mean_act"]
+FilterKey = Literal["all", "alive", "dead", "dense", "labeled", "unlabeled"]
+SORT_COLUMNS = {
+    "index": Feature.index,
+    "frac_nonzero": Feature.frac_nonzero,
+    "max_act": Feature.max_act,
+    "mean_act": Feature.mean_act,
+}
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    id: str
+    source: str
+    architecture: str
+    d_model: int
+    n_layers: int
+    vocab_size: int
+    bos_token_id: int | None
+    has_chat_template: bool
+    sae_ids: list[str]
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    id: int
+    corpus: str
+    n_tokens: int
+    n_tokens_counted: int
+    context_size: int
+    window_len: int
+    n_top: int
+    n_bands: int
+    config: dict[str, Any]
+    sae_stats: dict[str, Any]
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class SAEInfo:
+    id: str
+    model_id: str
+    hook_name: str
+    architecture: str
+    d_in: int
+    d_sae: int
+    path: str
+    cfg: dict[str, Any]
+    train_metrics: dict[str, Any] | None
+    run: RunInfo | None
+    n_labeled: int
+
+
+@dataclass(frozen=True)
+class LabelInfo:
+    description: str
+    tags: list[str]
+    status: str
+    author: str
+    version: int
+    updated_at: datetime
+
+
+@dataclass(frozen=True)
+class FeatureRow:
+    """One row of the feature table."""
+
+    index: int
+    count: int
+    frac_nonzero: float
+    max_act: float
+    mean_act: float
+    label: LabelInfo | None
+    top_tokens: list[str]
+
+
+@dataclass(frozen=True)
+class FeaturePage:
+    items: list[FeatureRow]
+    total: int
+    page: int
+    per_page: int
+
+
+@dataclass(frozen=True)
+class Band:
+    band: int
+    lo: float
+    hi: float
+    share: float
+    count: int
+
+
+@dataclass(frozen=True)
+class WindowInfo:
+    kind: Literal["top", "interval"]
+    band: int
+    rank: int
+    token_ids: list[int]
+    tokens: list[str]
+    values: list[float]
+    max_value: float
+    max_pos: int
+    seq_index: int
+    start: int
+    doc_name: str | None
+
+
+@dataclass(frozen=True)
+class TokenValue:
+    token_id: int
+    token: str
+    value: float
+
+
+@dataclass(frozen=True)
+class FeatureDetail:
+    sae_id: str
+    model_id: str
+    index: int
+    d_sae: int
+    count: int
+    act_sum: float
+    mean_act: float
+    max_act: float
+    frac_nonzero: float
+    n_tokens_counted: int
+    hist_edges: list[float]
+    hist_counts: list[int]
+    bands: list[Band]
+    logits_pos: list[TokenValue]
+    logits_neg: list[TokenValue]
+    neighbours: list[tuple[int, float]]
+    windows: list[WindowInfo]
+    label: LabelInfo | None
+    run_id: int
+    corpus: str
+    dense_threshold: float = DEFAULT_DENSE_THRESHOLD
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def list_models(*, session: Session) -> list[ModelInfo]:
+    sae_ids: dict[str, list[str]] = {}
+    for model_id, sae_id in session.execute(select(SAE.model_id, SAE.id).order_by(SAE.id)):
+        sae_ids.setdefault(model_id, []).append(sae_id)
+    rows = session.execute(
+        select(Model.id, Model.source, Model.architecture, Model.d_model, Model.n_layers,
+               Model.vocab_size, Model.bos_token_id, Model.has_chat_template).order_by(Model.id)
+    )
+    return [ModelInfo(*row, sae_ids=sae_ids.get(row.id, [])) for row in rows]
+
+
+def get_model_vocab(*, session: Session, model_id: str) -> list[str]:
+    """Display string of every token id of the model (cached across requests by content hash)."""
+    row = session.execute(
+        select(Model.token_strings_sha).where(Model.id == model_id)
+    ).one_or_none()
+    if row is None:
+        raise NotFoundError(f"no model {model_id!r} in this database; see /api/v1/models")
+    sha = row[0]
+    cached = codec.cached_vocab(sha)
+    if cached is not None:
+        return cached
+    blob = session.scalar(select(Model.token_strings).where(Model.id == model_id))
+    return codec.decode_vocab(blob, sha)
+
+
+def list_saes(*, session: Session, model_id: str | None = None) -> list[SAEInfo]:
+    stmt = select(SAE).order_by(SAE.model_id, SAE.id)
+    if model_id is not None:
+        stmt = stmt.where(SAE.model_id == model_id)
+    saes = session.scalars(stmt).all()
+    runs = {
+        r.id: r
+        for r in session.scalars(
+            select(Run).where(Run.id.in_([s.active_run_id for s in saes if s.active_run_id]))
+        )
+    }
+    labeled = dict(session.execute(
+        select(Label.sae_id, func.count()).where(Label.description != "").group_by(Label.sae_id)
+    ).all())
+    return [_sae_info(s, runs.get(s.active_run_id), labeled.get(s.id, 0)) for s in saes]
+
+
+def get_sae(*, session: Session, sae_id: str) -> SAEInfo:
+    sae = _sae_row(session, sae_id)
+    run = session.get(Run, sae.active_run_id) if sae.active_run_id is not None else None
+    n_labeled = session.scalar(
+        select(func.count()).select_from(Label)
+        .where(Label.sae_id == sae_id, Label.description != "")
+    )
+    return _sae_info(sae, run, n_labeled or 0)
+
+
+def _sae_row(session: Session, sae_id: str) -> SAE:
+    sae = session.get(SAE, sae_id)
+    if sae is None:
+        raise NotFoundError(f"no SAE {sae_id!r} in this database; see /api/v1/saes")
+    return sae
+
+
+def _active_run(session: Session, sae: SAE) -> Run:
+    run = session.get(Run, sae.active_run_id) if sae.active_run_id is not None else None
+    if run is None:
+        raise NotFoundError(
+            f"SAE {sae.id!r} has no precomputed features yet; run `saescope build --sae "
+            f"{sae.path}` first"
+        )
+    return run
+
+
+def _sae_info(sae: SAE, run: Run | None, n_labeled: int) -> SAEInfo:
+    run_info = None
+    if run is not None:
+        run_info = RunInfo(
+            id=run.id, corpus=run.corpus, n_tokens=run.n_tokens,
+            n_tokens_counted=run.n_tokens_counted, context_size=run.context_size,
+            window_len=run.window_len, n_top=run.n_top, n_bands=run.n_bands,
+            config=run.config or {}, sae_stats=run.sae_stats or {}, created_at=run.created_at,
+        )
+    return SAEInfo(
+        id=sae.id, model_id=sae.model_id, hook_name=sae.hook_name, architecture=sae.architecture,
+        d_in=sae.d_in, d_sae=sae.d_sae, path=sae.path, cfg=sae.cfg or {},
+        train_metrics=sae.train_metrics, run=run_info, n_labeled=n_labeled,
+    )
+
+
+def dense_threshold(run: Run | RunInfo) -> float:
+    return float((run.config or {}).get("dense_threshold", DEFAULT_DENSE_THRESHOLD))
+
+
+def token_ids_matching(*, vocab: list[str], token: str) -> list[int]:
+    """Ids for a token query: a number is an id; text matches a display string exactly or up to
+    surrounding whitespace (so "the" finds " the" and "the")."""
+    token = token.strip("\n") if token.strip() else token
+    if token.strip().isdigit():
+        return [int(token.strip())]
+    wanted = token.strip()
+    return [i for i, s in enumerate(vocab) if s == token or (wanted and s.strip() == wanted)]
+
+
+def list_features(
+    *,
+    session: Session,
+    sae_id: str,
+    sort: SortKey = "index",
+    order: Literal["asc", "desc"] = "asc",
+    filter: FilterKey = "all",  # noqa: A002 - the query parameter's public name
+    tag: str | None = None,
+    q: str | None = None,
+    token: str | None = None,
+    page: int = 1,
+    per_page: int = 50,
+) -> FeaturePage:
+    """A page of the feature table with its total count; ties sort by index."""
+    if sort not in SORT_COLUMNS:
+        raise ConfigError(f"sort {sort!r}: use one of {', '.join(SORT_COLUMNS)}")
+    if not 1 <= per_page <= MAX_PER_PAGE or page < 1:
+        raise ConfigError(f"page must be >= 1 and per_page in [1, {MAX_PER_PAGE}]")
+    sae = _sae_row(session, sae_id)
+    run = _active_run(session, sae)
+    label_on = and_(Label.sae_id == sae_id, Label.feature_index == Feature.index)
+    conditions = [Feature.run_id == run.id]
+    if filter == "alive":
+        conditions.append(Feature.count > 0)
+    elif filter == "dead":
+        conditions.append(Feature.count == 0)
+    elif filter == "dense":
+        conditions.append(Feature.frac_nonzero > dense_threshold(run))
+    elif filter == "labeled":
+        conditions.append(and_(Label.id.is_not(None), Label.description != ""))
+    elif filter == "unlabeled":
+        conditions.append(or_(Label.id.is_(None), Label.description == ""))
+    elif filter != "all":
+        raise ConfigError(
+            f"filter {filter!r}: use one of all, alive, dead, dense, labeled, unlabeled"
+        )
+    if tag:
+        clean = tag.strip().lower()
+        escaped = clean.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        conditions.append(cast(Label.tags, Text).like(f'%"{escaped}"%', escape="\\"))
+    if q:
+        escaped = q.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        conditions.append(Label.description.ilike(f"%{escaped}%", escape="\\"))
+    if token:
+        vocab = get_model_vocab(session=session, model_id=sae.model_id)
+        ids = token_ids_matching(vocab=vocab, token=token)
+        conditions.append(Feature.index.in_(
+            select(FeatureToken.feature).where(
+                FeatureToken.run_id == run.id, FeatureToken.token_id.in_(ids or [-1])
+            )
+        ))
+    base = select(Feature).outerjoin(Label, label_on).where(*conditions)
+    total = session.scalar(select(func.count()).select_from(base.subquery())) or 0
+    sort_col = SORT_COLUMNS[sort]
+    ordering = [sort_col.desc() if order == "desc" else sort_col.asc()]
+    if sort != "index":
+        ordering.append(Feature.index.asc())
+    rows = session.execute(
+        select(Feature.index, Feature.count, Feature.frac_nonzero, Feature.max_act,
+               Feature.mean_act, Label)
+        .outerjoin(Label, label_on).where(*conditions)
+        .order_by(*ordering).limit(per_page).offset((page - 1) * per_page)
+    ).all()
+    indices = [r.index for r in rows]
+    top = _top_tokens(session, run_id=run.id, model_id=sae.model_id, indices=indices)
+    items = [
+        FeatureRow(index=r.index, count=r.count, frac_nonzero=r.frac_nonzero, max_act=r.max_act,
+                   mean_act=r.mean_act, label=_label_info(r.Label), top_tokens=top.get(r.index, []))
+        for r in rows
+    ]
+    return FeaturePage(items=items, total=total, page=page, per_page=per_page)
+
+
+def _top_tokens(
+    session: Session, *, run_id: int, model_id: str, indices: list[int]
+) -> dict[int, list[str]]:
+    if not indices:
+        return {}
+    rows = session.execute(
+        select(FeatureToken.feature, FeatureToken.token_id)
+        .where(FeatureToken.run_id == run_id, FeatureToken.feature.in_(indices))
+        .order_by(FeatureToken.feature, FeatureToken.count.desc(), FeatureToken.token_id)
+    ).all()
+    vocab = get_model_vocab(session=session, model_id=model_id)
+    out: dict[int, list[str]] = {}
+    for feature, token_id in rows:
+        tokens = out.setdefault(feature, [])
+        if len(tokens) < TOP_TOKENS_PER_FEATURE:
+            tokens.append(_token_str(vocab, token_id))
+    return out
+
+
+def _token_str(vocab: list[str], token_id: int) -> str:
+    return vocab[token_id] if 0 <= token_id < len(vocab) else f"<{token_id}>"
+
+
+def _label_info(label: Label | None) -> LabelInfo | None:
+    if label is None:
+        return None
+    return LabelInfo(description=label.description, tags=list(label.tags or []),
+                     status=label.status, author=label.author, version=label.version,
+                     updated_at=label.updated_at)
+
+
+def get_label(*, session: Session, sae_id: str, index: int) -> LabelInfo | None:
+    label = session.scalars(
+        select(Label).where(Label.sae_id == sae_id, Label.feature_index == index)
+    ).one_or_none()
+    return _label_info(label)
+
+
+def get_labels(*, session: Session, sae_id: str, indices: list[int]) -> dict[int, LabelInfo]:
+    if not indices:
+        return {}
+    labels = session.scalars(
+        select(Label).where(Label.sae_id == sae_id, Label.feature_index.in_(indices))
+    ).all()
+    return {label.feature_index: _label_info(label) for label in labels}
+
+
+def random_feature(*, session: Session, sae_id: str, alive_only: bool = True) -> int:
+    """A uniformly random feature index (alive ones only, unless none fired)."""
+    sae = _sae_row(session, sae_id)
+    run = _active_run(session, sae)
+    stmt = select(func.count()).select_from(Feature).where(Feature.run_id == run.id)
+    if alive_only:
+        n_alive = session.scalar(stmt.where(Feature.count > 0)) or 0
+        if n_alive:
+            k = random.randrange(n_alive)
+            return session.scalar(
+                select(Feature.index).where(Feature.run_id == run.id, Feature.count > 0)
+                .order_by(Feature.index).offset(k).limit(1)
+            )
+    return random.randrange(sae.d_sae)
+
+
+def get_feature(*, session: Session, sae_id: str, index: int) -> FeatureDetail:
+    """Everything a feature page shows, from one run's rows and blobs."""
+    sae = _sae_row(session, sae_id)
+    if not 0 <= index < sae.d_sae:
+        raise NotFoundError(
+            f"SAE {sae_id!r} has features 0..{sae.d_sae - 1}; there is no feature {index}"
+        )
+    run = _active_run(session, sae)
+    feat = session.get(Feature, (run.id, index))
+    if feat is None:
+        raise NotFoundError(f"feature {index} of {sae_id!r} is missing from run {run.id}")
+    vocab = get_model_vocab(session=session, model_id=sae.model_id)
+
+    windows = session.execute(
+        select(Window.kind, Window.band, Window.rank, Window.seq_index, Window.start,
+               Window.length, Window.max_value, Window.max_pos, Window.values)
+        .where(Window.run_id == run.id, Window.feature == index)
+        .order_by(Window.kind, Window.band.desc(), Window.rank)
+    ).all()
+    seq_ids = sorted({w.seq_index for w in windows})
+    seqs = {
+        s.seq_index: (s.doc_index, codec.from_blob(s.tokens, codec.INT32))
+        for s in session.execute(
+            select(Sequence.seq_index, Sequence.doc_index, Sequence.tokens)
+            .where(Sequence.run_id == run.id, Sequence.seq_index.in_(seq_ids))
+        )
+    } if seq_ids else {}
+    doc_names = run.doc_names or []
+    window_infos = []
+    for w in windows:
+        doc_index, tokens = seqs[w.seq_index]
+        ids = tokens[w.start:w.start + w.length].tolist()
+        window_infos.append(WindowInfo(
+            kind="top" if w.kind == WINDOW_KIND_TOP else "interval",
+            band=w.band, rank=w.rank, token_ids=ids, tokens=[_token_str(vocab, t) for t in ids],
+            values=codec.from_blob(w.values, codec.FLOAT16).astype(np.float32).tolist(),
+            max_value=w.max_value, max_pos=w.max_pos, seq_index=w.seq_index, start=w.start,
+            doc_name=doc_names[doc_index] if 0 <= doc_index < len(doc_names) else None,
+        ))
+
+    share = codec.from_blob(feat.band_share, codec.FLOAT32).tolist()
+    band_count = codec.from_blob(feat.band_count, codec.INT64).tolist()
+    # Interval bands split (0, max_act] into equal widths (the pipeline's definition).
+    width = feat.max_act / run.n_bands if run.n_bands else 0.0
+    bands = [Band(band=b, lo=b * width, hi=(b + 1) * width, share=share[b], count=band_count[b])
+             for b in range(len(share))]
+
+    def token_values(ids_blob: bytes, values_blob: bytes) -> list[TokenValue]:
+        ids = codec.from_blob(ids_blob, codec.INT32).tolist()
+        vals = codec.from_blob(values_blob, codec.FLOAT32).tolist()
+        return [TokenValue(t, _token_str(vocab, t), v) for t, v in zip(ids, vals, strict=True)]
+
+    neighbours = list(zip(codec.from_blob(feat.neighbour_idx, codec.INT32).tolist(),
+                          codec.from_blob(feat.neighbour_cos, codec.FLOAT32).tolist(), strict=True))
+    return FeatureDetail(
+        sae_id=sae.id, model_id=sae.model_id, index=index, d_sae=sae.d_sae, count=feat.count,
+        act_sum=feat.act_sum, mean_act=feat.mean_act, max_act=feat.max_act,
+        frac_nonzero=feat.frac_nonzero, n_tokens_counted=run.n_tokens_counted,
+        hist_edges=codec.from_blob(run.hist_edges, codec.FLOAT64).tolist(),
+        hist_counts=codec.from_blob(feat.hist_counts, codec.INT64).tolist(),
+        bands=bands,
+        logits_pos=token_values(feat.logit_pos_ids, feat.logit_pos_values),
+        logits_neg=token_values(feat.logit_neg_ids, feat.logit_neg_values),
+        neighbours=neighbours, windows=window_infos,
+        label=get_label(session=session, sae_id=sae_id, index=index),
+        run_id=run.id, corpus=run.corpus, dense_threshold=dense_threshold(run),
+    )

@@ -1,0 +1,136 @@
+"""Random but self-consistent precompute records, for store/API tests and serving benchmarks.
+
+Like the engine's tiny presets: real records with made-up numbers, built so that every invariant
+the pipeline guarantees holds (window maxima match their values, top windows sorted, etc.).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from app.store.records import (
+    WINDOW_KIND_INTERVAL,
+    WINDOW_KIND_TOP,
+    FeatureArrays,
+    ModelRecord,
+    RunRecord,
+    SAERecord,
+    SequenceArrays,
+    WindowArrays,
+)
+
+
+@dataclass
+class SyntheticRun:
+    model: ModelRecord
+    sae: SAERecord
+    run: RunRecord
+    sequences: SequenceArrays
+    features: FeatureArrays
+    windows: WindowArrays
+
+    def as_kwargs(self) -> dict:
+        return {"model": self.model, "sae": self.sae, "run": self.run,
+                "sequences": self.sequences, "features": self.features, "windows": self.windows}
+
+
+def synthetic_run(
+    *,
+    d_sae: int = 64,
+    vocab_size: int = 100,
+    n_seq: int = 40,
+    context_size: int = 32,
+    window_len: int = 16,
+    n_top: int = 5,
+    n_bands: int = 3,
+    per_band: int = 2,
+    n_bins: int = 20,
+    n_logits: int = 5,
+    n_neighbours: int = 4,
+    n_dead: int = 3,
+    model_id: str = "tiny-llama",
+    sae_id: str = "1-res-topk-64",
+    corpus: str = "synthetic",
+    seed: int = 0,
+    token_strings: list[str] | None = None,
+) -> SyntheticRun:
+    """Records for one run; features [0, n_dead) are dead (no windows, zero stats)."""
+    rng = np.random.default_rng(seed)
+    vocab = token_strings or [f"tok{i}" for i in range(vocab_size)]
+    model = ModelRecord(model_id=model_id, source=model_id, architecture="llama", d_model=16,
+                        n_layers=2, vocab_size=len(vocab), token_strings=vocab, bos_token_id=1)
+    sae = SAERecord(model_id=model_id, sae_id=sae_id, hook_name="blocks.1.hook_resid_post",
+                    architecture="topk", d_in=16, d_sae=d_sae, path=f"/nowhere/{sae_id}",
+                    cfg={"architecture": "topk", "k": 8, "d_in": 16, "d_sae": d_sae})
+    tokens = rng.integers(2, len(vocab), size=(n_seq, context_size), dtype=np.int32)
+    tokens[:, 0] = 1  # BOS
+    seq_index = np.arange(n_seq, dtype=np.int64) * 3  # sparse on purpose: not row numbers
+    doc_names = [f"doc{i}" for i in range((n_seq + 3) // 4)]
+    sequences = SequenceArrays(seq_index=seq_index, doc_index=np.arange(n_seq) // 4,
+                               tokens=tokens, doc_names=doc_names)
+
+    alive = np.arange(d_sae) >= n_dead
+    max_act = np.where(alive, rng.uniform(0.5, 10.0, d_sae), 0.0).astype(np.float32)
+    count = np.where(alive, rng.integers(1, 500, d_sae), 0).astype(np.int64)
+    n_counted = 10_000
+    act_sum = (count * max_act * rng.uniform(0.1, 0.5, d_sae)).astype(np.float64)
+    edges = np.concatenate([[0.0], np.logspace(-3, 2, n_bins)])
+    hist = np.zeros((d_sae, n_bins), np.int64)
+    for f in np.flatnonzero(alive):
+        hist[f] = np.bincount(rng.integers(0, n_bins, count[f]), minlength=n_bins)
+    share = rng.dirichlet(np.ones(n_bands), d_sae).astype(np.float32) * alive[:, None]
+    band_count = (share * count[:, None]).astype(np.int64)
+    features = FeatureArrays(
+        count=count, act_sum=act_sum, max_act=max_act, frac_nonzero=count / n_counted,
+        hist_edges=edges, hist_counts=hist, band_share=share, band_count=band_count,
+        logit_pos_ids=rng.integers(0, len(vocab), (d_sae, n_logits), dtype=np.int32),
+        logit_pos_values=-np.sort(-rng.uniform(0, 2, (d_sae, n_logits))).astype(np.float32),
+        logit_neg_ids=rng.integers(0, len(vocab), (d_sae, n_logits), dtype=np.int32),
+        logit_neg_values=np.sort(-rng.uniform(0, 2, (d_sae, n_logits))).astype(np.float32),
+        neighbour_idx=rng.integers(0, d_sae, (d_sae, n_neighbours), dtype=np.int32),
+        neighbour_cos=-np.sort(-rng.uniform(0, 1, (d_sae, n_neighbours))).astype(np.float32),
+    )
+
+    rows: list[tuple] = []
+    values: list[np.ndarray] = []
+    for f in np.flatnonzero(alive):
+        top_max = -np.sort(-rng.uniform(0.5, 1.0, n_top)) * max_act[f]
+        top_max[0] = max_act[f]
+        specs = [(WINDOW_KIND_TOP, -1, r, m) for r, m in enumerate(top_max)]
+        for b in range(n_bands):
+            lo, hi = b * max_act[f] / n_bands, (b + 1) * max_act[f] / n_bands
+            specs += [(WINDOW_KIND_INTERVAL, b, r, rng.uniform(lo, hi)) for r in range(per_band)]
+        for kind, band, rank, peak in specs:
+            length = int(rng.integers(window_len // 2, window_len + 1))
+            seq = int(rng.integers(0, n_seq))
+            start = int(rng.integers(0, context_size - length + 1))
+            v = np.zeros(window_len, np.float16)
+            v[:length] = rng.uniform(0, peak * 0.9, length)
+            max_pos = int(rng.integers(0, length))
+            v[max_pos] = peak
+            rows.append((f, kind, band, rank, seq_index[seq], start, length, float(v[max_pos]),
+                         max_pos))
+            values.append(v)
+    cols = list(zip(*rows, strict=True)) if rows else [[]] * 9
+    windows = WindowArrays(
+        feature=np.array(cols[0], np.int32), kind=np.array(cols[1], np.int8),
+        band=np.array(cols[2], np.int16), rank=np.array(cols[3], np.int16),
+        seq_index=np.array(cols[4], np.int64), start=np.array(cols[5], np.int32),
+        length=np.array(cols[6], np.int16), max_value=np.array(cols[7], np.float32),
+        max_pos=np.array(cols[8], np.int16),
+        values=np.stack(values) if values else np.zeros((0, window_len), np.float16),
+    )
+    n_tokens = n_seq * context_size
+    run = RunRecord(
+        corpus=corpus, n_tokens=n_tokens, n_tokens_counted=n_counted, context_size=context_size,
+        window_len=window_len, n_top=n_top, n_bands=n_bands, config={"seed": seed},
+        sae_stats={
+            "l0_hist": {"edges": [0, 4, 8, 12], "counts": [3, 5, 2]},
+            "density_hist": {"edges": [-4.0, -3.0, -2.0, -1.0], "counts": [10, 20, 5]},
+            "n_dead": int(n_dead), "n_dense": int((features.frac_nonzero > 0.1).sum()),
+            "mean_l0": 7.5, "explained_variance": 0.8, "ce_loss_recovered": 0.9,
+        },
+    )
+    return SyntheticRun(model, sae, run, sequences, features, windows)

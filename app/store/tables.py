@@ -1,0 +1,246 @@
+"""ORM tables: models, SAEs, precompute runs and their rows, and human data (labels).
+
+Precomputed rows (sequences, features, feature_tokens, windows) belong to one run and are replaced
+as a whole when a new run is swapped in. Their tables are WITHOUT ROWID on SQLite: rows are stored
+once, clustered on the (run_id, ...) primary key, which makes bulk inserts and range deletes of a
+run about a third faster than a rowid table plus its primary-key index.
+
+Human data (labels, label_history) is keyed by the SAE's id string and the feature index, never by
+a run, so it survives any rebuild.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Double,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    SmallInteger,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+# Stable constraint names so Alembic batch migrations (SQLite) can find and alter them later.
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+RUN_STATUS_WRITING = "writing"
+RUN_STATUS_ACTIVE = "active"
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {dict[str, Any]: JSON, bytes: LargeBinary}
+
+
+class Model(Base):
+    """A language model; its vocabulary is kept so pages can show tokens without a tokenizer."""
+
+    __tablename__ = "models"
+
+    id: Mapped[str] = mapped_column(String(200), primary_key=True)  # e.g. "smollm2-135m"
+    source: Mapped[str] = mapped_column(Text)
+    architecture: Mapped[str] = mapped_column(String(64))
+    d_model: Mapped[int] = mapped_column(Integer)
+    n_layers: Mapped[int] = mapped_column(Integer)
+    vocab_size: Mapped[int] = mapped_column(Integer)
+    bos_token_id: Mapped[int | None] = mapped_column(Integer)
+    has_chat_template: Mapped[bool] = mapped_column(Boolean, default=False)
+    # zlib-compressed JSON list of display strings, token id i at position i (see store.codec).
+    token_strings: Mapped[bytes] = mapped_column(LargeBinary)
+    # sha256 of the blob: readers cache the decoded vocabulary under it.
+    token_strings_sha: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
+
+
+class SAE(Base):
+    """An SAE over one hook point of one model; `id` is the globally unique sae_id string."""
+
+    __tablename__ = "saes"
+
+    id: Mapped[str] = mapped_column(String(200), primary_key=True)  # e.g. "15-res-topk-4k"
+    model_id: Mapped[str] = mapped_column(ForeignKey("models.id"), index=True)
+    hook_name: Mapped[str] = mapped_column(String(200))
+    architecture: Mapped[str] = mapped_column(String(64))
+    d_in: Mapped[int] = mapped_column(Integer)
+    d_sae: Mapped[int] = mapped_column(Integer)
+    path: Mapped[str] = mapped_column(Text)
+    cfg: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    train_metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # The run whose rows readers see. No foreign key on purpose: runs.sae_id already points here,
+    # and a cycle of foreign keys would need ALTER TABLE, which SQLite lacks; the writer sets it
+    # in the same transaction that inserts the run.
+    active_run_id: Mapped[int | None] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
+
+
+class Run(Base):
+    """One precompute run of one SAE over a corpus, with the per-SAE statistics it measured."""
+
+    __tablename__ = "runs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    sae_id: Mapped[str] = mapped_column(ForeignKey("saes.id", ondelete="CASCADE"), index=True)
+    status: Mapped[str] = mapped_column(String(16), default=RUN_STATUS_WRITING)
+    corpus: Mapped[str] = mapped_column(Text)
+    n_tokens: Mapped[int] = mapped_column(BigInteger)
+    n_tokens_counted: Mapped[int] = mapped_column(BigInteger)
+    context_size: Mapped[int] = mapped_column(Integer)
+    window_len: Mapped[int] = mapped_column(Integer)
+    n_top: Mapped[int] = mapped_column(Integer)
+    n_bands: Mapped[int] = mapped_column(Integer)
+    config: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    sae_stats: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    # Shared by every feature of the run: float64 [n_bins + 1] log-spaced histogram edges.
+    hist_edges: Mapped[bytes] = mapped_column(LargeBinary)
+    doc_names: Mapped[list[str]] = mapped_column(JSON, default=list)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class Sequence(Base):
+    """A token sequence referenced by windows: ids stored once, as an int32 blob."""
+
+    __tablename__ = "sequences"
+    __table_args__ = {"sqlite_with_rowid": False}
+
+    run_id: Mapped[int] = mapped_column(
+        ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True
+    )
+    seq_index: Mapped[int] = mapped_column(Integer, primary_key=True)
+    doc_index: Mapped[int] = mapped_column(Integer)
+    tokens: Mapped[bytes] = mapped_column(LargeBinary)  # int32 little-endian [context_size]
+
+
+class Feature(Base):
+    """Per-feature statistics of one run; arrays are little-endian blobs (see store.codec)."""
+
+    __tablename__ = "features"
+    __table_args__ = (
+        # The feature table sorts by these within a run.
+        Index("ix_features_run_frac_nonzero", "run_id", "frac_nonzero"),
+        Index("ix_features_run_max_act", "run_id", "max_act"),
+        Index("ix_features_run_mean_act", "run_id", "mean_act"),
+        {"sqlite_with_rowid": False},
+    )
+
+    run_id: Mapped[int] = mapped_column(
+        ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True
+    )
+    index: Mapped[int] = mapped_column(Integer, primary_key=True)
+    count: Mapped[int] = mapped_column(BigInteger)
+    act_sum: Mapped[float] = mapped_column(Double)
+    mean_act: Mapped[float] = mapped_column(Double)  # act_sum / count, 0 for dead features
+    max_act: Mapped[float] = mapped_column(Float)
+    frac_nonzero: Mapped[float] = mapped_column(Double)
+    hist_counts: Mapped[bytes] = mapped_column(LargeBinary)  # int64 [n_bins]
+    band_share: Mapped[bytes] = mapped_column(LargeBinary)  # float32 [n_bands]
+    band_count: Mapped[bytes] = mapped_column(LargeBinary)  # int64 [n_bands]
+    logit_pos_ids: Mapped[bytes] = mapped_column(LargeBinary)  # int32 [n_logits]
+    logit_pos_values: Mapped[bytes] = mapped_column(LargeBinary)  # float32 [n_logits]
+    logit_neg_ids: Mapped[bytes] = mapped_column(LargeBinary)  # int32 [n_logits]
+    logit_neg_values: Mapped[bytes] = mapped_column(LargeBinary)  # float32 [n_logits]
+    neighbour_idx: Mapped[bytes] = mapped_column(LargeBinary)  # int32 [n_neighbours]
+    neighbour_cos: Mapped[bytes] = mapped_column(LargeBinary)  # float32 [n_neighbours]
+
+
+class FeatureToken(Base):
+    """The token under the max of each top window, counted per feature: search by token, and the
+    "top tokens" column of the feature table, without reading windows."""
+
+    __tablename__ = "feature_tokens"
+    __table_args__ = (
+        Index("ix_feature_tokens_run_token", "run_id", "token_id"),
+        {"sqlite_with_rowid": False},
+    )
+
+    run_id: Mapped[int] = mapped_column(
+        ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True
+    )
+    feature: Mapped[int] = mapped_column(Integer, primary_key=True)
+    token_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    count: Mapped[int] = mapped_column(Integer)
+
+
+class Window(Base):
+    """One text window on a feature page: a slice of a sequence and the feature's values on it.
+
+    No foreign key to sequences: (run_id, seq_index) is checked by the writer, and a composite key
+    would need an extra index on this, the largest table, only to make deletes check it.
+    """
+
+    __tablename__ = "windows"
+    __table_args__ = {"sqlite_with_rowid": False}
+
+    run_id: Mapped[int] = mapped_column(
+        ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True
+    )
+    feature: Mapped[int] = mapped_column(Integer, primary_key=True)
+    kind: Mapped[int] = mapped_column(SmallInteger, primary_key=True)  # records.WINDOW_KIND_*
+    band: Mapped[int] = mapped_column(SmallInteger, primary_key=True)  # -1 for top windows
+    rank: Mapped[int] = mapped_column(SmallInteger, primary_key=True)
+    seq_index: Mapped[int] = mapped_column(Integer)
+    start: Mapped[int] = mapped_column(Integer)
+    length: Mapped[int] = mapped_column(SmallInteger)
+    max_value: Mapped[float] = mapped_column(Float)
+    max_pos: Mapped[int] = mapped_column(SmallInteger)  # relative to start
+    values: Mapped[bytes] = mapped_column(LargeBinary)  # float16 [length]
+
+
+class Label(Base):
+    """A person's label for a feature; `version` increases on every write (optimistic locking)."""
+
+    __tablename__ = "labels"
+    __table_args__ = (UniqueConstraint("sae_id", "feature_index"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    # Plain strings, not foreign keys: a label outlives runs, and may be imported before its SAE.
+    sae_id: Mapped[str] = mapped_column(String(200))
+    feature_index: Mapped[int] = mapped_column(Integer)
+    description: Mapped[str] = mapped_column(Text, default="")
+    # JSON list of normalized tags (lowercase [a-z0-9_.:-]); filtered with LIKE '%"tag"%'.
+    tags: Mapped[list[str]] = mapped_column(JSON, default=list)
+    status: Mapped[str] = mapped_column(String(32), default="draft")
+    author: Mapped[str] = mapped_column(String(200), default="")
+    version: Mapped[int] = mapped_column(Integer, default=1)
+    updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class LabelHistory(Base):
+    """Every saved state of a label, newest with the highest version."""
+
+    __tablename__ = "label_history"
+    __table_args__ = (Index("ix_label_history_feature", "sae_id", "feature_index", "version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    sae_id: Mapped[str] = mapped_column(String(200))
+    feature_index: Mapped[int] = mapped_column(Integer)
+    version: Mapped[int] = mapped_column(Integer)
+    description: Mapped[str] = mapped_column(Text, default="")
+    tags: Mapped[list[str]] = mapped_column(JSON, default=list)
+    status: Mapped[str] = mapped_column(String(32), default="draft")
+    author: Mapped[str] = mapped_column(String(200), default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)

@@ -1,0 +1,203 @@
+"""write_run round trip, atomic swap of runs, labels surviving a rebuild, label versions."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from app.errors import ConfigError, ConflictError, NotFoundError
+from app.store import queries
+from app.store.db import read_session
+from app.store.records import WINDOW_KIND_TOP
+from app.store.synthetic import synthetic_run
+from app.store.tables import SAE, Feature, FeatureToken, Label, LabelHistory, Run, Sequence, Window
+from app.store.writer import register_sae, write_label, write_run
+
+
+def _rows(session: Session, table, run_id: int) -> int:
+    return session.scalar(select(func.count()).select_from(table).where(table.run_id == run_id))
+
+
+def test_round_trip_matches_records(engine):
+    rec = synthetic_run(d_sae=24, n_dead=2, seed=3)
+    run_id = write_run(engine_or_session=engine, **rec.as_kwargs())
+    vocab = rec.model.token_strings
+    f = rec.features
+    w = rec.windows
+    seq_row = {int(s): i for i, s in enumerate(rec.sequences.seq_index)}
+    with Session(engine) as session:
+        assert session.get(SAE, rec.sae.sae_id).active_run_id == run_id
+        assert queries.get_model_vocab(session=session, model_id="tiny-llama") == vocab
+        for index in (0, 5, 23):
+            got = queries.get_feature(session=session, sae_id=rec.sae.sae_id, index=index)
+            assert got.count == f.count[index]
+            assert got.max_act == pytest.approx(float(f.max_act[index]))
+            assert got.frac_nonzero == pytest.approx(float(f.frac_nonzero[index]))
+            expected_mean = f.act_sum[index] / f.count[index] if f.count[index] else 0.0
+            assert got.mean_act == pytest.approx(expected_mean)
+            assert got.hist_edges == pytest.approx(f.hist_edges.tolist())
+            assert got.hist_counts == f.hist_counts[index].tolist()
+            assert [b.share for b in got.bands] == pytest.approx(f.band_share[index].tolist())
+            assert [t.token for t in got.logits_pos] == [
+                vocab[i] for i in f.logit_pos_ids[index]
+            ]
+            assert [t.value for t in got.logits_neg] == pytest.approx(
+                f.logit_neg_values[index].tolist()
+            )
+            assert [n for n, _ in got.neighbours] == f.neighbour_idx[index].tolist()
+
+            mine = np.flatnonzero(w.feature == index)
+            assert len(got.windows) == len(mine)
+            expected = sorted(
+                mine.tolist(), key=lambda i: (int(w.kind[i]), -int(w.band[i]), int(w.rank[i]))
+            )
+            for win, i in zip(got.windows, expected, strict=True):
+                row = seq_row[int(w.seq_index[i])]
+                start, length = int(w.start[i]), int(w.length[i])
+                ids = rec.sequences.tokens[row, start:start + length].tolist()
+                assert win.token_ids == ids
+                assert win.tokens == [vocab[t] for t in ids]
+                assert win.values == w.values[i, :length].astype(np.float32).tolist()
+                assert win.max_pos == w.max_pos[i]
+                assert win.values[win.max_pos] == pytest.approx(win.max_value, rel=1e-3)
+                assert win.kind == ("top" if w.kind[i] == WINDOW_KIND_TOP else "interval")
+                doc = rec.sequences.doc_index[row]
+                assert win.doc_name == rec.sequences.doc_names[doc]
+
+
+def test_feature_tokens_are_the_max_tokens_of_top_windows(engine):
+    rec = synthetic_run(d_sae=16, seed=4)
+    run_id = write_run(engine_or_session=engine, **rec.as_kwargs())
+    w, s = rec.windows, rec.sequences
+    brute: dict[tuple[int, int], int] = {}
+    for i in np.flatnonzero(w.kind == WINDOW_KIND_TOP):
+        row = int(np.flatnonzero(s.seq_index == w.seq_index[i])[0])
+        token = int(s.tokens[row, w.start[i] + w.max_pos[i]])
+        key = (int(w.feature[i]), token)
+        brute[key] = brute.get(key, 0) + 1
+    with Session(engine) as session:
+        stored = {
+            (r.feature, r.token_id): r.count
+            for r in session.execute(
+                select(FeatureToken.feature, FeatureToken.token_id, FeatureToken.count)
+                .where(FeatureToken.run_id == run_id)
+            )
+        }
+    assert stored == brute
+
+
+def test_swap_replaces_old_run_and_keeps_labels(engine):
+    first = synthetic_run(d_sae=20, seed=1)
+    old_id = write_run(engine_or_session=engine, **first.as_kwargs())
+    write_label(engine_or_session=engine, sae_id=first.sae.sae_id, index=7,
+                description="closing brackets", tags=["Syntax"], author="ann")
+
+    second = synthetic_run(d_sae=20, seed=2, corpus="other corpus")
+    new_id = write_run(engine_or_session=engine, **second.as_kwargs())
+    assert new_id != old_id
+    with Session(engine) as session:
+        for table in (Window, FeatureToken, Feature, Sequence):
+            assert _rows(session, table, old_id) == 0, table.__tablename__
+        assert _rows(session, Feature, new_id) == 20
+        assert _rows(session, Window, new_id) == len(second.windows.feature)
+        assert session.scalars(select(Run.id)).all() == [new_id]
+        assert session.get(Run, new_id).status == "active"
+        got = queries.get_feature(session=session, sae_id=second.sae.sae_id, index=7)
+        assert got.corpus == "other corpus"
+        assert got.max_act == pytest.approx(float(second.features.max_act[7]))
+        assert got.label is not None
+        assert got.label.description == "closing brackets"
+        assert got.label.tags == ["syntax"]
+
+
+def test_reader_sees_old_or_new_run_never_a_mix(engine, db_url):
+    first = synthetic_run(d_sae=20, seed=1)
+    old_id = write_run(engine_or_session=engine, **first.as_kwargs())
+    second = synthetic_run(d_sae=20, seed=2)
+    n_old_windows = len(first.windows.feature)
+    with read_session(engine) as reader, reader.begin():
+        # The first read opens the reader's snapshot.
+        assert _rows(reader, Window, old_id) == n_old_windows
+        done = threading.Event()
+        errors: list[BaseException] = []
+
+        def swap() -> None:
+            try:
+                write_run(engine_or_session=engine, **second.as_kwargs())
+            except BaseException as exc:  # noqa: BLE001 - reported to the main thread
+                errors.append(exc)
+            finally:
+                done.set()
+
+        thread = threading.Thread(target=swap)
+        thread.start()
+        assert done.wait(60), "the writer should not wait for a reader"
+        thread.join()
+        assert not errors, errors
+        # Same transaction: still the old run, completely.
+        assert _rows(reader, Window, old_id) == n_old_windows
+        assert reader.scalar(select(SAE.active_run_id)) == old_id
+    with Session(engine) as fresh:
+        assert _rows(fresh, Window, old_id) == 0
+        assert fresh.scalar(select(SAE.active_run_id)) != old_id
+
+
+def test_failed_write_leaves_the_old_run(engine):
+    first = synthetic_run(d_sae=12, seed=1)
+    old_id = write_run(engine_or_session=engine, **first.as_kwargs())
+    broken = synthetic_run(d_sae=12, seed=2)
+    broken.windows.seq_index[-1] = 10_000  # a sequence that was not given
+    with pytest.raises(ValueError, match="sequences that were not given"):
+        write_run(engine_or_session=engine, **broken.as_kwargs())
+    with Session(engine) as session:
+        assert session.get(SAE, first.sae.sae_id).active_run_id == old_id
+        assert _rows(session, Window, old_id) == len(first.windows.feature)
+
+
+def test_register_sae_lists_it_before_any_run(engine):
+    rec = synthetic_run(d_sae=8)
+    register_sae(engine_or_session=engine, model=rec.model, sae=rec.sae)
+    register_sae(engine_or_session=engine, model=rec.model, sae=rec.sae)  # idempotent
+    with Session(engine) as session:
+        saes = queries.list_saes(session=session)
+        assert [s.id for s in saes] == [rec.sae.sae_id]
+        assert saes[0].run is None
+        with pytest.raises(NotFoundError, match="saescope build"):
+            queries.get_feature(session=session, sae_id=rec.sae.sae_id, index=0)
+
+
+def test_sae_id_is_unique_across_models(engine):
+    rec = synthetic_run(d_sae=8)
+    register_sae(engine_or_session=engine, model=rec.model, sae=rec.sae)
+    other = synthetic_run(d_sae=8, model_id="other-model")
+    with pytest.raises(ConfigError, match="already belongs to model"):
+        register_sae(engine_or_session=engine, model=other.model, sae=other.sae)
+
+
+def test_label_versions_history_and_conflicts(engine):
+    sae_id = "1-res-topk-64"
+    first = write_label(engine_or_session=engine, sae_id=sae_id, index=3, description="a")
+    assert first.version == 1
+    second = write_label(engine_or_session=engine, sae_id=sae_id, index=3, description="b",
+                         expected_version=1, status="reviewed", tags=["x y", "X-Y", "z"])
+    assert second.version == 2
+    assert second.tags == ["x-y", "z"]
+    with pytest.raises(ConflictError, match="version 2"):
+        write_label(engine_or_session=engine, sae_id=sae_id, index=3, description="c",
+                    expected_version=1)
+    with pytest.raises(ConfigError, match="status"):
+        write_label(engine_or_session=engine, sae_id=sae_id, index=3, description="c",
+                    status="great")
+    with pytest.raises(ConfigError, match="tag"):
+        write_label(engine_or_session=engine, sae_id=sae_id, index=3, description="c",
+                    tags=["<b>"])
+    with Session(engine) as session:
+        history = session.execute(
+            select(LabelHistory.version, LabelHistory.description).order_by(LabelHistory.version)
+        ).all()
+        assert [tuple(h) for h in history] == [(1, "a"), (2, "b")]
+        assert session.scalar(select(func.count()).select_from(Label)) == 1
