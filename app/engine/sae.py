@@ -297,7 +297,8 @@ class SAE(nn.Module):
         """Read an SAE folder in any supported format (detected from its files).
 
         ``hook_name`` / ``model_name`` fill in (or override) what the folder says, for formats
-        such as Gemma Scope 1 whose files do not name their hook."""
+        such as Gemma Scope 1 whose files do not name their hook. Returns an eval-mode SAE with
+        frozen parameters."""
         from app.engine import sae_formats
 
         cfg, tensors, source = sae_formats.read_sae_folder(path)
@@ -310,7 +311,9 @@ class SAE(nn.Module):
             overrides["dtype"] = dtype
         if overrides:
             cfg = replace(cfg, **overrides)
-        return cls.from_tensors(cfg, tensors, source=source).to(device)
+        # Loaded SAEs are for inference: frozen parameters keep encode from building autograd
+        # graphs when a caller forgets torch.no_grad(). sae.requires_grad_(True) undoes it.
+        return cls.from_tensors(cfg, tensors, source=source).requires_grad_(False).to(device)
 
     def save(self, path: str | Path) -> Path:
         """Write the SAELens v6 layout (cfg.json + sae_weights.safetensors) into folder ``path``."""

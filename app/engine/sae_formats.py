@@ -596,18 +596,19 @@ def read_llama_scope(folder: Path) -> tuple[SAEConfig, Tensors, str]:
             "inference"
         )
 
-    architecture = _LLAMA_SCOPE_ACT_FNS[act_fn]
-    if architecture == "jumprelu":
-        if "log_jumprelu_threshold" in raw:
-            threshold = raw["log_jumprelu_threshold"].exp()
-        elif "jump_relu_threshold" in hp:
-            threshold = torch.full((d_sae,), float(hp["jump_relu_threshold"]))
-        else:
-            raise ConfigError(f"{source}: act_fn is jumprelu but jump_relu_threshold is missing")
-        tensors["threshold"] = threshold
     if hp.get("sparsity_include_decoder_norm", True):
         # lm-saes's gate uses hidden_pre * |decoder column|; folding makes that the plain gate.
         tensors = _fold_decoder_norms(tensors, file)
+    architecture = _LLAMA_SCOPE_ACT_FNS[act_fn]
+    if architecture == "jumprelu":
+        # Set after the fold on purpose: lm-saes compares its threshold with the gate score
+        # (hidden_pre * |decoder column| by default), which is exactly the folded hidden_pre.
+        if "log_jumprelu_threshold" in raw:
+            tensors["threshold"] = raw["log_jumprelu_threshold"].exp()
+        elif "jump_relu_threshold" in hp:
+            tensors["threshold"] = torch.full((d_sae,), float(hp["jump_relu_threshold"]))
+        else:
+            raise ConfigError(f"{source}: act_fn is jumprelu but jump_relu_threshold is missing")
 
     metadata: dict[str, Any] = {
         "source_format": "llama-scope",
