@@ -1,0 +1,393 @@
+"""HTML pages of the explorer; each reads through app/store/queries.py like its /api/v1 twin.
+
+Pages: home, SAE overview (feature table), feature page, text search, random feature, the
+Plotly bundle from the `plotly` package, and error pages by status.
+"""
+
+from __future__ import annotations
+
+import gzip
+from functools import lru_cache
+from typing import Any
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+
+from app.api.deps import SessionDep
+from app.errors import NotFoundError
+from app.store import queries
+from app.web.templating import (
+    PLOTLY_VERSION,
+    feature_url,
+    sae_url,
+    search_url,
+    shade,
+    templates,
+    token_display,
+    token_repr,
+)
+
+router = APIRouter(tags=["pages"], include_in_schema=False)
+
+FEATURE_TABLE_PER_PAGE = 50
+FILTERS = (
+    ("all", "all"),
+    ("alive", "alive"),
+    ("dead", "dead"),
+    ("dense", "dense"),
+    ("labeled", "labeled"),
+    ("unlabeled", "unlabeled"),
+)
+COLUMNS = (
+    ("index", "#", True),
+    ("label", "label", False),
+    ("frac_nonzero", "density", True),
+    ("max_act", "max act", True),
+    ("mean_act", "mean act", True),
+    ("top_tokens", "top tokens", False),
+)
+SORTABLE = ("index", "frac_nonzero", "max_act", "mean_act")
+ERROR_TITLES = {
+    400: "Bad request",
+    404: "Not found",
+    405: "Method not allowed",
+    409: "Conflict",
+    422: "That input cannot be used",
+    429: "Too many requests",
+    500: "Something went wrong",
+    503: "Busy, try again shortly",
+}
+
+
+# --- Plotly, served from the installed package -------------------------------------------------
+
+
+@lru_cache(maxsize=1)
+def _plotly_bundle() -> tuple[bytes, bytes]:
+    from plotly.offline import get_plotlyjs
+
+    raw = get_plotlyjs().encode("utf-8")
+    return raw, gzip.compress(raw, compresslevel=6, mtime=0)
+
+
+@router.get("/assets/plotly-{version}.min.js")
+def plotly_js(version: str, request: Request) -> Response:
+    """The Plotly bundle; the version is in the URL, so browsers may keep it for a year."""
+    raw, packed = _plotly_bundle()
+    headers = {
+        "Cache-Control": "public, max-age=31536000, immutable",
+        "Vary": "Accept-Encoding",
+    }
+    if version != PLOTLY_VERSION:
+        # An old page asking for a previous version: send the current one, but don't pin it.
+        headers["Cache-Control"] = "no-cache"
+    if "gzip" in request.headers.get("accept-encoding", ""):
+        headers["Content-Encoding"] = "gzip"
+        return Response(packed, media_type="text/javascript", headers=headers)
+    return Response(raw, media_type="text/javascript", headers=headers)
+
+
+# --- view models: JSON-twin dicts -> what the templates loop over ------------------------------
+
+
+def token_cells(tokens: list[str], values: list[float], max_value: float) -> list[tuple]:
+    """(display, exact-if-different, value text, shade, active) per token of a window."""
+    cells = []
+    for token, value in zip(tokens, values, strict=True):
+        shown = token_display(token)
+        exact = token_repr(token) if shown != token or not token.isprintable() else ""
+        value = float(value)
+        cells.append((shown, exact, _value_text(value), shade(value, max_value), value > 0))
+    return cells
+
+
+def _value_text(value: float) -> str:
+    # Tooltips need a short number; 3 significant digits as everywhere else.
+    return "0" if value == 0 else f"{value:.3g}"
+
+
+def window_view(window: Any, *, max_act: float) -> dict[str, Any]:
+    """A window as the token_run macro shows it; shading is relative to the feature's max."""
+    return {
+        "cells": token_cells(window.tokens, window.values, max_act),
+        "max_pos": min(max(int(window.max_pos), 0), max(len(window.tokens) - 1, 0)),
+        "max_value": window.max_value,
+        "doc": window.doc_name or "",
+    }
+
+
+def feature_view(detail: Any, *, neighbour_labels: dict[int, Any]) -> dict[str, Any]:
+    """Template context of a feature page from queries.get_feature's FeatureDetail."""
+    scale = detail.max_act or 1.0
+    top = [window_view(w, max_act=scale) for w in detail.windows if w.kind == "top"]
+    by_band: dict[int, list[dict[str, Any]]] = {}
+    for w in detail.windows:
+        if w.kind == "interval":
+            by_band.setdefault(w.band, []).append(window_view(w, max_act=scale))
+    n_bands = len(detail.bands)
+    # Highest band first: it reads like a continuation of the top activations.
+    bands = [
+        {
+            "band": b.band,
+            "lo": b.lo,
+            "hi": b.hi,
+            "share": b.share,
+            "count": b.count,
+            "shade": f"{0.25 + 0.75 * (b.band + 1) / max(n_bands, 1):.2f}",
+            "windows": by_band.get(b.band, []),
+        }
+        for b in sorted(detail.bands, key=lambda b: -b.band)
+    ]
+    band_edges = [detail.bands[0].lo, *(b.hi for b in detail.bands)] if detail.bands else []
+    base = f"/{detail.model_id}/{detail.sae_id}"
+    return {
+        "model_id": detail.model_id,
+        "sae_id": detail.sae_id,
+        "index": detail.index,
+        "d_sae": detail.d_sae,
+        "label": detail.label,
+        "frac_nonzero": detail.frac_nonzero,
+        "max_act": detail.max_act,
+        "mean_act": detail.mean_act,
+        "count": detail.count,
+        "n_tokens": detail.n_tokens_counted,
+        "dead": detail.count == 0,
+        "top": top,
+        "bands": bands,
+        "hist": {
+            "edges": detail.hist_edges,
+            "counts": detail.hist_counts,
+            "band_edges": band_edges,
+        },
+        "logits_pos": [(t.token, t.value) for t in detail.logits_pos],
+        "logits_neg": [(t.token, t.value) for t in detail.logits_neg],
+        "neighbours": [
+            {"index": i, "cos": c, "label": neighbour_labels.get(i)} for i, c in detail.neighbours
+        ],
+        "prev_url": f"{base}/{detail.index - 1}" if detail.index > 0 else None,
+        "next_url": f"{base}/{detail.index + 1}" if detail.index + 1 < detail.d_sae else None,
+    }
+
+
+def sae_view(sae: Any) -> dict[str, Any]:
+    """Header, statistics and histograms of an SAE (home rows and the overview page)."""
+    run = sae.run
+    stats = (run.sae_stats if run else {}) or {}
+    metrics = sae.train_metrics or {}
+
+    def stat(key: str) -> Any:
+        value = stats.get(key)
+        return metrics.get(key) if value is None else value
+
+    return {
+        "model_id": sae.model_id,
+        "sae_id": sae.id,
+        "id": sae.id,
+        "hook_name": sae.hook_name,
+        "architecture": sae.architecture,
+        "k": (sae.cfg or {}).get("k"),
+        "d_sae": sae.d_sae,
+        "corpus": run.corpus if run else None,
+        "n_tokens": run.n_tokens if run else None,
+        "n_dead": stats.get("n_dead"),
+        "n_dense": stats.get("n_dense"),
+        "mean_l0": stat("mean_l0"),
+        "explained_variance": stat("explained_variance"),
+        "ce_loss_recovered": stat("ce_loss_recovered"),
+        "n_labeled": sae.n_labeled,
+        "has_run": run is not None,
+        "density_hist": _hist(stats.get("density_hist")),
+        "l0_hist": _hist(stats.get("l0_hist")),
+    }
+
+
+def _hist(data: Any) -> dict[str, list[float]]:
+    if not isinstance(data, dict):
+        return {"edges": [], "counts": []}
+    return {"edges": list(data.get("edges", [])), "counts": list(data.get("counts", []))}
+
+
+# --- routes -------------------------------------------------------------------------------------
+
+
+def _sae_for_page(session: Any, *, model_id: str, sae_id: str) -> Any:
+    """The SAE of a page URL; a URL naming the wrong model for a known SAE is a 404 too."""
+    sae = queries.get_sae(session=session, sae_id=sae_id)
+    if sae.model_id != model_id:
+        raise NotFoundError(
+            f"SAE {sae_id!r} belongs to model {sae.model_id!r}, not {model_id!r}; "
+            f"see {sae_url(sae.model_id, sae_id)}"
+        )
+    return sae
+
+
+def _chrome(
+    session: Any, *, crumbs: list[tuple[str, str | None]], model_id: str | None = None,
+    sae_id: str | None = None,
+) -> dict[str, Any]:
+    """Context every page shares: breadcrumbs and the top bar's text-search target."""
+    choices = [
+        {"model_id": s.model_id, "id": s.id}
+        for s in queries.list_saes(session=session)
+    ]
+    target = None
+    if sae_id is not None and model_id is not None:
+        target = {"model_id": model_id, "sae_id": sae_id}
+    elif choices:
+        target = {"model_id": choices[0]["model_id"], "sae_id": choices[0]["id"]}
+    return {"crumbs": crumbs, "search_target": target, "search_choices": choices}
+
+
+@router.get("/", response_class=HTMLResponse)
+def home_page(request: Request, session: SessionDep) -> HTMLResponse:
+    models = []
+    saes = queries.list_saes(session=session)
+    for model in queries.list_models(session=session):
+        models.append({
+            "id": model.id,
+            "architecture": model.architecture,
+            "n_layers": model.n_layers,
+            "d_model": model.d_model,
+            "vocab_size": model.vocab_size,
+            "saes": [sae_view(s) for s in saes if s.model_id == model.id],
+        })
+    context = {"models": models, **_chrome(session, crumbs=[])}
+    if saes:
+        first = saes[0]
+        context.update(_chrome(session, crumbs=[], model_id=first.model_id, sae_id=first.id))
+    return templates.TemplateResponse(request, "pages/home.html", context)
+
+
+@router.get("/{model_id}/{sae_id}", response_class=HTMLResponse)
+def sae_page(
+    request: Request,
+    session: SessionDep,
+    model_id: str,
+    sae_id: str,
+    sort: queries.SortKey = "index",
+    order: str = "",
+    filter: queries.FilterKey = "all",  # noqa: A002 - the query parameter's public name
+    q: str = "",
+    token: str = "",
+    tag: str = "",
+    page: int = Query(1, ge=1),
+    jump: int | None = None,
+) -> Response:
+    """Overview of one SAE with its feature table; ?jump=N goes straight to feature N."""
+    sae = _sae_for_page(session, model_id=model_id, sae_id=sae_id)
+    if jump is not None:
+        return RedirectResponse(feature_url(model_id, sae_id, jump), status_code=303)
+    if order not in ("asc", "desc"):
+        order = "asc" if sort == "index" else "desc"
+    table = queries.list_features(
+        session=session, sae_id=sae_id, sort=sort, order=order, filter=filter,
+        tag=tag or None, q=q or None, token=token or None, page=page,
+        per_page=FEATURE_TABLE_PER_PAGE,
+    )
+    n_pages = max((table.total + FEATURE_TABLE_PER_PAGE - 1) // FEATURE_TABLE_PER_PAGE, 1)
+    query = {"sort": sort if sort != "index" else None, "order": order if sort != "index"
+             or order != "asc" else None, "filter": filter if filter != "all" else None,
+             "q": q, "token": token, "tag": tag, "page": page if page > 1 else None}
+    note = []
+    if token:
+        note.append(f"whose top windows peak on a token matching “{token}”")
+    if q:
+        note.append(f"with “{q}” in the label")
+    if tag:
+        note.append(f"tagged {tag}")
+    context = {
+        "s": sae_view(sae),
+        "t": {
+            "rows": table.items,
+            "total": table.total,
+            "page": table.page,
+            "n_pages": n_pages,
+            "filter": filter,
+            "query": {**query, "sort": sort, "order": order},
+            "note": ", ".join(note),
+        },
+        "filters": FILTERS,
+        "columns": COLUMNS,
+        "sortable": SORTABLE,
+        **_chrome(session, crumbs=[(model_id, None), (sae_id, None)], model_id=model_id,
+                  sae_id=sae_id),
+    }
+    return templates.TemplateResponse(request, "pages/sae.html", context)
+
+
+@router.get("/{model_id}/{sae_id}/random")
+def random_feature_page(session: SessionDep, model_id: str, sae_id: str) -> RedirectResponse:
+    _sae_for_page(session, model_id=model_id, sae_id=sae_id)
+    index = queries.random_feature(session=session, sae_id=sae_id)
+    # 303 + no-store: each press of "r" must land somewhere new, never a cached redirect.
+    return RedirectResponse(
+        feature_url(model_id, sae_id, index), status_code=303,
+        headers={"Cache-Control": "no-store"},
+    )
+
+
+@router.get("/{model_id}/{sae_id}/search", response_class=HTMLResponse)
+def search_page(
+    request: Request, session: SessionDep, model_id: str, sae_id: str, text: str = ""
+) -> HTMLResponse:
+    """Text search: the page runs POST /api/v1/saes/{sae_id}/search from the browser."""
+    sae = _sae_for_page(session, model_id=model_id, sae_id=sae_id)
+    context = {
+        "s": sae_view(sae),
+        "text": text,
+        **_chrome(session, crumbs=[(model_id, None), (sae_id, sae_url(model_id, sae_id)),
+                                   ("text search", None)], model_id=model_id, sae_id=sae_id),
+    }
+    return templates.TemplateResponse(request, "pages/search.html", context)
+
+
+@router.get("/{model_id}/{sae_id}/{index:int}", response_class=HTMLResponse)
+def feature_page(
+    request: Request, session: SessionDep, model_id: str, sae_id: str, index: int
+) -> HTMLResponse:
+    _sae_for_page(session, model_id=model_id, sae_id=sae_id)
+    detail = queries.get_feature(session=session, sae_id=sae_id, index=index)
+    labels = queries.get_labels(
+        session=session, sae_id=sae_id, indices=[i for i, _ in detail.neighbours]
+    )
+    context = {
+        "f": feature_view(detail, neighbour_labels=labels),
+        **_chrome(session, crumbs=[(model_id, None), (sae_id, sae_url(model_id, sae_id)),
+                                   (f"#{index}", None)], model_id=model_id, sae_id=sae_id),
+    }
+    return templates.TemplateResponse(request, "pages/feature.html", context)
+
+
+# --- error pages ----------------------------------------------------------------------------------
+
+
+def wants_html(request: Request) -> bool:
+    """True for page requests: not under /api, and the client takes HTML (browsers say so)."""
+    if request.url.path.startswith("/api/") or request.url.path.startswith("/static/"):
+        return False
+    accept = request.headers.get("accept", "")
+    return "text/html" in accept
+
+
+def error_page(request: Request, *, status_code: int, message: str,
+               headers: dict[str, str] | None = None) -> HTMLResponse:
+    """The error page for a status: what went wrong, and links back to where one can go."""
+    parts = [p for p in request.url.path.split("/") if p]
+    back: list[tuple[str, str]] = []
+    if len(parts) >= 2 and not parts[0].startswith(("api", "static", "assets")):
+        back.append((f"{parts[1]} overview", sae_url(parts[0], parts[1])))
+        if len(parts) >= 3:
+            back.append(("text search", search_url(parts[0], parts[1])))
+    back.append(("home", "/"))
+    context = {
+        "status_code": status_code,
+        "title": ERROR_TITLES.get(status_code, "Error"),
+        "message": message,
+        "back_links": back,
+        "crumbs": [],
+        "search_target": None,
+        "search_choices": [],
+    }
+    return templates.TemplateResponse(
+        request, "errors/error.html", context, status_code=status_code, headers=headers
+    )

@@ -1,0 +1,190 @@
+"""Jinja2 environment of the explorer: template folder, display filters and the one URL builder.
+
+Autoescape is on for every template; filters return plain strings (never Markup), so tokens,
+labels and document names written by users or models always reach the page as text.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from functools import lru_cache
+from pathlib import Path
+from urllib.parse import quote, urlencode
+
+import plotly
+from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
+from starlette.templating import Jinja2Templates
+
+from app.settings import REPO_ROOT
+
+TEMPLATES_DIR = REPO_ROOT / "frontend" / "templates"
+STATIC_DIR = REPO_ROOT / "frontend" / "static"
+STATIC_PREFIX = "/static"
+PLOTLY_VERSION = plotly.__version__
+
+# Whitespace made visible inside token runs: a newline would otherwise break the run, a tab or a
+# token made only of spaces would be an invisible shaded box.
+_VISIBLE = str.maketrans({"\n": "↵", "\r": "␍", "\t": "⇥"})
+
+
+def token_display(token: str) -> str:
+    """How a token reads in a token run: newlines as ↵, tabs as ⇥, all-space tokens as ·."""
+    if token == "":
+        return "∅"
+    if token.strip(" ") == "":
+        return "·" * len(token)
+    return token.translate(_VISIBLE)
+
+
+def token_repr(token: str) -> str:
+    """The exact token for tooltips and tables: quoted, with escapes for invisible characters."""
+    out = []
+    for ch in token:
+        if ch == "\n":
+            out.append("\\n")
+        elif ch == "\t":
+            out.append("\\t")
+        elif ch == "\r":
+            out.append("\\r")
+        elif ch == "\\":
+            out.append("\\\\")
+        elif ord(ch) < 32 or ord(ch) == 127:
+            out.append(f"\\x{ord(ch):02x}")
+        else:
+            out.append(ch)
+    return "“" + "".join(out) + "”"
+
+
+def fmt_num(value: float | int | None, digits: int = 3) -> str:
+    """A number with `digits` significant digits, no exponent for everyday magnitudes."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if value == 0:
+        return "0"
+    magnitude = abs(value)
+    if magnitude >= 10 ** digits:
+        return f"{value:,.0f}"
+    if magnitude < 1e-3:
+        return f"{value:.{max(digits - 1, 0)}e}"
+    decimals = max(digits - 1 - math.floor(math.log10(magnitude)), 0)
+    return f"{value:.{decimals}f}"
+
+
+def fmt_pct(frac: float | None, digits: int = 3) -> str:
+    """A fraction as a percentage, e.g. 0.00123 -> '0.123%'; 0 reads as '0%'."""
+    if frac is None:
+        return "–"
+    if frac == 0:
+        return "0%"
+    return fmt_num(frac * 100, digits) + "%"
+
+
+def fmt_count(value: int | float | None) -> str:
+    """Large counts the way people say them: 1.2k, 3.4M."""
+    if value is None:
+        return "–"
+    value = float(value)
+    for threshold, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= threshold:
+            return fmt_num(value / threshold, 3) + suffix
+    return f"{value:.0f}"
+
+
+def shade(value: float | None, max_value: float | None) -> str:
+    """Opacity of a token's activation shading in [0, 1], two decimals (a CSS custom property)."""
+    if not value or not max_value or value <= 0 or max_value <= 0:
+        return "0"
+    return f"{min(value / max_value, 1.0):.2f}"
+
+
+# --- the URL builder: every link in the explorer is made here --------------------------------
+
+
+def home_url() -> str:
+    return "/"
+
+
+def sae_url(model_id: str, sae_id: str, **params: object) -> str:
+    base = f"/{quote(model_id, safe='')}/{quote(sae_id, safe='')}"
+    query = {k: v for k, v in params.items() if v not in (None, "", False)}
+    return base + ("?" + urlencode(query) if query else "")
+
+
+def feature_url(model_id: str, sae_id: str, index: int) -> str:
+    return f"{sae_url(model_id, sae_id)}/{int(index)}"
+
+
+def random_url(model_id: str, sae_id: str) -> str:
+    return f"{sae_url(model_id, sae_id)}/random"
+
+
+def search_url(model_id: str, sae_id: str, text: str | None = None) -> str:
+    base = f"{sae_url(model_id, sae_id)}/search"
+    return base + ("?" + urlencode({"text": text}) if text else "")
+
+
+def api_url(path: str) -> str:
+    return "/api/v1" + path
+
+
+def plotly_url() -> str:
+    return f"/assets/plotly-{PLOTLY_VERSION}.min.js"
+
+
+@lru_cache(maxsize=256)
+def _static_digest(path: str, mtime_ns: int) -> str:
+    return hashlib.sha256((STATIC_DIR / path).read_bytes()).hexdigest()[:10]
+
+
+def static_url(path: str) -> str:
+    """/static/path?v=<content hash>: browsers may cache static files, and see every change."""
+    file = STATIC_DIR / path
+    try:
+        version = _static_digest(path, file.stat().st_mtime_ns)
+    except OSError:
+        version = "0"
+    return f"{STATIC_PREFIX}/{path}?v={version}"
+
+
+def page_query(base: dict[str, object], **changes: object) -> str:
+    """The current table query with some parameters changed (sort links, pagination)."""
+    query = {**base, **changes}
+    query = {k: v for k, v in query.items() if v not in (None, "", False)}
+    return "?" + urlencode(query) if query else "?"
+
+
+def make_environment(templates_dir: Path = TEMPLATES_DIR) -> Environment:
+    env = Environment(
+        loader=FileSystemLoader(str(templates_dir)),
+        autoescape=select_autoescape(["html", "jinja", "j2"], default_for_string=True),
+        undefined=StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        auto_reload=False,
+    )
+    env.filters.update(
+        tok=token_display,
+        tokrepr=token_repr,
+        num=fmt_num,
+        pct=fmt_pct,
+        count=fmt_count,
+        shade=shade,
+    )
+    env.globals.update(
+        home_url=home_url,
+        sae_url=sae_url,
+        feature_url=feature_url,
+        random_url=random_url,
+        search_url=search_url,
+        api_url=api_url,
+        plotly_url=plotly_url,
+        static_url=static_url,
+        page_query=page_query,
+    )
+    return env
+
+
+templates = Jinja2Templates(env=make_environment())

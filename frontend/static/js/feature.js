@@ -1,0 +1,54 @@
+// Feature page: the activation histogram and the "test this feature on your text" box.
+
+import { activationHistogram } from "./plots.js";
+import { fmtNum, postJSON, renderTokens } from "./tokens.js";
+
+const hist = document.getElementById("act-hist");
+const histData = document.getElementById("act-hist-data");
+if (hist && histData) activationHistogram(hist, JSON.parse(histData.textContent));
+
+const box = document.querySelector("[data-test-box]");
+if (box) {
+  const form = box.querySelector("form");
+  const textarea = form.querySelector("textarea");
+  const status = box.querySelector(".test-status");
+  const result = box.querySelector(".test-result");
+  const button = form.querySelector("button");
+  const featureMax = Number(box.dataset.max) || 0;
+
+  async function run() {
+    const text = textarea.value;
+    if (!text.trim()) return;
+    button.disabled = true;
+    status.classList.remove("error");
+    status.textContent = "running…";
+    try {
+      const data = await postJSON(box.dataset.api, { text });
+      const values = data.values;
+      const maxHere = Math.max(0, ...values);
+      // Shade against the feature's corpus max so weak activations look weak.
+      renderTokens(result, data.tokens, values, {
+        max: Math.max(featureMax, maxHere),
+        maxIndex: maxHere > 0 ? values.indexOf(maxHere) : -1,
+      });
+      result.hidden = false;
+      status.textContent = `max ${fmtNum(maxHere)} on ${values.filter((v) => v > 0).length} of ${values.length} tokens`;
+    } catch (err) {
+      status.classList.add("error");
+      status.textContent = err.message;
+    } finally {
+      button.disabled = false;
+    }
+  }
+
+  form.addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    run();
+  });
+  textarea.addEventListener("keydown", (ev) => {
+    if (ev.key === "Enter" && (ev.ctrlKey || ev.metaKey)) {
+      ev.preventDefault();
+      run();
+    }
+  });
+}

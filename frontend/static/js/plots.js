@@ -1,0 +1,127 @@
+// Plotly charts fed from <script type="application/json"> blocks; all text passed to Plotly is
+// entity-escaped first, because Plotly renders a subset of HTML in titles and hover labels.
+
+const ESCAPES = { "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" };
+
+export function plotText(s) {
+  return String(s).replace(/[&<>"']/g, (ch) => ESCAPES[ch]);
+}
+
+const CONFIG = { displayModeBar: false, responsive: true };
+const FONT = { family: 'system-ui, "DejaVu Sans", sans-serif', size: 11, color: "#4a5563" };
+
+function layout(extra) {
+  return {
+    margin: { l: 44, r: 8, t: 6, b: 34 },
+    paper_bgcolor: "rgba(0,0,0,0)",
+    plot_bgcolor: "rgba(0,0,0,0)",
+    font: FONT,
+    bargap: 0.04,
+    showlegend: false,
+    hoverlabel: { font: { family: FONT.family, size: 12 } },
+    ...extra,
+  };
+}
+
+function axis(title, extra = {}) {
+  return {
+    title: { text: plotText(title), font: { size: 11 } },
+    gridcolor: "#eef1f4",
+    zeroline: false,
+    linecolor: "#e3e7ec",
+    ...extra,
+  };
+}
+
+/** Wait for the deferred Plotly bundle (module scripts may run first in some browsers). */
+export function withPlotly(fn) {
+  if (window.Plotly) return fn(window.Plotly);
+  window.addEventListener("load", () => window.Plotly && fn(window.Plotly), { once: true });
+}
+
+function readData(id) {
+  const node = document.getElementById(id);
+  return node ? JSON.parse(node.textContent) : null;
+}
+
+function markEmpty(el) {
+  el.classList.add("empty");
+  el.dataset.rendered = "empty";
+}
+
+/** A histogram from {edges, counts}: bars between consecutive edges. */
+export function barHistogram(el) {
+  const data = readData(el.dataset.source);
+  if (!data || !data.counts || data.counts.length === 0 || data.counts.every((c) => c === 0)) {
+    markEmpty(el);
+    return;
+  }
+  const { edges, counts } = data;
+  const x = counts.map((_, i) => (edges[i] + edges[i + 1]) / 2);
+  const width = counts.map((_, i) => edges[i + 1] - edges[i]);
+  const text = counts.map((c, i) =>
+    plotText(`${edges[i].toPrecision(3)} – ${edges[i + 1].toPrecision(3)}: ${c.toLocaleString("en-US")}`),
+  );
+  withPlotly((Plotly) => {
+    Plotly.newPlot(
+      el,
+      [{ type: "bar", x, y: counts, width, text, textposition: "none", hovertemplate: "%{text}<extra></extra>",
+         marker: { color: "rgba(47, 95, 208, 0.75)" } }],
+      layout({ xaxis: axis(el.dataset.xtitle || ""), yaxis: axis(el.dataset.ytitle || "") }),
+      CONFIG,
+    ).then(() => { el.dataset.rendered = "yes"; el.dataset.points = String(counts.length); });
+  });
+}
+
+/**
+ * The feature's activation histogram on log-spaced bins, each bar coloured by the interval band
+ * its centre falls in (bands are equal-width over (0, max]).
+ */
+export function activationHistogram(el, data) {
+  if (!data || !data.counts || data.counts.every((c) => c === 0)) {
+    markEmpty(el);
+    return;
+  }
+  const { edges, counts, band_edges: bandEdges = [] } = data;
+  const keep = counts.map((c, i) => i).filter((i) => counts[i] > 0 || (i > 0 && counts[i - 1] > 0));
+  const lo = keep.length ? keep[0] : 0;
+  const hi = keep.length ? keep[keep.length - 1] : counts.length - 1;
+  const idx = [];
+  for (let i = lo; i <= hi; i++) idx.push(i);
+  const nBands = Math.max(bandEdges.length - 1, 1);
+  const bandOf = (v) => {
+    for (let b = 0; b < nBands; b++) if (v <= bandEdges[b + 1]) return b;
+    return nBands - 1;
+  };
+  const centre = (i) => Math.sqrt(edges[i] * edges[i + 1]);
+  const colors = idx.map((i) => {
+    const band = bandEdges.length > 1 ? bandOf(centre(i)) : nBands - 1;
+    const alpha = 0.25 + (0.75 * (band + 1)) / nBands;
+    return `rgba(242, 125, 20, ${alpha.toFixed(2)})`;
+  });
+  const text = idx.map((i) => {
+    const band = bandEdges.length > 1 ? ` · band ${bandOf(centre(i)) + 1}` : "";
+    return plotText(`${edges[i].toPrecision(3)} – ${edges[i + 1].toPrecision(3)}: ${counts[i].toLocaleString("en-US")} tokens${band}`);
+  });
+  withPlotly((Plotly) => {
+    Plotly.newPlot(
+      el,
+      [{
+        type: "bar",
+        x: idx.map(centre),
+        y: idx.map((i) => counts[i]),
+        width: idx.map((i) => edges[i + 1] - edges[i]),
+        text,
+        textposition: "none",
+        hovertemplate: "%{text}<extra></extra>",
+        marker: { color: colors, line: { width: 0 } },
+      }],
+      layout({
+        xaxis: axis("activation", { type: "log" }),
+        yaxis: axis("tokens"),
+        bargap: 0,
+      }),
+      CONFIG,
+    ).then(() => { el.dataset.rendered = "yes"; el.dataset.points = String(idx.length); });
+  });
+}
