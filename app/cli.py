@@ -51,3 +51,83 @@ def models_command() -> None:
     for preset in list_presets():
         typer.echo(f"{preset.name:16s} {preset.architecture:8s} {preset.default_hook:28s} "
                    f"{preset.description}")
+
+
+@app.command("build")
+@clean_errors
+def build_command(
+    sae: str = typer.Option(..., "--sae", help="SAE folder (SAELens, Gemma Scope, Llama Scope)"),
+    model: str = typer.Option(None, "--model", help="model preset, folder or .gguf "
+                              "(default: the model the SAE names)"),
+    corpus: str = typer.Option("python-docs", "--corpus", help="python-docs, a .txt/.md file or "
+                               "folder, .jsonl/.parquet/.csv, or a dataset id"),
+    tokens: int = typer.Option(100_000, "--tokens", min=1, help="token positions to process"),
+    db: str = typer.Option(None, "--db", help="database URL (default: SAESCOPE_DATABASE_URL "
+                           "or sqlite:///data/saescope.db)"),
+    sae_id: str = typer.Option(None, "--sae-id", help="id in the database (default: the SAE "
+                               "folder's name)"),
+    hook: str = typer.Option(None, "--hook", help="hook name (default: the SAE's)"),
+    context_size: int = typer.Option(None, "--context-size", min=2,
+                                     help="tokens per sequence (default: the SAE's, else 128)"),
+    batch_size: int = typer.Option(16, "--batch-size", min=1, help="sequences per forward pass"),
+    text_field: str = typer.Option("text", "--text-field", help="text column of .jsonl etc."),
+    eval_tokens: int = typer.Option(4096, "--eval-tokens", min=0,
+                                    help="held-out tokens for explained variance / CE loss"),
+    checkpoint_every: int = typer.Option(20, "--checkpoint-every", min=1,
+                                         help="batches between checkpoints"),
+) -> None:
+    """Precompute feature statistics and windows for one SAE into the database (resumable)."""
+    from pathlib import Path
+
+    from app.pipeline.precompute import BuildOptions, build
+
+    result = build(BuildOptions(
+        sae_path=Path(sae), model=model, corpus=corpus, n_tokens=tokens, db_url=db,
+        sae_id=sae_id, hook_name=hook, context_size=context_size, batch_size=batch_size,
+        text_field=text_field, eval_tokens=eval_tokens, checkpoint_every=checkpoint_every),
+        log=typer.echo)
+    stats = result.sae_stats
+    typer.echo(f"SAE {result.sae_id}: {result.n_tokens} tokens, mean L0 "
+               f"{stats.get('mean_l0', 0):.1f}, dead {stats.get('n_dead')}, dense "
+               f"{stats.get('n_dense')}, explained variance "
+               f"{stats.get('explained_variance', float('nan')):.3f}, CE loss recovered "
+               f"{stats.get('ce_loss_recovered', float('nan')):.3f}")
+
+
+@app.command("demo")
+@clean_errors
+def demo_command(
+    tokens: int = typer.Option(None, "--tokens", min=1,
+                               help="tokens to precompute (default: the SAE's training budget, "
+                                    "so the activation cache is reused)"),
+    serve: bool = typer.Option(True, "--serve/--no-serve", help="start the server at the end"),
+) -> None:
+    """Everything on the defaults: train the default SAE if absent, build, then serve."""
+    from app.engine import train
+    from app.pipeline.precompute import BuildOptions, build
+    from app.settings import get_settings
+
+    settings = get_settings()
+    typer.echo(f"[1/3] default SAE {train.DEFAULT_SAE_ID} on {train.DEFAULT_MODEL} "
+               f"({train.DEFAULT_HOOK})")
+    folder = train.ensure_sae(log=typer.echo)
+    typer.echo(f"      using {folder}")
+    typer.echo(f"[2/3] precomputing features into {settings.db_url}")
+    build(BuildOptions(sae_path=folder, model=train.DEFAULT_MODEL,
+                       n_tokens=tokens or train.DEFAULT_TOKENS,
+                       eval_tokens=train.DEFAULT_EVAL_TOKENS, sae_id=train.DEFAULT_SAE_ID),
+          log=lambda msg: typer.echo(f"      {msg}"))
+    if not serve:
+        typer.echo("[3/3] skipped serving (--no-serve)")
+        return
+    typer.echo(f"[3/3] serving on http://{settings.host}:{settings.port}/ (Ctrl+C stops)")
+    _serve(settings)
+
+
+def _serve(settings: Any) -> None:
+    """Start the web server (the API/explorer owns it; demo only calls it)."""
+    import uvicorn
+
+    from app.main import create_app
+
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port)

@@ -279,16 +279,19 @@ def build(opts: BuildOptions, *, log: Log = print, lm: Any = None, sae: Any = No
     names the SAE. ``stop_after_batches`` (tests) returns after that many batches of this
     invocation, leaving the checkpoint as a kill would (``run_id`` None).
     """
-    from app.store.db import make_engine, upgrade
+    from app.settings import get_settings
+    from app.store.db import make_engine
     from app.store.writer import write_run
 
+    db_url = opts.db_url or get_settings().db_url
+    _open_database(db_url, create=False)  # a bad URL fails now, not after the whole pass
     records, result = compute_records(opts, log=log, lm=lm, sae=sae,
                                       stop_after_batches=stop_after_batches)
     if records is None:
         return result
     t = time.perf_counter()
     log(f"writing run to {result.db_url}")
-    upgrade(result.db_url)
+    _open_database(result.db_url, create=True)
     engine = make_engine(result.db_url)
     try:
         result.run_id = write_run(engine_or_session=engine, **records.as_kwargs())
@@ -298,6 +301,29 @@ def build(opts: BuildOptions, *, log: Log = print, lm: Any = None, sae: Any = No
     Checkpoint(result.checkpoint_dir, "").remove()
     log(f"done: run {result.run_id} for SAE {result.sae_id} ({result.n_tokens} tokens)")
     return result
+
+
+def _open_database(db_url: str, *, create: bool) -> None:
+    """Check the URL (and reach a server) early, or create / upgrade the schema before the write;
+    connection failures become one clear error."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from app.store.db import is_sqlite, make_engine, upgrade
+
+    try:
+        if create:
+            upgrade(db_url)
+            return
+        engine = make_engine(db_url)
+        try:
+            if not is_sqlite(engine):
+                with engine.connect():
+                    pass
+        finally:
+            engine.dispose()
+    except SQLAlchemyError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"cannot open database {db_url}: {first}; check --db") from None
 
 
 def compute_records(opts: BuildOptions, *, log: Log = print, lm: Any = None, sae: Any = None,
