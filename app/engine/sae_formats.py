@@ -347,10 +347,13 @@ def write_saelens(sae: SAE, path: str | Path) -> Path:
         metadata["training_architecture_details"] = details
     out["metadata"] = metadata
 
-    # Write both files under temporary names, then rename: a crash never leaves a folder whose
-    # config and weights disagree.
+    try:
+        text = json.dumps(out, indent=2, default=_json_default)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"SAE metadata cannot be written to {SAELENS_CFG}: {exc}") from exc
+    # Each file is written under a temporary name, then renamed, and the config is serialised
+    # before anything is written, so a failure never leaves half a folder.
     _atomic_write(folder / SAELENS_WEIGHTS, lambda tmp: save_file(tensors, tmp))
-    text = json.dumps(out, indent=2, default=_json_default)
     _atomic_write(folder / SAELENS_CFG, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     return folder
 

@@ -295,6 +295,13 @@ def test_save_folds_norm_scaling_factor(tmp_path: Path) -> None:
     torch.testing.assert_close(loaded(x), sae(x), atol=1e-5, rtol=1e-5)
 
 
+def test_unserialisable_metadata_fails_before_writing(tmp_path: Path) -> None:
+    sae = make_sae("relu", metadata={"bad": object()})
+    with pytest.raises(ConfigError, match="cannot be written to cfg.json"):
+        sae.save(tmp_path / "sae")
+    assert list((tmp_path / "sae").iterdir()) == []
+
+
 def test_load_overrides_hook_and_dtype(tmp_path: Path) -> None:
     make_sae("relu", hook_name="blocks.1.hook_resid_post").save(tmp_path)
     sae = SAE.load(tmp_path / "cfg.json", hook_name="blocks.2.hook_mlp_out", dtype="float64")
