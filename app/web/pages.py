@@ -16,15 +16,14 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from app.api.deps import SessionDep
 from app.errors import NotFoundError
 from app.store import queries
+from app.store.db import read_session
 from app.web.templating import (
     PLOTLY_VERSION,
     feature_url,
     sae_url,
     search_url,
-    shade,
     templates,
-    token_display,
-    token_repr,
+    token_run_html,
 )
 
 router = APIRouter(tags=["pages"], include_in_schema=False)
@@ -90,27 +89,11 @@ def plotly_js(version: str, request: Request) -> Response:
 # --- view models: JSON-twin dicts -> what the templates loop over ------------------------------
 
 
-def token_cells(tokens: list[str], values: list[float], max_value: float) -> list[tuple]:
-    """(display, exact-if-different, value text, shade, active) per token of a window."""
-    cells = []
-    for token, value in zip(tokens, values, strict=True):
-        shown = token_display(token)
-        exact = token_repr(token) if shown != token or not token.isprintable() else ""
-        value = float(value)
-        cells.append((shown, exact, _value_text(value), shade(value, max_value), value > 0))
-    return cells
-
-
-def _value_text(value: float) -> str:
-    # Tooltips need a short number; 3 significant digits as everywhere else.
-    return "0" if value == 0 else f"{value:.3g}"
-
-
 def window_view(window: Any, *, max_act: float) -> dict[str, Any]:
     """A window as the token_run macro shows it; shading is relative to the feature's max."""
+    max_pos = min(max(int(window.max_pos), 0), max(len(window.tokens) - 1, 0))
     return {
-        "cells": token_cells(window.tokens, window.values, max_act),
-        "max_pos": min(max(int(window.max_pos), 0), max(len(window.tokens) - 1, 0)),
+        "html": token_run_html(window.tokens, window.values, max_value=max_act, max_pos=max_pos),
         "max_value": window.max_value,
         "doc": window.doc_name or "",
     }
@@ -362,32 +345,60 @@ def feature_page(
 
 
 def wants_html(request: Request) -> bool:
-    """True for page requests: not under /api, and the client takes HTML (browsers say so)."""
-    if request.url.path.startswith("/api/") or request.url.path.startswith("/static/"):
+    """True for page requests: not under /api or /static, and the client takes HTML."""
+    path = request.url.path
+    if path.startswith(("/api/", "/static/", "/assets/")) or path in ("/docs", "/openapi.json"):
         return False
-    accept = request.headers.get("accept", "")
-    return "text/html" in accept
+    return "text/html" in request.headers.get("accept", "")
 
 
-def error_page(request: Request, *, status_code: int, message: str,
-               headers: dict[str, str] | None = None) -> HTMLResponse:
-    """The error page for a status: what went wrong, and links back to where one can go."""
+def _known_saes(request: Request) -> list[Any]:
+    """SAEs to offer as a way back; an error page must render even when the database cannot."""
+    engine = getattr(request.app.state, "db_engine", None)
+    if engine is None:
+        return []
+    try:
+        with read_session(engine) as session:
+            return queries.list_saes(session=session)
+    except Exception:  # noqa: BLE001 - the page reports the original error, not this one
+        return []
+
+
+def error_page(
+    request: Request, *, status_code: int, message: str, headers: dict[str, str] | None = None
+) -> HTMLResponse:
+    """The error page for a status: what went wrong, and links to pages that exist."""
+    saes = _known_saes(request)
     parts = [p for p in request.url.path.split("/") if p]
     back: list[tuple[str, str]] = []
-    if len(parts) >= 2 and not parts[0].startswith(("api", "static", "assets")):
-        back.append((f"{parts[1]} overview", sae_url(parts[0], parts[1])))
-        if len(parts) >= 3:
-            back.append(("text search", search_url(parts[0], parts[1])))
+    here = next((s for s in saes if len(parts) >= 2 and (s.model_id, s.id) == tuple(parts[:2])),
+                None)
+    if here is not None:
+        back.append((f"{here.id} overview", sae_url(here.model_id, here.id)))
+        back.append(("text search", search_url(here.model_id, here.id)))
+    else:
+        back += [(f"{s.model_id} · {s.id}", sae_url(s.model_id, s.id)) for s in saes[:4]]
     back.append(("home", "/"))
+    choices = [{"model_id": s.model_id, "id": s.id} for s in saes]
+    target = here or (saes[0] if saes else None)
     context = {
         "status_code": status_code,
         "title": ERROR_TITLES.get(status_code, "Error"),
         "message": message,
         "back_links": back,
         "crumbs": [],
-        "search_target": None,
-        "search_choices": [],
+        "search_target": {"model_id": target.model_id, "sae_id": target.id} if target else None,
+        "search_choices": choices,
     }
     return templates.TemplateResponse(
         request, "errors/error.html", context, status_code=status_code, headers=headers
     )
+
+
+def render_html_error(
+    request: Request, status_code: int, message: str, headers: dict[str, str] | None = None
+) -> Response | None:
+    """app.state.html_error_renderer: an error page for browsers, None (JSON) for the rest."""
+    if not wants_html(request):
+        return None
+    return error_page(request, status_code=status_code, message=message, headers=headers)

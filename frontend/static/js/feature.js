@@ -24,15 +24,23 @@ if (box) {
     status.textContent = "running…";
     try {
       const data = await postJSON(box.dataset.api, { text });
-      const values = data.values;
-      const maxHere = Math.max(0, ...values);
+      // BOS and other special tokens are shown but not shaded: their values are not comparable.
+      const values = data.values.map((v, i) => (data.special[i] ? 0 : v));
+      const maxHere = data.maxValue;
       // Shade against the feature's corpus max so weak activations look weak.
-      renderTokens(result, data.tokens, values, {
+      const spans = renderTokens(result, data.tokens, values, {
         max: Math.max(featureMax, maxHere),
-        maxIndex: maxHere > 0 ? values.indexOf(maxHere) : -1,
+        maxIndex: maxHere > 0 ? data.maxValueTokenIndex : -1,
+      });
+      spans.forEach((span, i) => {
+        if (data.special[i]) {
+          span.classList.add("special");
+          span.dataset.v = fmtNum(data.values[i]);
+        }
       });
       result.hidden = false;
-      status.textContent = `max ${fmtNum(maxHere)} on ${values.filter((v) => v > 0).length} of ${values.length} tokens`;
+      const active = values.filter((v) => v > 0).length;
+      status.textContent = `max ${fmtNum(maxHere)} · active on ${active} of ${values.length} tokens`;
     } catch (err) {
       status.classList.add("error");
       status.textContent = err.message;

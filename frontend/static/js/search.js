@@ -1,0 +1,147 @@
+// Text search page: run the text through the model (POST /api/v1/saes/{sae}/search), show its
+// tokens, the top features of the clicked token, and the features firing most over the text.
+
+import { fmtNum, postJSON, renderTokens, tokenRepr } from "./tokens.js";
+
+const root = document.querySelector("[data-text-search]");
+const form = root.querySelector("form");
+const textarea = form.querySelector("textarea");
+const button = form.querySelector("button");
+const status = root.querySelector(".search-status");
+const results = root.querySelector(".search-results");
+const tokenBox = document.getElementById("search-tokens");
+const tokenTable = document.getElementById("token-features").tBodies[0];
+const tokenTitle = document.getElementById("token-features-title");
+const textTable = document.getElementById("text-features").tBodies[0];
+const featureBase = root.dataset.featureBase;
+
+function featureLink(index) {
+  const a = document.createElement("a");
+  a.href = `${featureBase}/${index}`;
+  a.textContent = `#${index}`;
+  a.dataset.featureLink = String(index);
+  return a;
+}
+
+function cell(content, className = "") {
+  const td = document.createElement("td");
+  if (className) td.className = className;
+  if (content instanceof Node) td.append(content);
+  else td.textContent = content;
+  return td;
+}
+
+function labelCell(label) {
+  const span = document.createElement("span");
+  span.className = label ? "label" : "label unlabeled";
+  span.textContent = label || "unlabeled";
+  return cell(span, "label-cell");
+}
+
+function headerRow(table, names) {
+  const tr = document.createElement("tr");
+  for (const [name, numeric] of names) {
+    const th = document.createElement("th");
+    th.textContent = name;
+    if (numeric) th.className = "num";
+    tr.append(th);
+  }
+  table.parentElement.tHead?.remove();
+  table.parentElement.createTHead().append(tr);
+}
+
+function emptyRow(table, text, span) {
+  const tr = document.createElement("tr");
+  const td = cell(text, "muted empty");
+  td.colSpan = span;
+  tr.append(td);
+  table.append(tr);
+}
+
+let current = null;
+let spans = [];
+
+function selectToken(i) {
+  spans.forEach((s, j) => s.classList.toggle("selected", j === i));
+  const token = current.tokens[i];
+  tokenTitle.textContent = `Features on token ${i} ${tokenRepr(token)}`;
+  tokenTable.replaceChildren();
+  headerRow(tokenTable, [["#", true], ["label", false], ["activation", true]]);
+  const row = current.per_token[i] || [];
+  if (row.length === 0) emptyRow(tokenTable, current.special[i] ? "special token (not encoded)" : "no feature fires here", 3);
+  for (const f of row) {
+    const tr = document.createElement("tr");
+    tr.append(cell(featureLink(f.index), "num"), labelCell(f.label), cell(fmtNum(f.value), "num"));
+    tokenTable.append(tr);
+  }
+}
+
+function render(data) {
+  current = data;
+  // Shade each token by its strongest feature; special tokens (BOS) stay unshaded.
+  const strongest = data.per_token.map((row, i) => (data.special[i] || row.length === 0 ? 0 : row[0].value));
+  const best = strongest.reduce((b, v, i) => (v > strongest[b] ? i : b), 0);
+  spans = renderTokens(tokenBox, data.tokens, strongest, { maxIndex: strongest[best] > 0 ? best : -1 });
+  spans.forEach((span, i) => {
+    if (data.special[i]) span.classList.add("special");
+    span.tabIndex = 0;
+    span.addEventListener("click", () => selectToken(i));
+    span.addEventListener("keydown", (ev) => {
+      if (ev.key === "Enter") selectToken(i);
+    });
+  });
+
+  textTable.replaceChildren();
+  headerRow(textTable, [["#", true], ["label", false], ["max", true], ["tokens", true], ["sum", true]]);
+  if (data.top_features.length === 0) emptyRow(textTable, "no feature fires on this text", 5);
+  for (const f of data.top_features) {
+    const tr = document.createElement("tr");
+    tr.append(
+      cell(featureLink(f.index), "num"),
+      labelCell(f.label),
+      cell(fmtNum(f.max_value), "num"),
+      cell(String(f.n_tokens), "num"),
+      cell(fmtNum(f.sum_value), "num"),
+    );
+    // Hovering a feature points at the token where it peaks.
+    tr.addEventListener("mouseenter", () => spans[f.max_token_index]?.classList.add("peak"));
+    tr.addEventListener("mouseleave", () => spans[f.max_token_index]?.classList.remove("peak"));
+    textTable.append(tr);
+  }
+  results.hidden = false;
+  selectToken(strongest[best] > 0 ? best : 0);
+}
+
+async function run() {
+  const text = textarea.value;
+  if (!text.trim()) return;
+  const url = new URL(window.location.href);
+  url.searchParams.set("text", text);
+  window.history.replaceState(null, "", url);
+  button.disabled = true;
+  status.classList.remove("error");
+  status.textContent = "running the model…";
+  const t0 = performance.now();
+  try {
+    const data = await postJSON(root.dataset.api, { text });
+    render(data);
+    status.textContent = `${data.tokens.length} tokens · ${Math.round(performance.now() - t0)} ms`;
+  } catch (err) {
+    status.classList.add("error");
+    status.textContent = err.message;
+  } finally {
+    button.disabled = false;
+  }
+}
+
+form.addEventListener("submit", (ev) => {
+  ev.preventDefault();
+  run();
+});
+textarea.addEventListener("keydown", (ev) => {
+  if (ev.key === "Enter" && (ev.ctrlKey || ev.metaKey)) {
+    ev.preventDefault();
+    run();
+  }
+});
+if (textarea.value.trim()) run();
