@@ -1,0 +1,39 @@
+"""FastAPI dependencies, declared once as Annotated aliases (SessionDep, SettingsDep, ...)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, Request
+from sqlalchemy.orm import Session
+
+from app.api.model_worker import EngineState, ModelWorker
+from app.settings import Settings
+from app.store.db import read_session
+
+
+def get_app_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_session(request: Request) -> Iterator[Session]:
+    """A read session on one snapshot for the whole request (see store.db.read_session)."""
+    with read_session(request.app.state.db_engine) as session:
+        yield session
+
+
+def get_model_worker(request: Request) -> ModelWorker:
+    return request.app.state.model_worker
+
+
+def get_engine_state(request: Request) -> EngineState:
+    """Where the model stands. Routes call `.require()` for the service (503 saying why not)
+    after validating their input, so a bad request is a 422/404 whatever the model's state."""
+    return request.app.state.engine_state
+
+
+SettingsDep = Annotated[Settings, Depends(get_app_settings)]
+SessionDep = Annotated[Session, Depends(get_session)]
+ModelWorkerDep = Annotated[ModelWorker, Depends(get_model_worker)]
+EngineStateDep = Annotated[EngineState, Depends(get_engine_state)]

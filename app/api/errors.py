@@ -1,0 +1,67 @@
+"""One error shape for the API, {"error": {"status", "message"}}, and error pages for browsers."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app.errors import SaescopeError
+
+log = logging.getLogger(__name__)
+
+# (request, status_code, message, headers) -> Response | None; set by the web layer when present.
+HtmlRenderer = Callable[[Request, int, str, dict[str, str] | None], Response | None]
+
+
+def error_response(
+    request: Request, status_code: int, message: str, headers: dict[str, str] | None = None
+) -> Response:
+    renderer: HtmlRenderer | None = getattr(request.app.state, "html_error_renderer", None)
+    if renderer is not None:
+        page = renderer(request, status_code, message, headers)
+        if page is not None:
+            return page
+    return JSONResponse(
+        {"error": {"status": status_code, "message": message}},
+        status_code=status_code,
+        headers=headers,
+    )
+
+
+def _validation_message(exc: RequestValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:5]:
+        loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "request"
+        parts.append(f"{loc}: {err.get('msg', 'invalid')}")
+    return "; ".join(parts) or "invalid request"
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(SaescopeError)
+    async def _domain(request: Request, exc: SaescopeError) -> Response:
+        headers = None
+        retry_after = getattr(exc, "retry_after", None)
+        if retry_after is not None:
+            headers = {"Retry-After": str(retry_after)}
+        return error_response(request, exc.status_code, str(exc), headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> Response:
+        message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        if exc.status_code == 404 and message == "Not Found":
+            message = f"no such page or endpoint: {request.url.path}"
+        return error_response(request, exc.status_code, message, getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> Response:
+        return error_response(request, 422, _validation_message(exc))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> Response:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error_response(request, 500, "internal server error; the server log has details")

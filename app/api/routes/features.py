@@ -1,0 +1,53 @@
+"""/api/v1/saes/{sae_id}/features: the feature table, one feature, a random feature."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Path, Query
+
+from app.api.deps import SessionDep
+from app.api.schemas import ERROR_RESPONSES, FeatureList, FeatureOut, RandomFeatureOut
+from app.store import queries
+
+router = APIRouter(prefix="/api/v1/saes/{sae_id}/features", tags=["features"])
+
+IndexPath = Annotated[int, Path(ge=0, description="Feature index, 0..d_sae-1")]
+
+
+@router.get("", response_model=FeatureList, responses=ERROR_RESPONSES)
+def list_features(
+    session: SessionDep,
+    sae_id: str,
+    sort: queries.SortKey = "index",
+    order: Literal["asc", "desc"] = "asc",
+    filter: queries.FilterKey = "all",  # noqa: A002 - the public parameter name
+    tag: Annotated[str | None, Query(max_length=64, description="Labels with this tag")] = None,
+    q: Annotated[str | None, Query(max_length=200, description="Label text contains")] = None,
+    token: Annotated[
+        str | None,
+        Query(max_length=200, description="Token string or id under a top window's max"),
+    ] = None,
+    page: Annotated[int, Query(ge=1)] = 1,
+    per_page: Annotated[int, Query(ge=1, le=queries.MAX_PER_PAGE)] = 50,
+) -> FeatureList:
+    return FeatureList.of(queries.list_features(
+        session=session, sae_id=sae_id, sort=sort, order=order, filter=filter, tag=tag, q=q,
+        token=token, page=page, per_page=per_page,
+    ))
+
+
+@router.get("/random", response_model=RandomFeatureOut, responses=ERROR_RESPONSES)
+def random_feature(session: SessionDep, sae_id: str) -> RandomFeatureOut:
+    return RandomFeatureOut(sae_id=sae_id,
+                            index=queries.random_feature(session=session, sae_id=sae_id))
+
+
+@router.get("/{index}", response_model=FeatureOut, responses=ERROR_RESPONSES)
+def get_feature(session: SessionDep, sae_id: str, index: IndexPath) -> FeatureOut:
+    detail = queries.get_feature(session=session, sae_id=sae_id, index=index)
+    labels = queries.get_labels(session=session, sae_id=sae_id,
+                                indices=[i for i, _ in detail.neighbours])
+    return FeatureOut.of(detail, neighbour_labels={
+        i: label.description for i, label in labels.items() if label.description
+    })

@@ -1,0 +1,25 @@
+"""/api/v1/saes: SAEs with their run statistics (home page and SAE overview)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Query
+
+from app.api.deps import SessionDep
+from app.api.schemas import ERROR_RESPONSES, SAEDetail, SAEList, SAEOut
+from app.store import queries
+
+router = APIRouter(prefix="/api/v1/saes", tags=["saes"])
+
+
+@router.get("", response_model=SAEList)
+def list_saes(
+    session: SessionDep,
+    model_id: str | None = Query(None, description="Only the SAEs of this model"),
+) -> SAEList:
+    saes = [SAEOut.of(s) for s in queries.list_saes(session=session, model_id=model_id)]
+    return SAEList(data=saes, count=len(saes))
+
+
+@router.get("/{sae_id}", response_model=SAEDetail, responses=ERROR_RESPONSES)
+def get_sae(session: SessionDep, sae_id: str) -> SAEDetail:
+    return SAEDetail.of(queries.get_sae(session=session, sae_id=sae_id))

@@ -1,0 +1,362 @@
+"""Wire schemas of the JSON API (pydantic), built from the store's read models, never from ORM rows.
+
+Feature JSON uses Neuronpedia's key names where one exists (camelCase included) so their
+consumers can read ours; everything else is snake_case.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from app.store import queries
+
+# --- errors ---------------------------------------------------------------------------------------
+
+
+class ErrorBody(BaseModel):
+    status: int
+    message: str
+
+
+class ErrorOut(BaseModel):
+    """The one error shape of every /api response (404, 409, 422, 503, 500...)."""
+
+    error: ErrorBody
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    404: {"model": ErrorOut, "description": "Unknown model, SAE or feature"},
+    422: {"model": ErrorOut, "description": "Invalid input"},
+}
+MODEL_CALL_RESPONSES: dict[int | str, dict[str, Any]] = {
+    **ERROR_RESPONSES,
+    503: {"model": ErrorOut, "description": "Model queue full or model not loaded (Retry-After)"},
+}
+
+
+# --- models and SAEs ------------------------------------------------------------------------------
+
+
+class ModelOut(BaseModel):
+    id: str
+    source: str
+    architecture: str
+    d_model: int
+    n_layers: int
+    vocab_size: int
+    bos_token_id: int | None
+    has_chat_template: bool
+    sae_ids: list[str]
+
+    @classmethod
+    def of(cls, m: queries.ModelInfo) -> ModelOut:
+        return cls(id=m.id, source=m.source, architecture=m.architecture, d_model=m.d_model,
+                   n_layers=m.n_layers, vocab_size=m.vocab_size, bos_token_id=m.bos_token_id,
+                   has_chat_template=m.has_chat_template, sae_ids=m.sae_ids)
+
+
+class ModelList(BaseModel):
+    data: list[ModelOut]
+    count: int
+
+
+class RunOut(BaseModel):
+    id: int
+    corpus: str
+    n_tokens: int
+    n_tokens_counted: int
+    context_size: int
+    window_len: int
+    n_top: int
+    n_bands: int
+    config: dict[str, Any]
+    created_at: datetime
+
+
+class SAEOut(BaseModel):
+    """An SAE row of /api/v1/saes: what the home page lists."""
+
+    id: str
+    model_id: str
+    hook_name: str
+    architecture: str
+    d_in: int
+    d_sae: int
+    path: str
+    has_features: bool
+    corpus: str | None
+    n_tokens: int | None
+    explained_variance: float | None
+    ce_loss_recovered: float | None
+    n_dead: int | None
+    n_dense: int | None
+    n_labeled: int
+
+    @classmethod
+    def of(cls, s: queries.SAEInfo) -> SAEOut:
+        stats = s.run.sae_stats if s.run else {}
+        metrics = s.train_metrics or {}
+
+        def stat(key: str) -> Any:
+            # Precompute measures on held-out tokens; fall back to training's evals.json.
+            value = stats.get(key)
+            return value if value is not None else metrics.get(key)
+
+        return cls(
+            id=s.id, model_id=s.model_id, hook_name=s.hook_name, architecture=s.architecture,
+            d_in=s.d_in, d_sae=s.d_sae, path=s.path, has_features=s.run is not None,
+            corpus=s.run.corpus if s.run else None, n_tokens=s.run.n_tokens if s.run else None,
+            explained_variance=stat("explained_variance"),
+            ce_loss_recovered=stat("ce_loss_recovered"),
+            n_dead=stats.get("n_dead"), n_dense=stats.get("n_dense"), n_labeled=s.n_labeled,
+        )
+
+
+class SAEList(BaseModel):
+    data: list[SAEOut]
+    count: int
+
+
+class SAEDetail(SAEOut):
+    """One SAE with its overview statistics (L0 and density histograms, dead/dense counts)."""
+
+    cfg: dict[str, Any]
+    train_metrics: dict[str, Any] | None
+    run: RunOut | None
+    stats: dict[str, Any] = Field(description="Per-SAE statistics of the active precompute run")
+
+    @classmethod
+    def of(cls, s: queries.SAEInfo) -> SAEDetail:  # type: ignore[override]
+        base = SAEOut.of(s).model_dump()
+        run = None
+        if s.run is not None:
+            r = s.run
+            run = RunOut(id=r.id, corpus=r.corpus, n_tokens=r.n_tokens,
+                         n_tokens_counted=r.n_tokens_counted, context_size=r.context_size,
+                         window_len=r.window_len, n_top=r.n_top, n_bands=r.n_bands,
+                         config=r.config, created_at=r.created_at)
+        return cls(**base, cfg=s.cfg, train_metrics=s.train_metrics, run=run,
+                   stats=s.run.sae_stats if s.run else {})
+
+
+# --- features -------------------------------------------------------------------------------------
+
+
+class LabelOut(BaseModel):
+    description: str
+    tags: list[str]
+    status: str
+    author: str
+    version: int
+    updated_at: datetime
+
+    @classmethod
+    def of(cls, label: queries.LabelInfo | None) -> LabelOut | None:
+        if label is None:
+            return None
+        return cls(description=label.description, tags=label.tags, status=label.status,
+                   author=label.author, version=label.version, updated_at=label.updated_at)
+
+
+class FeatureRowOut(BaseModel):
+    index: int
+    label: LabelOut | None
+    frac_nonzero: float
+    density: float
+    max_act: float
+    mean_act: float
+    count: int
+    top_tokens: list[str]
+
+
+class FeatureList(BaseModel):
+    data: list[FeatureRowOut]
+    count: int = Field(description="Features matching the filters, over all pages")
+    page: int
+    per_page: int
+
+    @classmethod
+    def of(cls, page: queries.FeaturePage) -> FeatureList:
+        rows = [
+            FeatureRowOut(index=r.index, label=LabelOut.of(r.label), frac_nonzero=r.frac_nonzero,
+                          density=r.frac_nonzero, max_act=r.max_act, mean_act=r.mean_act,
+                          count=r.count, top_tokens=r.top_tokens)
+            for r in page.items
+        ]
+        return cls(data=rows, count=page.total, page=page.page, per_page=page.per_page)
+
+
+class ActivationOut(BaseModel):
+    """A text window, in Neuronpedia's activation shape plus where it came from."""
+
+    tokens: list[str]
+    token_ids: list[int]
+    values: list[float]
+    maxValue: float  # noqa: N815 - Neuronpedia's key
+    maxValueTokenIndex: int  # noqa: N815
+    binMin: float  # noqa: N815 - interval windows: their band's lower edge; top windows: -1
+    binMax: float  # noqa: N815 - interval windows: their band's upper edge; top windows: -1
+    binContains: float  # noqa: N815 - interval windows: their band's share; top windows: -1
+    kind: Literal["top", "interval"]
+    band: int
+    rank: int
+    doc_name: str | None
+    seq_index: int
+    start: int
+
+
+class BandOut(BaseModel):
+    band: int
+    min: float
+    max: float
+    share: float
+    count: int
+
+
+class HistOut(BaseModel):
+    edges: list[float]
+    counts: list[int]
+
+
+class NeighbourOut(BaseModel):
+    index: int
+    cos: float
+    label: str | None
+
+
+class FeatureOut(BaseModel):
+    """One feature: Neuronpedia's keys, then saescope's own."""
+
+    modelId: str  # noqa: N815 - Neuronpedia's key
+    layer: str  # Neuronpedia calls the SAE id "layer" ("{layer}-{set}")
+    index: int
+    frac_nonzero: float
+    maxActApprox: float  # noqa: N815
+    pos_str: list[str]
+    pos_values: list[float]
+    neg_str: list[str]
+    neg_values: list[float]
+    freq_hist_data_bar_heights: list[int]
+    freq_hist_data_bar_values: list[float]
+    topkCosSimIndices: list[int]  # noqa: N815
+    topkCosSimValues: list[float]  # noqa: N815
+    activations: list[ActivationOut]
+    # saescope's own
+    sae_id: str
+    model_id: str
+    d_sae: int
+    label: LabelOut | None
+    density: float
+    count: int
+    mean_act: float
+    max_act: float
+    dense: bool
+    pos_ids: list[int]
+    neg_ids: list[int]
+    hist: HistOut
+    bands: list[BandOut]
+    neighbours: list[NeighbourOut]
+    n_tokens_counted: int
+    corpus: str
+    prev_index: int | None
+    next_index: int | None
+
+    @classmethod
+    def of(cls, f: queries.FeatureDetail, *, neighbour_labels: dict[int, str]) -> FeatureOut:
+        bands = {b.band: b for b in f.bands}
+        activations = []
+        for w in f.windows:
+            band = bands.get(w.band) if w.kind == "interval" else None
+            activations.append(ActivationOut(
+                tokens=w.tokens, token_ids=w.token_ids, values=w.values, maxValue=w.max_value,
+                maxValueTokenIndex=w.max_pos,
+                binMin=band.lo if band else -1.0, binMax=band.hi if band else -1.0,
+                binContains=band.share if band else -1.0,
+                kind=w.kind, band=w.band, rank=w.rank, doc_name=w.doc_name,
+                seq_index=w.seq_index, start=w.start,
+            ))
+        edges = f.hist_edges
+        centers = [(lo + hi) / 2 for lo, hi in zip(edges[:-1], edges[1:], strict=True)]
+        return cls(
+            modelId=f.model_id, layer=f.sae_id, index=f.index, frac_nonzero=f.frac_nonzero,
+            maxActApprox=f.max_act,
+            pos_str=[t.token for t in f.logits_pos], pos_values=[t.value for t in f.logits_pos],
+            neg_str=[t.token for t in f.logits_neg], neg_values=[t.value for t in f.logits_neg],
+            freq_hist_data_bar_heights=f.hist_counts, freq_hist_data_bar_values=centers,
+            topkCosSimIndices=[i for i, _ in f.neighbours],
+            topkCosSimValues=[c for _, c in f.neighbours],
+            activations=activations,
+            sae_id=f.sae_id, model_id=f.model_id, d_sae=f.d_sae, label=LabelOut.of(f.label),
+            density=f.frac_nonzero, count=f.count, mean_act=f.mean_act, max_act=f.max_act,
+            dense=f.frac_nonzero > f.dense_threshold,
+            pos_ids=[t.token_id for t in f.logits_pos], neg_ids=[t.token_id for t in f.logits_neg],
+            hist=HistOut(edges=edges, counts=f.hist_counts),
+            bands=[BandOut(band=b.band, min=b.lo, max=b.hi, share=b.share, count=b.count)
+                   for b in f.bands],
+            neighbours=[NeighbourOut(index=i, cos=c, label=neighbour_labels.get(i))
+                        for i, c in f.neighbours],
+            n_tokens_counted=f.n_tokens_counted, corpus=f.corpus,
+            prev_index=f.index - 1 if f.index > 0 else None,
+            next_index=f.index + 1 if f.index + 1 < f.d_sae else None,
+        )
+
+
+class RandomFeatureOut(BaseModel):
+    sae_id: str
+    index: int
+
+
+# --- model calls ----------------------------------------------------------------------------------
+
+# Characters are capped before tokenizing so an oversized body costs nothing; tokens are capped
+# after (settings.max_text_tokens). 32 characters per token is far above any real tokenizer's mean.
+MAX_TEXT_CHARS_PER_TOKEN = 32
+
+
+class TextIn(BaseModel):
+    text: str = Field(min_length=1, description="Text to run through the model")
+
+
+class SearchIn(TextIn):
+    top_k: int = Field(5, ge=1, le=50, description="Features listed per token")
+    n_features: int = Field(20, ge=1, le=200, description="Features listed for the whole text")
+
+
+class TokenFeatureOut(BaseModel):
+    index: int
+    value: float
+    label: str | None
+
+
+class TextFeatureOut(BaseModel):
+    index: int
+    max_value: float
+    max_token_index: int
+    sum_value: float
+    n_tokens: int
+    label: str | None
+
+
+class SearchOut(BaseModel):
+    sae_id: str
+    model_id: str
+    tokens: list[str]
+    token_ids: list[int]
+    special: list[bool] = Field(description="BOS/special positions (left out of top_features)")
+    per_token: list[list[TokenFeatureOut]]
+    top_features: list[TextFeatureOut]
+
+
+class FeatureActivationsOut(BaseModel):
+    sae_id: str
+    model_id: str
+    index: int
+    tokens: list[str]
+    token_ids: list[int]
+    values: list[float]
+    special: list[bool]
+    maxValue: float  # noqa: N815 - max over non-special tokens
+    maxValueTokenIndex: int  # noqa: N815

@@ -1,0 +1,103 @@
+"""The FastAPI application: create_app(settings) wires routers, error handlers and the lifespan
+(schema upgrade, then the model and its SAEs loading on the model thread)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from starlette.concurrency import run_in_threadpool
+
+from app.api.errors import install_error_handlers
+from app.api.model_worker import EngineState, ModelWorker
+from app.api.routes import features, models, saes, search
+from app.errors import SaescopeError
+from app.settings import Settings, get_settings
+from app.store.db import make_engine, upgrade
+
+log = logging.getLogger(__name__)
+
+
+def _load_engine_service(app: FastAPI) -> None:
+    """Runs on the model thread: imports torch and loads the model, then flips the state."""
+    state: EngineState = app.state.engine_state
+    settings: Settings = app.state.settings
+    try:
+        from app.engine.service import EngineService
+
+        service = EngineService.load(db_engine=app.state.db_engine, model=settings.model)
+    except SaescopeError as exc:
+        state.message = str(exc)
+        state.status = "failed"
+        log.warning("text search is off: %s", exc)
+    except Exception as exc:  # noqa: BLE001 - the server still serves precomputed data
+        state.message = f"loading the model failed ({type(exc).__name__}: {exc})"
+        state.status = "failed"
+        log.exception("loading the model failed; text search is off")
+    else:
+        state.service = service
+        state.message = f"model {service.model_id} with SAEs {', '.join(service.saes) or 'none'}"
+        state.status = "ready"
+        log.info("text search ready: %s", state.message)
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    await run_in_threadpool(upgrade, settings.db_url)
+    if settings.load_model:
+        app.state.engine_state.status = "loading"
+        app.state.engine_state.message = "the model is loading"
+        # Loading takes tens of seconds for a real model; the API serves precomputed pages
+        # meanwhile and answers model calls with 503 + Retry-After until it is ready.
+        app.state.model_worker.submit(lambda: _load_engine_service(app))
+    try:
+        yield
+    finally:
+        app.state.model_worker.close()
+        app.state.db_engine.dispose()
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    app = FastAPI(
+        title="saescope",
+        summary="Explore, label and search sparse-autoencoder features of language models.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.db_engine = make_engine(settings.db_url)  # connects lazily
+    app.state.model_worker = ModelWorker(capacity=settings.model_queue_size)
+    app.state.engine_state = EngineState()
+    install_error_handlers(app)
+    for module in (models, saes, features, search):
+        app.include_router(module.router)
+    _mount_web(app)
+    return app
+
+
+def _mount_web(app: FastAPI) -> None:
+    """HTML pages and static files, when the web layer is installed alongside the API."""
+    try:
+        from app.web import pages
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.startswith("app.web"):
+            return
+        raise
+    from fastapi.staticfiles import StaticFiles
+
+    from app.web.templating import STATIC_DIR, STATIC_PREFIX
+
+    def html_errors(request, status_code, message, headers):  # noqa: ANN001, ANN202
+        if pages.wants_html(request):
+            return pages.error_page(request, status_code=status_code, message=message,
+                                    headers=headers)
+        return None
+
+    app.state.html_error_renderer = html_errors
+    if STATIC_DIR.is_dir():
+        app.mount(STATIC_PREFIX, StaticFiles(directory=STATIC_DIR), name="static")
+    app.include_router(pages.router)

@@ -1,0 +1,144 @@
+"""Read endpoints: feature JSON in Neuronpedia's keys, the feature table, one error shape."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from app.store.records import WINDOW_KIND_TOP
+
+SAE_ID = "1-res-topk-64"
+NEURONPEDIA_KEYS = {
+    "frac_nonzero", "maxActApprox", "pos_str", "pos_values", "neg_str", "neg_values",
+    "freq_hist_data_bar_heights", "freq_hist_data_bar_values", "topkCosSimIndices",
+    "topkCosSimValues", "activations",
+}
+ACTIVATION_KEYS = {"tokens", "values", "maxValue", "maxValueTokenIndex", "binMin", "binMax",
+                   "binContains"}
+
+
+def assert_error(response, status: int, *fragments: str) -> None:
+    assert response.status_code == status
+    body = response.json()
+    assert set(body) == {"error"}
+    assert set(body["error"]) == {"status", "message"}
+    assert body["error"]["status"] == status
+    for fragment in fragments:
+        assert fragment in body["error"]["message"]
+
+
+def test_list_models_and_saes(client, records):
+    models = client.get("/api/v1/models").json()
+    assert models["count"] == 1
+    assert models["data"][0]["id"] == "tiny-llama"
+    assert models["data"][0]["sae_ids"] == [SAE_ID]
+    saes = client.get("/api/v1/saes").json()
+    assert saes["count"] == 1
+    row = saes["data"][0]
+    assert {"id", "model_id", "hook_name", "d_sae"} <= set(row)
+    assert (row["id"], row["model_id"], row["d_sae"]) == (SAE_ID, "tiny-llama", 32)
+    assert row["n_labeled"] == 2
+    assert row["explained_variance"] == pytest.approx(0.8)
+    detail = client.get(f"/api/v1/saes/{SAE_ID}").json()
+    assert detail["stats"]["l0_hist"] == records.run.sae_stats["l0_hist"]
+    assert detail["run"]["corpus"] == "synthetic"
+
+
+def test_feature_json_uses_neuronpedia_keys(client, records):
+    index = 4
+    body = client.get(f"/api/v1/saes/{SAE_ID}/features/{index}").json()
+    assert NEURONPEDIA_KEYS <= set(body)
+    f, w = records.features, records.windows
+    vocab = records.model.token_strings
+    assert body["index"] == index and body["sae_id"] == SAE_ID and body["model_id"] == "tiny-llama"
+    assert body["frac_nonzero"] == pytest.approx(f.frac_nonzero[index])
+    assert body["maxActApprox"] == pytest.approx(float(f.max_act[index]))
+    assert body["pos_str"] == [vocab[i] for i in f.logit_pos_ids[index]]
+    assert body["neg_values"] == pytest.approx(f.logit_neg_values[index].tolist())
+    assert body["freq_hist_data_bar_heights"] == f.hist_counts[index].tolist()
+    edges = f.hist_edges
+    assert body["freq_hist_data_bar_values"] == pytest.approx(((edges[:-1] + edges[1:]) / 2))
+    assert body["hist"]["edges"] == pytest.approx(edges.tolist())
+    assert body["topkCosSimIndices"] == f.neighbour_idx[index].tolist()
+    assert body["label"]["description"] == "digits"
+    assert body["label"]["tags"] == ["numbers"]
+    assert [b["share"] for b in body["bands"]] == pytest.approx(f.band_share[index].tolist())
+
+    mine = w.feature == index
+    assert len(body["activations"]) == int(mine.sum())
+    n_top = int((mine & (w.kind == WINDOW_KIND_TOP)).sum())
+    tops = body["activations"][:n_top]
+    assert [a["kind"] for a in tops] == ["top"] * n_top
+    assert [a["maxValue"] for a in tops] == sorted((a["maxValue"] for a in tops), reverse=True)
+    for a in body["activations"]:
+        assert ACTIVATION_KEYS <= set(a)
+        assert len(a["tokens"]) == len(a["values"])
+        assert a["values"][a["maxValueTokenIndex"]] == pytest.approx(a["maxValue"], rel=1e-3)
+        if a["kind"] == "top":
+            assert (a["binMin"], a["binMax"], a["binContains"]) == (-1, -1, -1)
+        else:
+            band = body["bands"][a["band"]]
+            assert (a["binMin"], a["binMax"], a["binContains"]) == (
+                band["min"], band["max"], band["share"]
+            )
+            assert a["binMin"] <= a["maxValue"] <= a["binMax"] * 1.001
+    neighbours = {n["index"]: n["label"] for n in body["neighbours"]}
+    assert set(neighbours) == set(f.neighbour_idx[index].tolist())
+
+
+def test_feature_table(client, records):
+    f = records.features
+    body = client.get(f"/api/v1/saes/{SAE_ID}/features",
+                      params={"sort": "max_act", "order": "desc", "per_page": 5, "page": 2}).json()
+    expected = sorted(range(32), key=lambda i: (-float(f.max_act[i]), i))[5:10]
+    assert [r["index"] for r in body["data"]] == expected
+    assert (body["count"], body["page"], body["per_page"]) == (32, 2, 5)
+    labeled = client.get(f"/api/v1/saes/{SAE_ID}/features", params={"filter": "labeled"}).json()
+    assert [r["index"] for r in labeled["data"]] == [4, 6]
+    assert labeled["data"][0]["label"]["description"] == "digits"
+    tagged = client.get(f"/api/v1/saes/{SAE_ID}/features", params={"tag": "numbers"}).json()
+    assert [r["index"] for r in tagged["data"]] == [4]
+    dead = client.get(f"/api/v1/saes/{SAE_ID}/features", params={"filter": "dead"}).json()
+    assert [r["index"] for r in dead["data"]] == [0, 1]
+    text = client.get(f"/api/v1/saes/{SAE_ID}/features", params={"q": "COMMA"}).json()
+    assert [r["index"] for r in text["data"]] == [6]
+    random_index = client.get(f"/api/v1/saes/{SAE_ID}/features/random").json()["index"]
+    assert 2 <= random_index < 32 and f.count[random_index] > 0
+    tops = np.asarray(body["data"][0]["top_tokens"])
+    assert tops.size >= 1
+
+
+def test_errors_share_one_shape(client, records):
+    assert_error(client.get("/api/v1/saes/nope"), 404, "nope")
+    assert_error(client.get("/api/v1/saes/nope/features/0"), 404, "nope")
+    assert_error(client.get(f"/api/v1/saes/{SAE_ID}/features/32"), 404, "0..31")
+    assert_error(client.get("/api/v1/no-such-endpoint"), 404, "/api/v1/no-such-endpoint")
+    assert_error(client.get(f"/api/v1/saes/{SAE_ID}/features/-1"), 422, "index")
+    assert_error(client.get(f"/api/v1/saes/{SAE_ID}/features/abc"), 422, "index")
+    assert_error(client.get(f"/api/v1/saes/{SAE_ID}/features", params={"sort": "label"}), 422,
+                 "sort")
+    assert_error(client.get(f"/api/v1/saes/{SAE_ID}/features", params={"per_page": 0}), 422,
+                 "per_page")
+    assert_error(client.post(f"/api/v1/saes/{SAE_ID}/search", json={}), 422, "text")
+
+
+def test_unexpected_errors_use_the_shape_too(client):
+    def boom() -> None:
+        raise RuntimeError("secret internals")
+
+    client.app.add_api_route("/api/v1/boom", boom)
+    response = client.get("/api/v1/boom")
+    assert_error(response, 500, "internal server error")
+    assert "secret" not in response.text
+
+
+def test_openapi_docs(client):
+    assert client.get("/docs").status_code == 200
+    spec = client.get("/openapi.json").json()
+    assert "/api/v1/saes/{sae_id}/features/{index}" in spec["paths"]
+    assert "/api/v1/saes/{sae_id}/search" in spec["paths"]
+
+
+def test_model_calls_without_a_model_answer_503(client):
+    response = client.post(f"/api/v1/saes/{SAE_ID}/search", json={"text": "hello"})
+    assert_error(response, 503, "SAESCOPE_LOAD_MODEL")
