@@ -53,6 +53,33 @@ def models_command() -> None:
                    f"{preset.description}")
 
 
+@app.command("train-sae")
+@clean_errors
+def train_sae_command(
+    model: str = typer.Option("smollm2-135m", help="Model preset, HF folder, .gguf or hub id."),
+    hook: str = typer.Option("blocks.15.hook_resid_post", help="TransformerLens hook name."),
+    d_sae: int = typer.Option(4096, help="Number of SAE latents."),
+    k: int = typer.Option(32, help="Active latents per token (TopK)."),
+    corpus: str = typer.Option("python-docs", help="python-docs, a .txt/.md file or folder, "
+                               ".jsonl/.parquet/.csv, or a HF dataset id."),
+    text_field: str = typer.Option("text", help="Text field/column of .jsonl/.parquet/.csv."),
+    tokens: int = typer.Option(200_000, help="Training token budget (activations cached)."),
+    epochs: int = typer.Option(4, help="Passes over the training tokens."),
+    eval_tokens: int = typer.Option(8192, help="Held-out tokens after the budget, for evals."),
+    seed: int = typer.Option(0, help="Seed for initialisation and data order."),
+    out: str = typer.Option("", help="Output folder (default: models/saes/MODEL/SAE_ID)."),
+    sae_id: str = typer.Option("", help="SAE id (default: from hook and size, e.g. 15-res-topk-4k)."),
+) -> None:
+    """Train a TopK SAE on cached activations, evaluate it on held-out tokens, and save it."""
+    from pathlib import Path
+
+    from app.engine.train import train_sae
+
+    train_sae(model=model, hook_name=hook, d_sae=d_sae, k=k, corpus=corpus, tokens=tokens,
+              epochs=epochs, eval_tokens=eval_tokens, seed=seed, text_field=text_field,
+              out=Path(out) if out else None, sae_id=sae_id or None, log=typer.echo)
+
+
 @app.command("build")
 @clean_errors
 def build_command(
