@@ -68,7 +68,7 @@ def train_sae_command(
     eval_tokens: int = typer.Option(8192, help="Held-out tokens after the budget, for evals."),
     seed: int = typer.Option(0, help="Seed for initialisation and data order."),
     out: str = typer.Option("", help="Output folder (default: models/saes/MODEL/SAE_ID)."),
-    sae_id: str = typer.Option("", help="SAE id (default: from hook and size, e.g. 15-res-topk-4k)."),
+    sae_id: str = typer.Option("", help="SAE id (default from hook and size: 15-res-topk-4k)."),
 ) -> None:
     """Train a TopK SAE on cached activations, evaluate it on held-out tokens, and save it."""
     from pathlib import Path
