@@ -9,7 +9,7 @@ function showTooltip(target, x, y) {
   const tok = target.dataset.tok || `“${target.textContent}”`;
   const val = document.createElement("span");
   val.className = "tt-val";
-  val.textContent = target.dataset.v ?? "";
+  val.textContent = target.dataset.v ?? "0";
   const label = document.createElement("span");
   label.textContent = tok + "  ";
   tooltip.replaceChildren(label, val);
