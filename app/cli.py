@@ -158,3 +158,67 @@ def _serve(settings: Any) -> None:
     from app.main import create_app
 
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port)
+
+
+@app.command("serve")
+@clean_errors
+def serve_command(
+    db: str = typer.Option(None, "--db", help="database URL (default: SAESCOPE_DATABASE_URL "
+                           "or sqlite:///data/saescope.db)"),
+    host: str = typer.Option(None, "--host", help="interface to listen on (default 127.0.0.1)"),
+    port: int = typer.Option(None, "--port", min=1, max=65535, help="port (default 8000)"),
+    model: bool = typer.Option(None, "--model/--no-model",
+                               help="load the model for text search (default: "
+                                    "SAESCOPE_LOAD_MODEL, true)"),
+) -> None:
+    """Serve the explorer and the JSON API (docs at /docs); the schema is upgraded on start."""
+    from app.settings import get_settings
+    from app.store.db import upgrade
+
+    updates: dict[str, Any] = {}
+    if db:
+        updates["database_url"] = db
+    if host:
+        updates["host"] = host
+    if port:
+        updates["port"] = port
+    if model is not None:
+        updates["load_model"] = model
+    settings = get_settings().model_copy(update=updates)
+    # Upgrade here too, so a bad URL or an unreachable database fails as one line, not a trace
+    # from inside the server's startup.
+    _upgrade_or_explain(upgrade, settings.db_url)
+    typer.echo(f"serving {settings.db_url} on http://{settings.host}:{settings.port}/ "
+               "(API docs at /docs; Ctrl+C stops)")
+    _serve(settings)
+
+
+@db_app.command("upgrade")
+@clean_errors
+def db_upgrade_command(
+    db: str = typer.Option(None, "--db", help="database URL (default: SAESCOPE_DATABASE_URL "
+                           "or sqlite:///data/saescope.db)"),
+) -> None:
+    """Create or migrate the database schema to the latest revision."""
+    from app.settings import get_settings
+    from app.store.db import current_revision, make_engine, upgrade
+
+    url = db or get_settings().db_url
+    _upgrade_or_explain(upgrade, url)
+    engine = make_engine(url)
+    try:
+        typer.echo(f"{url}: schema at revision {current_revision(engine)}")
+    finally:
+        engine.dispose()
+
+
+def _upgrade_or_explain(upgrade: Callable[[str], None], url: str) -> None:
+    from sqlalchemy.exc import OperationalError
+
+    from app.errors import ConfigError
+
+    try:
+        upgrade(url)
+    except OperationalError as exc:
+        reason = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
+        raise ConfigError(f"cannot open the database {url}: {reason}") from None

@@ -1,0 +1,66 @@
+"""`saescope db upgrade` and `saescope serve` as a user runs them: real processes, real uvicorn."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+
+from app.store.db import make_engine
+from app.store.synthetic import synthetic_run
+from app.store.writer import write_run
+
+CLI = [sys.executable, "-c", "from app.cli import app; app()"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_db_upgrade_then_serve(tmp_path):
+    url = f"sqlite:///{tmp_path / 'cli.db'}"
+    env = {**os.environ, "SAESCOPE_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([*CLI, "db", "upgrade", "--db", url], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "revision 0001" in done.stdout
+    engine = make_engine(url)
+    write_run(engine_or_session=engine, **synthetic_run(d_sae=16).as_kwargs())
+    engine.dispose()
+
+    port = _free_port()
+    server = subprocess.Popen(
+        [*CLI, "serve", "--db", url, "--port", str(port), "--no-model"], env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                response = httpx.get(f"http://127.0.0.1:{port}/api/v1/saes", timeout=2)
+                break
+            except httpx.TransportError:
+                assert server.poll() is None, server.stdout.read()
+                assert time.monotonic() < deadline, "server did not start"
+                time.sleep(0.2)
+        assert response.status_code == 200
+        assert [s["id"] for s in response.json()["data"]] == ["1-res-topk-64"]
+        feature = httpx.get(f"http://127.0.0.1:{port}/api/v1/saes/1-res-topk-64/features/5")
+        assert feature.status_code == 200 and feature.json()["index"] == 5
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_bad_database_url_is_one_line_exit_2(tmp_path):
+    done = subprocess.run([*CLI, "db", "upgrade", "--db", "not a url"], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.strip().count("\n") == 0
+    assert "not a database URL" in done.stderr
