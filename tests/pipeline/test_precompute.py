@@ -1,0 +1,277 @@
+"""Precompute on tiny-llama with a random SAE: brute-force exactness, static features, kill -9."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from app.engine.lm import load_model
+from app.engine.sae import SAE, SAEConfig
+from app.pipeline.accumulators import default_hist_edges
+from app.pipeline.precompute import BuildOptions, compute_records
+from app.pipeline.static_features import decoder_neighbours, logit_effects
+from app.store.records import WINDOW_KIND_INTERVAL, WINDOW_KIND_TOP
+
+REPO = Path(__file__).resolve().parents[2]
+CTX, BATCH, N_SEQ, D_SAE, WIN = 32, 4, 40, 96, 12
+HOOK = "blocks.2.hook_resid_post"
+WORDS = " ".join([
+    "the quick brown fox jumps over a lazy dog ; def add ( a , b ) : return a + b class",
+    "Counter model feature sparse layer token print range 0 1 2 3 10 100 python"]).split(" ")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("precompute")
+    corpus = root / "docs"
+    corpus.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(12):  # documents of varied length, so padding and doc boundaries occur
+        (corpus / f"doc{i:02d}.txt").write_text(" ".join(rng.choice(WORDS, rng.integers(20, 400))))
+    cfg = SAEConfig(architecture="topk", d_in=64, d_sae=D_SAE, k=10, hook_name=HOOK,
+                    model_name="tiny-llama", context_size=CTX)
+    sae = SAE.from_config(cfg, seed=1)
+    with torch.no_grad():
+        sae.b_enc.copy_(torch.linspace(-0.5, 0.5, D_SAE))
+    sae.save(root / "sae")
+    sae = SAE.load(root / "sae")
+    lm = load_model("tiny-llama")
+    opts = BuildOptions(sae_path=root / "sae", corpus=str(corpus), n_tokens=N_SEQ * CTX,
+                        batch_size=BATCH, window_len=WIN, n_top=6, n_bands=5, per_band=2,
+                        eval_tokens=2 * CTX, checkpoint_every=2, progress=False,
+                        db_url=f"sqlite:///{root / 'main.db'}", cache_dir=root / "cache")
+    return root, lm, sae, opts
+
+
+@pytest.fixture(scope="module")
+def computed(setup):
+    root, lm, sae, opts = setup
+    records, result = compute_records(opts, lm=lm, sae=sae, log=lambda m: None)
+    assert records is not None and result.resumed_at_seq == 0
+    return records
+
+
+def dense_activations(lm, sae, tokens, special):
+    """The whole [n_seq, ctx, d_sae] matrix, batch by batch as the pipeline batches the model."""
+    out = []
+    with torch.no_grad():
+        for s in range(0, len(tokens), BATCH):
+            ids = torch.from_numpy(tokens[s:s + BATCH]).long()
+            x = lm.run_to_hook(ids, HOOK).to(torch.float16).float()
+            out.append(sae.encode(x).numpy())
+    acts = np.concatenate(out)
+    acts[special] = 0.0
+    return acts
+
+
+def test_top_windows_and_stats_equal_brute_force(setup, computed):
+    _, lm, sae, opts = setup
+    seqs, feats, w = computed.sequences, computed.features, computed.windows
+    from app.pipeline.corpus import load_corpus
+
+    corpus = load_corpus(opts.corpus, lm=lm, context_size=CTX, max_tokens=N_SEQ * CTX)
+    assert np.array_equal(seqs.tokens, corpus.tokens[seqs.seq_index])
+    acts = dense_activations(lm, sae, corpus.tokens, corpus.special_mask)
+    counted = acts[~corpus.special_mask]
+    assert computed.run.n_tokens == N_SEQ * CTX
+    assert computed.run.n_tokens_counted == counted.shape[0]
+    assert np.array_equal(feats.max_act, counted.max(0))
+    assert np.array_equal(feats.count, (counted > 0).sum(0))
+    np.testing.assert_allclose(feats.act_sum, counted.astype(np.float64).sum(0), rtol=1e-12)
+    edges = default_hist_edges()
+    for f in range(D_SAE):
+        v = counted[:, f][counted[:, f] > 0]
+        want = np.histogram(np.clip(v, edges[0], np.nextafter(edges[-1], 0)), bins=edges)[0]
+        assert np.array_equal(feats.hist_counts[f], want)
+
+    top = w.kind == WINDOW_KIND_TOP
+    n_checked = 0
+    for f in range(D_SAE):
+        cands = []
+        for s in range(N_SEQ):
+            col = acts[s, :, f]
+            if col.max() > 0:
+                p = int(np.argmax(col))
+                cands.append((-float(col[p]), s * CTX + p, s, p))
+        want = sorted(cands)[:opts.n_top]
+        mine = np.flatnonzero(top & (w.feature == f))
+        mine = mine[np.argsort(w.rank[mine])]
+        assert len(mine) == len(want)
+        for i, (negv, _, s, p) in zip(mine, want, strict=True):
+            start = max(0, p - WIN // 2)
+            length = min(CTX, p - WIN // 2 + WIN) - start
+            assert (w.seq_index[i], w.start[i], w.length[i]) == (s, start, length)
+            assert w.max_value[i] == -negv and w.start[i] + w.max_pos[i] == p
+            vals = np.zeros(WIN, np.float16)
+            vals[:length] = acts[s, start:start + length, f]
+            assert np.array_equal(w.values[i], vals)
+            n_checked += 1
+    assert n_checked > D_SAE  # most features fire in several sequences
+
+    # interval samples: inside their band, at a real activation, window values exact
+    iv = np.flatnonzero(w.kind == WINDOW_KIND_INTERVAL)
+    assert iv.size > 0
+    for i in iv:
+        f, s = w.feature[i], w.seq_index[i]
+        m = float(feats.max_act[f])
+        e = np.frexp(np.float32(m))[1]
+        grid = 2.0 ** e / 128
+        band_edges = [0.0] + [np.floor(j * (m / grid) / opts.n_bands + 0.5) * grid
+                              for j in range(1, opts.n_bands)] + [np.inf]
+        window = acts[s, w.start[i]:w.start[i] + w.length[i], f]
+        assert np.array_equal(w.values[i][:w.length[i]], window.astype(np.float16))
+        in_band = (window >= band_edges[w.band[i]]) & (window < band_edges[w.band[i] + 1])
+        assert in_band.any()
+    for f in range(D_SAE):
+        v = counted[:, f][counted[:, f] > 0].astype(np.float64)
+        m = float(feats.max_act[f])
+        e = np.frexp(np.float32(m))[1]
+        grid = 2.0 ** e / 128
+        inner = np.floor(np.arange(1, opts.n_bands) * (m / grid) / opts.n_bands + 0.5) * grid
+        band = (v[:, None] >= inner[None, :]).sum(1)
+        assert np.array_equal(feats.band_count[f], np.bincount(band, minlength=opts.n_bands))
+
+
+def test_static_features_equal_a_dense_computation(setup, computed):
+    _, lm, sae, opts = setup
+    w_u, scale = lm.unembedding()
+    w_dec = sae.W_dec.detach().float()
+    effects = (w_dec * scale.float()) @ w_u.float()
+    feats = computed.features
+    order = torch.argsort(effects, dim=1, descending=True)
+    np.testing.assert_allclose(feats.logit_pos_values, effects.gather(1, order[:, :10]).numpy(),
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(feats.logit_neg_values,
+                               effects.gather(1, order.flip(1)[:, :10]).numpy(),
+                               rtol=1e-5, atol=1e-6)
+    picked = effects.gather(1, torch.from_numpy(feats.logit_pos_ids).long())
+    np.testing.assert_allclose(picked.numpy(), feats.logit_pos_values, rtol=1e-5, atol=1e-6)
+    unit = w_dec / w_dec.norm(dim=1, keepdim=True)
+    cos = unit @ unit.T
+    cos.fill_diagonal_(-2.0)
+    want = cos.sort(dim=1, descending=True).values[:, :10].numpy()
+    np.testing.assert_allclose(feats.neighbour_cos, want, rtol=1e-5, atol=1e-6)
+    assert not (feats.neighbour_idx == np.arange(D_SAE)[:, None]).any()
+    # chunked (a few features at a time) equals one chunk
+    small = logit_effects(w_dec=w_dec, norm_scale=scale, w_u=w_u, n=10, budget_elems=1000)
+    assert np.array_equal(small.pos_ids, feats.logit_pos_ids)
+    np.testing.assert_allclose(small.neg_values, feats.logit_neg_values, rtol=1e-6)
+    idx, cs = decoder_neighbours(w_dec, n=10, budget_elems=300)
+    assert np.array_equal(idx, feats.neighbour_idx)
+    np.testing.assert_allclose(cs, feats.neighbour_cos, rtol=1e-6)
+
+
+def test_in_process_resume_gives_identical_records(setup, computed, tmp_path):
+    _, lm, sae, opts = setup
+    opts2 = replace(opts, cache_dir=tmp_path / "cache")
+    part, result = compute_records(opts2, lm=lm, sae=sae, log=lambda m: None,
+                                   stop_after_batches=3)
+    assert part is None and result.resumed_at_seq == 0
+    again, result = compute_records(opts2, lm=lm, sae=sae, log=lambda m: None)
+    assert result.resumed_at_seq == 2 * BATCH  # the checkpoint after batch 2
+    for name in computed.features.__dataclass_fields__:
+        assert np.array_equal(getattr(again.features, name), getattr(computed.features, name))
+    for name in computed.windows.__dataclass_fields__:
+        assert np.array_equal(getattr(again.windows, name), getattr(computed.windows, name))
+    assert again.run.sae_stats == computed.run.sae_stats
+
+
+# ----------------------------------------------------------------------------- kill -9 and resume
+
+DRIVER = textwrap.dedent("""
+    import json, os, signal, sys
+    from pathlib import Path
+    args = json.loads(sys.argv[1])
+    point, nth = args["kill"].split(":") if args["kill"] else (None, "0")
+    nth = int(nth)
+    calls = {"n": 0}
+
+    def die_on_nth(fn, *, before):
+        def wrapped(*a, **k):
+            calls["n"] += 1
+            if before and calls["n"] == nth:
+                os.kill(os.getpid(), signal.SIGKILL)
+            out = fn(*a, **k)
+            if not before and calls["n"] == nth:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return out
+        return wrapped
+
+    import app.pipeline.precompute as pc
+    import app.store.writer as writer
+    if point == "after_checkpoint":
+        pc.Checkpoint.save = die_on_nth(pc.Checkpoint.save, before=False)
+    elif point == "mid_batch":
+        pc.FeatureAccumulators.update = die_on_nth(pc.FeatureAccumulators.update, before=False)
+    elif point == "checkpoint_rename":  # the tmp file is written, the rename never happens
+        pc.os.replace = die_on_nth(os.replace, before=True)
+    elif point == "mid_write":  # inside the DB transaction, after some rows went in
+        writer._bulk_insert = die_on_nth(writer._bulk_insert, before=True)
+    opts = pc.BuildOptions(**{**args["opts"], "sae_path": Path(args["opts"]["sae_path"]),
+                              "cache_dir": Path(args["opts"]["cache_dir"])})
+    pc.build(opts)
+""")
+
+
+def run_build(opts: BuildOptions, kill: str | None) -> subprocess.CompletedProcess:
+    fields = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(opts).items()}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-c", DRIVER, json.dumps({"opts": fields,
+                                                                      "kill": kill})],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+VOLATILE = {"id", "run_id", "created_at", "updated_at", "active_run_id"}
+
+
+def dump_tables(db: Path) -> dict[str, list[tuple]]:
+    con = sqlite3.connect(db)
+    out = {}
+    for table in ("models", "saes", "runs", "sequences", "features", "feature_tokens",
+                  "windows"):
+        cols = [r[1] for r in con.execute(f"PRAGMA table_info({table})")
+                if r[1] not in VOLATILE]
+        quoted = ", ".join(f'"{c}"' for c in cols)
+        rows = con.execute(f"SELECT {quoted} FROM {table} ORDER BY {quoted}").fetchall()
+        out[table] = [tuple(zip(cols, r, strict=True)) for r in rows]
+    con.close()
+    return out
+
+
+def test_kill_9_at_several_points_then_resume_equals_uninterrupted(setup, tmp_path):
+    root, _, _, opts = setup
+    killed = replace(opts, db_url=f"sqlite:///{tmp_path / 'killed.db'}",
+                     cache_dir=tmp_path / "cache-killed")
+    plain = replace(opts, db_url=f"sqlite:///{tmp_path / 'plain.db'}",
+                    cache_dir=tmp_path / "cache-plain")
+    outputs = []
+    for kill in ("after_checkpoint:1", "mid_batch:3", "checkpoint_rename:1", "mid_write:3"):
+        proc = run_build(killed, kill)
+        assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+        outputs.append(proc.stdout)
+    assert "resuming" not in outputs[0]
+    assert "resuming from checkpoint at sequence 8 " in outputs[1]
+    assert "resuming from checkpoint at sequence 16 " in outputs[2]
+    assert "resuming from checkpoint at sequence 16 " in outputs[3]
+    assert "writing run" in outputs[3]
+    final = run_build(killed, None)
+    assert final.returncode == 0, final.stderr[-2000:]
+    assert f"resuming from checkpoint at sequence {N_SEQ} " in final.stdout
+    assert not any((tmp_path / "cache-killed" / "precompute").iterdir())  # spent checkpoint
+    clean = run_build(plain, None)
+    assert clean.returncode == 0, clean.stderr[-2000:]
+    a, b = dump_tables(tmp_path / "killed.db"), dump_tables(tmp_path / "plain.db")
+    for table in a:
+        assert len(a[table]) > 0, table
+        assert a[table] == b[table], table
