@@ -147,3 +147,83 @@ def test_bad_settings_are_config_errors():
     with pytest.raises(ConfigError, match="fewer than one batch"):
         train_topk(torch.randn(10, 4), cfg=TrainConfig(d_sae=8, k=2, batch_size=64),
                    progress=False)
+
+
+# ---------------------------------------------------------------- the train-sae command
+
+
+@pytest.fixture
+def isolated_home(tmp_path, monkeypatch):
+    from app.settings import get_settings
+
+    monkeypatch.setenv("SAESCOPE_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("SAESCOPE_SAES_DIR", str(tmp_path / "saes"))
+    get_settings.cache_clear()
+    yield tmp_path
+    get_settings.cache_clear()
+
+
+@pytest.fixture
+def text_corpus(tmp_path):
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    for i in range(8):
+        (folder / f"{i}.md").write_text(
+            f"# Note {i}\nThe quick brown fox jumps over the lazy dog. def f(a): return a\n"
+            * (20 + 5 * i), encoding="utf-8")
+    return folder
+
+
+def _cli(*args):
+    from typer.testing import CliRunner
+
+    from app.cli import app
+
+    return CliRunner().invoke(app, ["train-sae", *args])
+
+
+def test_train_sae_command_writes_a_saelens_folder_with_evals(isolated_home, text_corpus):
+    import json
+
+    from app.engine.sae import SAE
+
+    result = _cli("--model", "tiny-llama", "--hook", "blocks.2.hook_resid_post", "--d-sae", "64",
+                  "--k", "4", "--corpus", str(text_corpus), "--tokens", "4096",
+                  "--eval-tokens", "512", "--epochs", "2")
+    assert result.exit_code == 0, result.output
+    folder = isolated_home / "saes" / "tiny-llama" / "2-res-topk-64"
+    assert sorted(p.name for p in folder.iterdir()) == ["cfg.json", "evals.json",
+                                                        "sae_weights.safetensors"]
+    cfg = json.loads((folder / "cfg.json").read_text())
+    assert cfg["architecture"] == "topk" and cfg["k"] == 4
+    assert cfg["metadata"]["exclude_special_tokens"] is True
+    assert cfg["metadata"]["hook_name"] == "blocks.2.hook_resid_post"
+    evals = json.loads((folder / "evals.json").read_text())
+    for key in ("l0", "explained_variance", "normalized_mse", "n_dead", "n_dense",
+                "ce_loss_clean", "ce_loss_sae", "ce_loss_ablated", "ce_loss_recovered"):
+        assert key in evals
+    assert evals["l0"] <= 4 and evals["eval_tokens"] == 512
+    assert "CE loss recovered" in result.output
+    sae = SAE.load(folder)
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(64))
+    # the training checkpoint is removed once the SAE is saved
+    assert not any((isolated_home / "home" / "cache" / "train").glob("*/checkpoint.pt"))
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--tokens", "100000000"], "lower --tokens"),
+    (["--hook", "blocks.9.hook_resid_post"], "unknown hook"),
+    (["--k", "65", "--d-sae", "64"], "k must be between"),
+    (["--text-field", "body", "--corpus", "CORPUS/notes.jsonl"], "no field 'body'"),
+    (["--corpus", "CORPUS/missing.txt"], "not found"),
+])
+def test_train_sae_command_bad_input_exits_2_and_writes_nothing(isolated_home, text_corpus,
+                                                                args, message):
+    (text_corpus / "notes.jsonl").write_text('{"text": "hello"}\n')
+    args = [a.replace("CORPUS", str(text_corpus)) for a in args]
+    defaults = ["--model", "tiny-llama", "--hook", "blocks.2.hook_resid_post",
+                "--corpus", str(text_corpus), "--tokens", "1024"]
+    result = _cli(*defaults, *args)
+    assert result.exit_code == 2
+    assert message in result.output and "Traceback" not in result.output
+    assert not (isolated_home / "home").exists() and not (isolated_home / "saes").exists()
