@@ -1,7 +1,8 @@
 // Text search page: run the text through the model (POST /api/v1/saes/{sae}/search), show its
 // tokens, the top features of the clicked token, and the features firing most over the text.
 
-import { fmtNum, postJSON, renderTokens, tokenRepr } from "./tokens.js";
+import { plotText, withPlotly } from "./plots.js";
+import { fmtNum, postJSON, renderTokens, tokenDisplay, tokenRepr } from "./tokens.js";
 
 const root = document.querySelector("[data-text-search]");
 const form = root.querySelector("form");
@@ -14,6 +15,11 @@ const tokenTable = document.getElementById("token-features").tBodies[0];
 const tokenTitle = document.getElementById("token-features-title");
 const textTable = document.getElementById("text-features").tBodies[0];
 const featureBase = root.dataset.featureBase;
+const apiBase = root.dataset.apiBase;
+const profile = document.getElementById("feature-profile");
+const shadingNote = document.getElementById("shading-note");
+const shadingReset = document.getElementById("shading-reset");
+const DEFAULT_NOTE = shadingNote.textContent;
 
 function featureLink(index) {
   const a = document.createElement("a");
@@ -60,6 +66,59 @@ function emptyRow(table, text, span) {
 
 let current = null;
 let spans = [];
+let strongest = [];
+
+function shadeBy(values) {
+  const top = Math.max(0, ...values);
+  spans.forEach((span, i) => {
+    const v = values[i] ?? 0;
+    span.style.setProperty("--a", top > 0 && v > 0 ? Math.min(v / top, 1).toFixed(2) : "0");
+    span.classList.toggle("on", v > 0);
+    span.dataset.v = fmtNum(v);
+  });
+}
+
+function resetShading() {
+  shadeBy(strongest);
+  profile.hidden = true;
+  shadingReset.hidden = true;
+  shadingNote.textContent = DEFAULT_NOTE;
+  for (const tr of textTable.rows) tr.classList.remove("selected-feature");
+}
+
+/** Shade the text by one feature's activation on every token, and plot it per position. */
+async function showFeature(f, tr) {
+  shadingNote.textContent = `loading feature #${f.index}…`;
+  try {
+    const data = await postJSON(`${apiBase}/features/${f.index}/activations`, { text: current.text });
+    const values = data.values.map((v, i) => (data.special[i] ? 0 : v));
+    shadeBy(values);
+    for (const row of textTable.rows) row.classList.toggle("selected-feature", row === tr);
+    shadingNote.textContent = `shading: feature #${f.index}${f.label ? " · " + f.label : ""} (max ${fmtNum(data.maxValue)})`;
+    shadingReset.hidden = false;
+    profile.hidden = false;
+    const x = values.map((_, i) => i);
+    // Tokens and labels are model/user text: entity-escaped, since Plotly renders some HTML.
+    const hover = data.tokens.map((t, i) => plotText(`${i} ${tokenRepr(t)}: ${fmtNum(values[i])}`));
+    const ticks = data.tokens.map((t) => plotText(tokenDisplay(t)));
+    withPlotly((Plotly) => {
+      Plotly.react(profile, [{
+        type: "bar", x, y: values, hovertext: hover, hoverinfo: "text",
+        marker: { color: values.map((v) => `rgba(242, 125, 20, ${(0.25 + 0.75 * (v / Math.max(data.maxValue, 1e-9))).toFixed(2)})`) },
+      }], {
+        margin: { l: 40, r: 8, t: 8, b: 60 }, paper_bgcolor: "rgba(0,0,0,0)", plot_bgcolor: "rgba(0,0,0,0)",
+        font: { size: 11 }, bargap: 0.1, showlegend: false,
+        title: { text: plotText(`#${f.index} ${f.label ?? ""}`), font: { size: 12 }, x: 0.01, y: 0.97 },
+        xaxis: { tickmode: "array", tickvals: x, ticktext: ticks, tickangle: -60, tickfont: { family: "monospace", size: 10 } },
+        yaxis: { gridcolor: "#eef1f4", zeroline: false },
+      }, { displayModeBar: false, responsive: true }).then(() => { profile.dataset.rendered = String(f.index); });
+    });
+  } catch (err) {
+    shadingNote.textContent = err.message;
+  }
+}
+
+shadingReset.addEventListener("click", resetShading);
 
 function selectToken(i) {
   spans.forEach((s, j) => s.classList.toggle("selected", j === i));
@@ -76,10 +135,13 @@ function selectToken(i) {
   }
 }
 
-function render(data) {
-  current = data;
+function render(data, text) {
+  current = { ...data, text };
+  profile.hidden = true;
+  shadingReset.hidden = true;
+  shadingNote.textContent = DEFAULT_NOTE;
   // Shade each token by its strongest feature; special tokens (BOS) stay unshaded.
-  const strongest = data.per_token.map((row, i) => (data.special[i] || row.length === 0 ? 0 : row[0].value));
+  strongest = data.per_token.map((row, i) => (data.special[i] || row.length === 0 ? 0 : row[0].value));
   const best = strongest.reduce((b, v, i) => (v > strongest[b] ? i : b), 0);
   spans = renderTokens(tokenBox, data.tokens, strongest, { maxIndex: strongest[best] > 0 ? best : -1 });
   spans.forEach((span, i) => {
@@ -103,6 +165,9 @@ function render(data) {
       cell(String(f.n_tokens), "num"),
       cell(fmtNum(f.sum_value), "num"),
     );
+    tr.addEventListener("click", (ev) => {
+      if (!ev.target.closest("a")) showFeature(f, tr);
+    });
     // Hovering a feature points at the token where it peaks.
     tr.addEventListener("mouseenter", () => spans[f.max_token_index]?.classList.add("peak"));
     tr.addEventListener("mouseleave", () => spans[f.max_token_index]?.classList.remove("peak"));
@@ -124,7 +189,7 @@ async function run() {
   const t0 = performance.now();
   try {
     const data = await postJSON(root.dataset.api, { text });
-    render(data);
+    render(data, text);
     status.textContent = `${data.tokens.length} tokens · ${Math.round(performance.now() - t0)} ms`;
   } catch (err) {
     status.classList.add("error");

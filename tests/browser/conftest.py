@@ -1,0 +1,249 @@
+"""Real-browser fixtures: a database built by `saescope build` over tiny-llama, a real uvicorn
+server on a free port (its log printed when a test fails), and Debian's Chromium via Playwright.
+
+The database also holds hostile text: a label, and a second SAE written through the store's
+writer whose vocabulary contains an HTML-injection token, so every page can be checked for it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+ARTIFACTS = REPO / "test-artifacts"
+XSS = "</script><img src=x onerror=alert(1)>"
+MODEL_ID = "tiny-llama"
+SAE_ID = "2-res-topk-128"
+XSS_MODEL_ID = "xss-lm"
+XSS_SAE_ID = "1-res-xss"
+XSS_TOKEN_ID = 5
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+CORPUS = {
+    "story.txt": " ".join(
+        f"Once upon a time the quick brown fox number {i} jumped over the lazy dog, and the "
+        "little model watched it closely." for i in range(40)
+    ),
+    "code.py": "\n".join(
+        f"def scale_{i}(x, y):\n    \"\"\"Return x times {i} plus y.\"\"\"\n"
+        f"    return x * {i} + y\n\n\tprint('value', scale_{i}(1, 2))\n" for i in range(30)
+    ),
+    "notes.md": "\n".join(
+        f"# Section {i}\n\nPython is a programming language; the standard library has modules "
+        f"for files, numbers ({i}, {i * 3}) and text.\n" for i in range(30)
+    ),
+}
+
+
+@dataclass
+class Server:
+    url: str
+    log_path: Path
+    db_url: str
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def get_json(self, path: str) -> dict:
+        with urllib.request.urlopen(self.url + path, timeout=30) as resp:
+            return json.loads(resp.read())
+
+    def post_json(self, path: str, body: dict) -> tuple[int, dict]:
+        req = urllib.request.Request(
+            self.url + path, data=json.dumps(body).encode(), method="POST",
+            headers={"Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=60) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read() or b"{}")
+
+
+def _env(home: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", SAESCOPE_HOME=str(home),
+               TOKENIZERS_PARALLELISM="false")
+    return env
+
+
+def _build_database(root: Path) -> str:
+    """The real pipeline (`saescope build`) over tiny-llama, then hostile text via the writer."""
+    from app.engine.sae import SAE, SAEConfig
+
+    corpus = root / "corpus"
+    corpus.mkdir()
+    for name, text in CORPUS.items():
+        (corpus / name).write_text(text, encoding="utf-8")
+    sae_dir = root / "sae"
+    cfg = SAEConfig(architecture="topk", d_in=64, d_sae=128, k=8,
+                    hook_name="blocks.2.hook_resid_post", model_name=MODEL_ID)
+    SAE.from_config(cfg, seed=0).save(sae_dir)
+    db_url = f"sqlite:///{root / 'explorer.db'}"
+    cmd = [str(Path(sys.executable).parent / "saescope"), "build", "--sae", str(sae_dir),
+           "--model", MODEL_ID, "--corpus", str(corpus), "--tokens", "3072", "--db", db_url,
+           "--context-size", "32", "--eval-tokens", "256", "--sae-id", SAE_ID]
+    done = subprocess.run(cmd, env=_env(root / "home"), capture_output=True, text=True,
+                          timeout=600)
+    if done.returncode != 0:
+        raise RuntimeError(f"saescope build failed:\n{done.stdout}\n{done.stderr}")
+
+    from app.store.db import make_engine
+    from app.store.synthetic import synthetic_run
+    from app.store.writer import write_label, write_run
+
+    engine = make_engine(db_url)
+    write_label(engine_or_session=engine, sae_id=SAE_ID, index=3, description=f"{XSS} label",
+                tags=["xss-check"])
+    write_label(engine_or_session=engine, sae_id=SAE_ID, index=4,
+                description="story words: fox, dog", tags=["story"])
+    vocab = [f"w{i}" for i in range(60)]
+    vocab[XSS_TOKEN_ID] = XSS
+    vocab[6] = "\n"
+    vocab[7] = " the"
+    # Every top window of every alive feature holds the hostile token, and it is a logit effect.
+    run = synthetic_run(model_id=XSS_MODEL_ID, sae_id=XSS_SAE_ID, d_sae=16, n_dead=1,
+                        token_strings=vocab, seed=1)
+    run.sequences.tokens[:, 1::3] = XSS_TOKEN_ID
+    run.features.logit_pos_ids[:, 0] = XSS_TOKEN_ID
+    run.features.logit_neg_ids[:, 0] = XSS_TOKEN_ID
+    write_run(engine_or_session=engine, **run.as_kwargs())
+    write_label(engine_or_session=engine, sae_id=XSS_SAE_ID, index=2, description=XSS,
+                tags=["xss-check"])
+    engine.dispose()
+    return db_url
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_ready(server: Server, proc: subprocess.Popen, *, timeout: float = 180.0) -> None:
+    """Until the pages answer and the model has loaded (text search stops answering 503)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{server.log()}")
+        try:
+            status, _ = server.post_json(f"/api/v1/saes/{SAE_ID}/search", {"text": "hi"})
+            if status == 200:
+                return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"server not ready after {timeout:.0f} s:\n{server.log()}")
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    root = tmp_path_factory.mktemp("explorer")
+    db_url = _build_database(root)
+    port = _free_port()
+    log_path = root / "server.log"
+    env = _env(root / "home")
+    env.update(SAESCOPE_DATABASE_URL=db_url, SAESCOPE_MODEL=MODEL_ID)
+    with log_path.open("w") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory",
+             "--host", "127.0.0.1", "--port", str(port), "--log-level", "info"],
+            cwd=REPO, env=env, stdout=log_file, stderr=subprocess.STDOUT,
+        )
+    srv = Server(url=f"http://127.0.0.1:{port}", log_path=log_path, db_url=db_url)
+    try:
+        _wait_ready(srv, proc)
+        yield srv
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):  # noqa: ANN201
+    report = yield
+    # A failing browser test shows what the server said.
+    if report.failed and "server" in getattr(item, "funcargs", {}):
+        report.sections.append(("server log", item.funcargs["server"].log()[-8000:]))
+    return report
+
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator[object]:
+    from playwright.sync_api import sync_playwright
+
+    executable = shutil.which("chromium")
+    if executable is None:
+        pytest.skip("Debian's chromium is not installed (make browser-deps)")
+    with sync_playwright() as pw:
+        chromium = pw.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+@dataclass
+class PageGuard:
+    """Collects what a page must never do: open a dialog, throw, or log a console error."""
+
+    dialogs: list[str]
+    errors: list[str]
+
+
+@pytest.fixture
+def page(browser, server: Server) -> Iterator[object]:
+    context = browser.new_context(viewport={"width": 1400, "height": 900}, base_url=server.url)
+    pg = context.new_page()
+    guard = PageGuard(dialogs=[], errors=[])
+
+    def on_dialog(dialog) -> None:  # noqa: ANN001
+        guard.dialogs.append(dialog.message)
+        dialog.dismiss()
+
+    pg.on("dialog", on_dialog)
+    pg.on("pageerror", lambda exc: guard.errors.append(f"pageerror: {exc}"))
+    pg.on("console", lambda msg: guard.errors.append(f"console: {msg.text}")
+          if msg.type == "error" and "404" not in msg.text else None)
+    pg.guard = guard
+    pg.set_default_timeout(20_000)
+    yield pg
+    context.close()
+    assert guard.dialogs == [], f"a dialog opened: {guard.dialogs}"
+    assert guard.errors == [], f"the page reported errors: {guard.errors}"
+
+
+@pytest.fixture
+def shot(page):  # noqa: ANN001, ANN201
+    """shot(name): a full-page screenshot under test-artifacts/ (look at them)."""
+
+    def take(name: str) -> Path:
+        ARTIFACTS.mkdir(exist_ok=True)
+        path = ARTIFACTS / f"{name}.png"
+        page.mouse.move(0, 0)
+        page.evaluate("window.scrollTo(0, 0)")
+        page.screenshot(path=str(path), full_page=True)
+        return path
+
+    return take
