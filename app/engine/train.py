@@ -172,44 +172,43 @@ def topk_loss_and_grads(
     pre = torch.addmm(b_enc, centred, w_enc_t.t())
     vals, idx = _sorted_topk(pre, k)
     acts = vals.clamp_min(0)
-    codes = _csr(idx, acts, n_latents)
-    recon = (codes @ w_dec) + b_dec
+    # embedding_bag sums the k chosen decoder rows per token without a dense [B, d_sae] code.
+    recon = torch.nn.functional.embedding_bag(idx, w_dec, per_sample_weights=acts,
+                                              mode="sum") + b_dec
     err = recon - x
     sq_err = float(err.pow(2).sum())
     mse_loss = sq_err / (batch * variance)
 
     # Main term. d loss / d x_hat = g; through the decoder and back through the TopK values.
     g = err * (2.0 / (batch * variance))
-    grad_w_dec = codes.t() @ g
+    grad_w_dec = _csr(idx, acts, n_latents).t() @ g
     grad_b_dec = g.sum(0)
     grad_vals = _gathered_dots(idx, g, w_dec) * (vals > 0)
-    enc_idx, enc_grad = [idx], [grad_vals]
+    grad_w_enc_t = _csr(idx, grad_vals, n_latents).t() @ centred
+    grad_b_enc = torch.zeros_like(b_enc).index_add_(0, idx.reshape(-1), grad_vals.reshape(-1))
 
     aux_loss = 0.0
     if dead is not None and aux_coef > 0 and k_aux > 0:
         dead_ids = dead.nonzero().squeeze(1)
-        if dead_ids.numel() > 0:
-            residual = -err  # x - x_hat, held constant
-            res_dev = float((residual - residual.mean(0)).pow(2).sum())
-            aux_vals, aux_local = _sorted_topk(pre.index_select(1, dead_ids),
-                                               min(k_aux, dead_ids.numel()))
-            aux_idx = dead_ids[aux_local]  # dead_ids is ascending, so rows stay sorted
-            aux_acts = aux_vals.clamp_min(0)
-            aux_codes = _csr(aux_idx, aux_acts, n_latents)
-            aux_err = aux_codes @ w_dec - residual
-            if res_dev > 0:
-                aux_loss = aux_coef * float(aux_err.pow(2).sum()) / res_dev
-                h = aux_err * (2.0 * aux_coef / res_dev)
-                grad_w_dec += aux_codes.t() @ h
-                enc_idx.append(aux_idx)
-                enc_grad.append(_gathered_dots(aux_idx, h, w_dec) * (aux_vals > 0))
+        residual = -err  # x - x_hat, held constant
+        res_dev = float((residual - residual.mean(0)).pow(2).sum())
+        if dead_ids.numel() > 0 and res_dev > 0:
+            # Dense over the dead latents only: a few hundred columns at most once training has
+            # settled, so plain GEMMs beat sparse bookkeeping for k_aux (= d_in / 2) per token.
+            pre_dead = pre.index_select(1, dead_ids)
+            aux_vals, aux_local = pre_dead.topk(min(k_aux, dead_ids.numel()), dim=1)
+            aux_codes = torch.zeros_like(pre_dead).scatter_(1, aux_local, aux_vals.clamp_min(0))
+            w_dec_dead = w_dec.index_select(0, dead_ids)
+            aux_err = aux_codes @ w_dec_dead - residual
+            aux_loss = aux_coef * float(aux_err.pow(2).sum()) / res_dev
+            h = aux_err * (2.0 * aux_coef / res_dev)
+            grad_w_dec.index_add_(0, dead_ids, aux_codes.t() @ h)
+            # TopK and ReLU pass the gradient only where a latent was chosen and positive.
+            grad_codes = (h @ w_dec_dead.t()) * (aux_codes > 0)
+            grad_w_enc_t.index_add_(0, dead_ids, grad_codes.t() @ centred)
+            grad_b_enc.index_add_(0, dead_ids, grad_codes.sum(0))
 
-    # Back through pre = (x - b_dec) @ W_enc + b_enc, only at the selected latents.
-    grad_w_enc_t = torch.zeros_like(w_enc_t)
-    grad_b_enc = torch.zeros_like(b_enc)
-    for sel, gv in zip(enc_idx, enc_grad, strict=True):
-        grad_w_enc_t += _csr(sel, gv, n_latents).t() @ centred
-        grad_b_enc.index_add_(0, sel.reshape(-1), gv.reshape(-1))
+    # pre = (x - b_dec) @ W_enc + b_enc: b_dec also reaches the loss through the encoder.
     grad_b_dec -= grad_b_enc @ w_enc_t
 
     fired = torch.zeros(n_latents, dtype=torch.bool)
