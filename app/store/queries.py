@@ -8,7 +8,7 @@ from datetime import datetime
 from typing import Any, Literal
 
 import numpy as np
-from sqlalchemy import Text, and_, cast, func, or_, select
+from sqlalchemy import Text, and_, bindparam, cast, func, or_, select
 from sqlalchemy.orm import Session
 
 from app.errors import ConfigError, NotFoundError
@@ -30,6 +30,58 @@ SORT_COLUMNS = {
     "max_act": Feature.max_act,
     "mean_act": Feature.mean_act,
 }
+
+
+# Hot-path statements, built once: a feature page runs seven small indexed queries, and building
+# and coercing SQLAlchemy constructs per request cost more than SQLite answering them.
+_sae_t, _run_t, _model_t = SAE.__table__, Run.__table__, Model.__table__
+_feature_t, _window_t, _seq_t, _label_t = (
+    Feature.__table__, Window.__table__, Sequence.__table__, Label.__table__
+)
+_SAE_BRIEF = select(
+    _sae_t.c.id, _sae_t.c.model_id, _sae_t.c.d_sae, _sae_t.c.path, _sae_t.c.active_run_id
+).where(_sae_t.c.id == bindparam("sae_id"))
+_RUN_CREATED = select(_run_t.c.created_at).where(_run_t.c.id == bindparam("run_id"))
+_VOCAB_SHA = select(_model_t.c.token_strings_sha).where(_model_t.c.id == bindparam("model_id"))
+_VOCAB_BLOB = select(_model_t.c.token_strings).where(_model_t.c.id == bindparam("model_id"))
+_FEATURE_ROW = select(_feature_t).where(
+    _feature_t.c.run_id == bindparam("run_id"), _feature_t.c.index == bindparam("index")
+)
+_WINDOWS = (
+    select(_window_t.c.kind, _window_t.c.band, _window_t.c.rank, _window_t.c.seq_index,
+           _window_t.c.start, _window_t.c.length, _window_t.c.max_value, _window_t.c.max_pos,
+           _window_t.c["values"])
+    .where(_window_t.c.run_id == bindparam("run_id"), _window_t.c.feature == bindparam("index"))
+    .order_by(_window_t.c.kind, _window_t.c.band.desc(), _window_t.c.rank)
+)
+_SEQUENCES = select(_seq_t.c.seq_index, _seq_t.c.doc_index, _seq_t.c.tokens).where(
+    _seq_t.c.run_id == bindparam("run_id"),
+    _seq_t.c.seq_index.in_(bindparam("seq_ids", expanding=True)),
+)
+# The first few tokens per feature, ranked in SQL (a window function: SQLite >= 3.25, PostgreSQL)
+# so only those rows reach Python.
+_ft_t = FeatureToken.__table__
+_ranked_tokens = select(
+    _ft_t.c.feature, _ft_t.c.token_id,
+    func.row_number().over(
+        partition_by=_ft_t.c.feature, order_by=(_ft_t.c.count.desc(), _ft_t.c.token_id)
+    ).label("rank"),
+).where(
+    _ft_t.c.run_id == bindparam("run_id"),
+    _ft_t.c.feature.in_(bindparam("indices", expanding=True)),
+).subquery()
+_TOP_TOKENS = (
+    select(_ranked_tokens.c.feature, _ranked_tokens.c.token_id)
+    .where(_ranked_tokens.c.rank <= bindparam("n"))
+    .order_by(_ranked_tokens.c.feature, _ranked_tokens.c.rank)
+)
+_LABEL = select(_label_t).where(
+    _label_t.c.sae_id == bindparam("sae_id"), _label_t.c.feature_index == bindparam("index")
+)
+_LABELS = select(_label_t).where(
+    _label_t.c.sae_id == bindparam("sae_id"),
+    _label_t.c.feature_index.in_(bindparam("indices", expanding=True)),
+)
 
 
 @dataclass(frozen=True)
@@ -176,16 +228,14 @@ def list_models(*, session: Session) -> list[ModelInfo]:
 
 def get_model_vocab(*, session: Session, model_id: str) -> list[str]:
     """Display string of every token id of the model (cached across requests by content hash)."""
-    row = session.execute(
-        select(Model.token_strings_sha).where(Model.id == model_id)
-    ).one_or_none()
-    if row is None:
+    conn = session.connection()
+    sha = conn.execute(_VOCAB_SHA, {"model_id": model_id}).scalar()
+    if sha is None:
         raise NotFoundError(f"no model {model_id!r} in this database; see /api/v1/models")
-    sha = row[0]
     cached = codec.cached_vocab(sha)
     if cached is not None:
         return cached
-    blob = session.scalar(select(Model.token_strings).where(Model.id == model_id))
+    blob = conn.execute(_VOCAB_BLOB, {"model_id": model_id}).scalar()
     return codec.decode_vocab(blob, sha)
 
 
@@ -216,21 +266,73 @@ def get_sae(*, session: Session, sae_id: str) -> SAEInfo:
     return _sae_info(sae, run, n_labeled or 0)
 
 
+@dataclass(frozen=True)
+class _SAEBrief:
+    id: str
+    model_id: str
+    d_sae: int
+    path: str
+    active_run_id: int | None
+
+
+def _sae_brief(session: Session, sae_id: str) -> _SAEBrief:
+    """The few SAE columns hot paths need (no JSON columns to decode)."""
+    row = session.connection().execute(_SAE_BRIEF, {"sae_id": sae_id}).one_or_none()
+    if row is None:
+        raise NotFoundError(f"no SAE {sae_id!r} in this database; see /api/v1/saes")
+    return _SAEBrief(*row)
+
+
+@dataclass(frozen=True)
+class _RunBrief:
+    id: int
+    corpus: str
+    n_tokens_counted: int
+    n_bands: int
+    hist_edges: list[float]
+    doc_names: list[str]
+    dense_threshold: float
+
+
+# Runs never change once written (a rebuild writes a new run with a new id, and ids are never
+# reused: AUTOINCREMENT on SQLite, a sequence on PostgreSQL), so their decoded JSON and blobs can
+# be kept across requests. Feature pages would otherwise decode every document name each time.
+# The key adds the database URL and the run's creation time, so another database, or a database
+# file replaced by a rebuilt one, never hits an entry made for a different run.
+_RUN_CACHE: dict[tuple[str, int, datetime], _RunBrief] = {}
+_RUN_CACHE_SIZE = 16
+
+
+def _run_brief(session: Session, sae: _SAEBrief) -> _RunBrief:
+    if sae.active_run_id is None:
+        raise NotFoundError(
+            f"SAE {sae.id!r} has no precomputed features yet; run `saescope build --sae "
+            f"{sae.path}` first"
+        )
+    created = session.connection().execute(_RUN_CREATED, {"run_id": sae.active_run_id}).scalar()
+    if created is None:  # pragma: no cover - the swap sets active_run_id and the run together
+        raise NotFoundError(f"run {sae.active_run_id} of SAE {sae.id!r} is missing")
+    key = (str(session.get_bind().engine.url), sae.active_run_id, created)
+    cached = _RUN_CACHE.get(key)
+    if cached is not None:
+        return cached
+    run = session.get(Run, sae.active_run_id)
+    brief = _RunBrief(
+        id=run.id, corpus=run.corpus, n_tokens_counted=run.n_tokens_counted, n_bands=run.n_bands,
+        hist_edges=codec.from_blob(run.hist_edges, codec.FLOAT64).tolist(),
+        doc_names=list(run.doc_names or []), dense_threshold=dense_threshold(run),
+    )
+    if len(_RUN_CACHE) >= _RUN_CACHE_SIZE:
+        _RUN_CACHE.pop(next(iter(_RUN_CACHE)))
+    _RUN_CACHE[key] = brief
+    return brief
+
+
 def _sae_row(session: Session, sae_id: str) -> SAE:
     sae = session.get(SAE, sae_id)
     if sae is None:
         raise NotFoundError(f"no SAE {sae_id!r} in this database; see /api/v1/saes")
     return sae
-
-
-def _active_run(session: Session, sae: SAE) -> Run:
-    run = session.get(Run, sae.active_run_id) if sae.active_run_id is not None else None
-    if run is None:
-        raise NotFoundError(
-            f"SAE {sae.id!r} has no precomputed features yet; run `saescope build --sae "
-            f"{sae.path}` first"
-        )
-    return run
 
 
 def _sae_info(sae: SAE, run: Run | None, n_labeled: int) -> SAEInfo:
@@ -281,16 +383,17 @@ def list_features(
         raise ConfigError(f"sort {sort!r}: use one of {', '.join(SORT_COLUMNS)}")
     if not 1 <= per_page <= MAX_PER_PAGE or page < 1:
         raise ConfigError(f"page must be >= 1 and per_page in [1, {MAX_PER_PAGE}]")
-    sae = _sae_row(session, sae_id)
-    run = _active_run(session, sae)
+    sae = _sae_brief(session, sae_id)
+    run = _run_brief(session, sae)
     label_on = and_(Label.sae_id == sae_id, Label.feature_index == Feature.index)
     conditions = [Feature.run_id == run.id]
+    alive = Feature.count > 0
     if filter == "alive":
-        conditions.append(Feature.count > 0)
+        conditions.append(alive)
     elif filter == "dead":
         conditions.append(Feature.count == 0)
     elif filter == "dense":
-        conditions.append(Feature.frac_nonzero > dense_threshold(run))
+        conditions.append(Feature.frac_nonzero > run.dense_threshold)
     elif filter == "labeled":
         conditions.append(and_(Label.id.is_not(None), Label.description != ""))
     elif filter == "unlabeled":
@@ -314,8 +417,15 @@ def list_features(
                 FeatureToken.run_id == run.id, FeatureToken.token_id.in_(ids or [-1])
             )
         ))
-    base = select(Feature).outerjoin(Label, label_on).where(*conditions)
-    total = session.scalar(select(func.count()).select_from(base.subquery())) or 0
+    # The page query should walk the sort column's index and stop after one page. "count + 0"
+    # keeps the planner from filtering "alive" (nearly every row) through the count index and
+    # then sorting all of them; the count query does want that index.
+    page_conditions = [Feature.count + 0 > 0 if c is alive else c for c in conditions]
+    counted = select(func.count()).select_from(Feature)
+    if filter in ("labeled", "unlabeled") or tag or q:
+        counted = counted.outerjoin(Label, label_on)
+    # Written as a plain count (no subquery) so SQLite answers it from a covering index.
+    total = session.scalar(counted.where(*conditions)) or 0
     sort_col = SORT_COLUMNS[sort]
     ordering = [sort_col.desc() if order == "desc" else sort_col.asc()]
     if sort != "index":
@@ -323,7 +433,7 @@ def list_features(
     rows = session.execute(
         select(Feature.index, Feature.count, Feature.frac_nonzero, Feature.max_act,
                Feature.mean_act, Label)
-        .outerjoin(Label, label_on).where(*conditions)
+        .outerjoin(Label, label_on).where(*page_conditions)
         .order_by(*ordering).limit(per_page).offset((page - 1) * per_page)
     ).all()
     indices = [r.index for r in rows]
@@ -341,17 +451,13 @@ def _top_tokens(
 ) -> dict[int, list[str]]:
     if not indices:
         return {}
-    rows = session.execute(
-        select(FeatureToken.feature, FeatureToken.token_id)
-        .where(FeatureToken.run_id == run_id, FeatureToken.feature.in_(indices))
-        .order_by(FeatureToken.feature, FeatureToken.count.desc(), FeatureToken.token_id)
+    rows = session.connection().execute(
+        _TOP_TOKENS, {"run_id": run_id, "indices": list(indices), "n": TOP_TOKENS_PER_FEATURE}
     ).all()
     vocab = get_model_vocab(session=session, model_id=model_id)
     out: dict[int, list[str]] = {}
     for feature, token_id in rows:
-        tokens = out.setdefault(feature, [])
-        if len(tokens) < TOP_TOKENS_PER_FEATURE:
-            tokens.append(_token_str(vocab, token_id))
+        out.setdefault(feature, []).append(_token_str(vocab, token_id))
     return out
 
 
@@ -359,7 +465,8 @@ def _token_str(vocab: list[str], token_id: int) -> str:
     return vocab[token_id] if 0 <= token_id < len(vocab) else f"<{token_id}>"
 
 
-def _label_info(label: Label | None) -> LabelInfo | None:
+def _label_info(label: Any) -> LabelInfo | None:
+    """From a Label object or a labels row."""
     if label is None:
         return None
     return LabelInfo(description=label.description, tags=list(label.tags or []),
@@ -368,25 +475,21 @@ def _label_info(label: Label | None) -> LabelInfo | None:
 
 
 def get_label(*, session: Session, sae_id: str, index: int) -> LabelInfo | None:
-    label = session.scalars(
-        select(Label).where(Label.sae_id == sae_id, Label.feature_index == index)
-    ).one_or_none()
-    return _label_info(label)
+    row = session.connection().execute(_LABEL, {"sae_id": sae_id, "index": index}).one_or_none()
+    return _label_info(row)
 
 
 def get_labels(*, session: Session, sae_id: str, indices: list[int]) -> dict[int, LabelInfo]:
     if not indices:
         return {}
-    labels = session.scalars(
-        select(Label).where(Label.sae_id == sae_id, Label.feature_index.in_(indices))
-    ).all()
-    return {label.feature_index: _label_info(label) for label in labels}
+    rows = session.connection().execute(_LABELS, {"sae_id": sae_id, "indices": list(indices)})
+    return {row.feature_index: _label_info(row) for row in rows}
 
 
 def random_feature(*, session: Session, sae_id: str, alive_only: bool = True) -> int:
     """A uniformly random feature index (alive ones only, unless none fired)."""
-    sae = _sae_row(session, sae_id)
-    run = _active_run(session, sae)
+    sae = _sae_brief(session, sae_id)
+    run = _run_brief(session, sae)
     stmt = select(func.count()).select_from(Feature).where(Feature.run_id == run.id)
     if alive_only:
         n_alive = session.scalar(stmt.where(Feature.count > 0)) or 0
@@ -401,39 +504,38 @@ def random_feature(*, session: Session, sae_id: str, alive_only: bool = True) ->
 
 def get_feature(*, session: Session, sae_id: str, index: int) -> FeatureDetail:
     """Everything a feature page shows, from one run's rows and blobs."""
-    sae = _sae_row(session, sae_id)
+    sae = _sae_brief(session, sae_id)
     if not 0 <= index < sae.d_sae:
         raise NotFoundError(
             f"SAE {sae_id!r} has features 0..{sae.d_sae - 1}; there is no feature {index}"
         )
-    run = _active_run(session, sae)
-    feat = session.get(Feature, (run.id, index))
+    run = _run_brief(session, sae)
+    conn = session.connection()
+    feat = conn.execute(_FEATURE_ROW, {"run_id": run.id, "index": index}).one_or_none()
     if feat is None:
         raise NotFoundError(f"feature {index} of {sae_id!r} is missing from run {run.id}")
     vocab = get_model_vocab(session=session, model_id=sae.model_id)
+    n_vocab = len(vocab)
 
-    windows = session.execute(
-        select(Window.kind, Window.band, Window.rank, Window.seq_index, Window.start,
-               Window.length, Window.max_value, Window.max_pos, Window.values)
-        .where(Window.run_id == run.id, Window.feature == index)
-        .order_by(Window.kind, Window.band.desc(), Window.rank)
-    ).all()
+    def strings(ids: list[int]) -> list[str]:
+        if ids and (min(ids) < 0 or max(ids) >= n_vocab):
+            return [_token_str(vocab, t) for t in ids]
+        return [vocab[t] for t in ids]
+
+    windows = conn.execute(_WINDOWS, {"run_id": run.id, "index": index}).all()
     seq_ids = sorted({w.seq_index for w in windows})
     seqs = {
         s.seq_index: (s.doc_index, codec.from_blob(s.tokens, codec.INT32))
-        for s in session.execute(
-            select(Sequence.seq_index, Sequence.doc_index, Sequence.tokens)
-            .where(Sequence.run_id == run.id, Sequence.seq_index.in_(seq_ids))
-        )
+        for s in conn.execute(_SEQUENCES, {"run_id": run.id, "seq_ids": seq_ids})
     } if seq_ids else {}
-    doc_names = run.doc_names or []
+    doc_names = run.doc_names
     window_infos = []
     for w in windows:
         doc_index, tokens = seqs[w.seq_index]
         ids = tokens[w.start:w.start + w.length].tolist()
         window_infos.append(WindowInfo(
             kind="top" if w.kind == WINDOW_KIND_TOP else "interval",
-            band=w.band, rank=w.rank, token_ids=ids, tokens=[_token_str(vocab, t) for t in ids],
+            band=w.band, rank=w.rank, token_ids=ids, tokens=strings(ids),
             values=codec.from_blob(w.values, codec.FLOAT16).astype(np.float32).tolist(),
             max_value=w.max_value, max_pos=w.max_pos, seq_index=w.seq_index, start=w.start,
             doc_name=doc_names[doc_index] if 0 <= doc_index < len(doc_names) else None,
@@ -441,7 +543,8 @@ def get_feature(*, session: Session, sae_id: str, index: int) -> FeatureDetail:
 
     share = codec.from_blob(feat.band_share, codec.FLOAT32).tolist()
     band_count = codec.from_blob(feat.band_count, codec.INT64).tolist()
-    # Interval bands split (0, max_act] into equal widths (the pipeline's definition).
+    # Interval bands split [0, max_act] into equal widths. The pipeline snaps each edge to its
+    # fine histogram grid (within 1% of max_act); these are the nominal edges.
     width = feat.max_act / run.n_bands if run.n_bands else 0.0
     bands = [Band(band=b, lo=b * width, hi=(b + 1) * width, share=share[b], count=band_count[b])
              for b in range(len(share))]
@@ -449,7 +552,7 @@ def get_feature(*, session: Session, sae_id: str, index: int) -> FeatureDetail:
     def token_values(ids_blob: bytes, values_blob: bytes) -> list[TokenValue]:
         ids = codec.from_blob(ids_blob, codec.INT32).tolist()
         vals = codec.from_blob(values_blob, codec.FLOAT32).tolist()
-        return [TokenValue(t, _token_str(vocab, t), v) for t, v in zip(ids, vals, strict=True)]
+        return [TokenValue(t, s, v) for t, s, v in zip(ids, strings(ids), vals, strict=True)]
 
     neighbours = list(zip(codec.from_blob(feat.neighbour_idx, codec.INT32).tolist(),
                           codec.from_blob(feat.neighbour_cos, codec.FLOAT32).tolist(), strict=True))
@@ -457,12 +560,12 @@ def get_feature(*, session: Session, sae_id: str, index: int) -> FeatureDetail:
         sae_id=sae.id, model_id=sae.model_id, index=index, d_sae=sae.d_sae, count=feat.count,
         act_sum=feat.act_sum, mean_act=feat.mean_act, max_act=feat.max_act,
         frac_nonzero=feat.frac_nonzero, n_tokens_counted=run.n_tokens_counted,
-        hist_edges=codec.from_blob(run.hist_edges, codec.FLOAT64).tolist(),
+        hist_edges=run.hist_edges,
         hist_counts=codec.from_blob(feat.hist_counts, codec.INT64).tolist(),
         bands=bands,
         logits_pos=token_values(feat.logit_pos_ids, feat.logit_pos_values),
         logits_neg=token_values(feat.logit_neg_ids, feat.logit_neg_values),
         neighbours=neighbours, windows=window_infos,
         label=get_label(session=session, sae_id=sae_id, index=index),
-        run_id=run.id, corpus=run.corpus, dense_threshold=dense_threshold(run),
+        run_id=run.id, corpus=run.corpus, dense_threshold=run.dense_threshold,
     )

@@ -102,6 +102,8 @@ class Run(Base):
     """One precompute run of one SAE over a corpus, with the per-SAE statistics it measured."""
 
     __tablename__ = "runs"
+    # Never reuse a deleted run's id: readers cache a run's decoded data under its id.
+    __table_args__ = {"sqlite_autoincrement": True}
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     sae_id: Mapped[str] = mapped_column(ForeignKey("saes.id", ondelete="CASCADE"), index=True)
@@ -144,6 +146,9 @@ class Feature(Base):
         Index("ix_features_run_frac_nonzero", "run_id", "frac_nonzero"),
         Index("ix_features_run_max_act", "run_id", "max_act"),
         Index("ix_features_run_mean_act", "run_id", "mean_act"),
+        # Counting a filtered table (alive/dead) from this small index instead of the rows,
+        # which carry every blob.
+        Index("ix_features_run_count", "run_id", "count"),
         {"sqlite_with_rowid": False},
     )
 

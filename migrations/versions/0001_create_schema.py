@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: (none)
-Create Date: 2026-11-27 18:55:17.211741
+Create Date: 2026-11-27 19:21:05.990391
 """
 
 from collections.abc import Sequence
@@ -98,7 +98,8 @@ def upgrade() -> None:
     sa.Column('doc_names', sa.JSON(), nullable=False),
     sa.Column('created_at', sa.DateTime(), nullable=False),
     sa.ForeignKeyConstraint(['sae_id'], ['saes.id'], name=op.f('fk_runs_sae_id_saes'), ondelete='CASCADE'),
-    sa.PrimaryKeyConstraint('id', name=op.f('pk_runs'))
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_runs')),
+    sqlite_autoincrement=True
     )
     with op.batch_alter_table('runs', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_runs_sae_id'), ['sae_id'], unique=False)
@@ -137,6 +138,7 @@ def upgrade() -> None:
     sqlite_with_rowid=False
     )
     with op.batch_alter_table('features', schema=None) as batch_op:
+        batch_op.create_index('ix_features_run_count', ['run_id', 'count'], unique=False)
         batch_op.create_index('ix_features_run_frac_nonzero', ['run_id', 'frac_nonzero'], unique=False)
         batch_op.create_index('ix_features_run_max_act', ['run_id', 'max_act'], unique=False)
         batch_op.create_index('ix_features_run_mean_act', ['run_id', 'mean_act'], unique=False)
@@ -177,6 +179,7 @@ def downgrade() -> None:
         batch_op.drop_index('ix_features_run_mean_act')
         batch_op.drop_index('ix_features_run_max_act')
         batch_op.drop_index('ix_features_run_frac_nonzero')
+        batch_op.drop_index('ix_features_run_count')
 
     op.drop_table('features')
     with op.batch_alter_table('feature_tokens', schema=None) as batch_op:

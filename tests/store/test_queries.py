@@ -130,3 +130,23 @@ def test_sae_overview_and_random(engine, loaded):
             assert 4 <= queries.random_feature(session=session, sae_id=SAE_ID) < 40
         models = queries.list_models(session=session)
         assert [(m.id, m.sae_ids) for m in models] == [("tiny-llama", [SAE_ID])]
+
+
+def test_two_databases_with_the_same_run_id_do_not_share_cached_runs(tmp_path):
+    from app.store.db import make_engine, upgrade
+
+    engines = []
+    for name in ("a", "b"):
+        url = f"sqlite:///{tmp_path / f'{name}.db'}"
+        upgrade(url)
+        engine = make_engine(url)
+        rec = synthetic_run(d_sae=8, corpus=f"corpus {name}", seed=ord(name))
+        assert write_run(engine_or_session=engine, **rec.as_kwargs()) == 1
+        engines.append(engine)
+    for _ in range(2):
+        for engine, name in zip(engines, "ab", strict=True):
+            with Session(engine) as session:
+                got = queries.get_feature(session=session, sae_id=SAE_ID, index=5)
+                assert got.corpus == f"corpus {name}"
+    for engine in engines:
+        engine.dispose()

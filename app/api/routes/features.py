@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Path, Query
+from fastapi import APIRouter, Path, Query, Response
 
 from app.api.deps import SessionDep
 from app.api.schemas import ERROR_RESPONSES, FeatureList, FeatureOut, RandomFeatureOut
@@ -44,10 +44,12 @@ def random_feature(session: SessionDep, sae_id: str) -> RandomFeatureOut:
 
 
 @router.get("/{index}", response_model=FeatureOut, responses=ERROR_RESPONSES)
-def get_feature(session: SessionDep, sae_id: str, index: IndexPath) -> FeatureOut:
+def get_feature(session: SessionDep, sae_id: str, index: IndexPath) -> Response:
     detail = queries.get_feature(session=session, sae_id=sae_id, index=index)
     labels = queries.get_labels(session=session, sae_id=sae_id,
                                 indices=[i for i, _ in detail.neighbours])
-    return FeatureOut.of(detail, neighbour_labels={
+    out = FeatureOut.of(detail, neighbour_labels={
         i: label.description for i, label in labels.items() if label.description
     })
+    # Serialized directly: FastAPI would otherwise validate the whole model a second time.
+    return Response(content=out.model_dump_json(), media_type="application/json")
