@@ -86,6 +86,12 @@ def plotly_js(version: str, request: Request) -> Response:
     return Response(raw, media_type="text/javascript", headers=headers)
 
 
+@router.get("/_ping")
+def ping() -> Response:
+    """A route that does nothing: the baseline the serving benchmark compares pages with."""
+    return Response("ok", media_type="text/plain")
+
+
 # --- view models: JSON-twin dicts -> what the templates loop over ------------------------------
 
 
@@ -209,9 +215,10 @@ def _chrome(
     sae_id: str | None = None,
 ) -> dict[str, Any]:
     """Context every page shares: breadcrumbs and the top bar's text-search target."""
+    # list_models carries the SAE ids and skips the statistics list_saes would decode.
     choices = [
-        {"model_id": s.model_id, "id": s.id}
-        for s in queries.list_saes(session=session)
+        {"model_id": m.id, "id": sae_id}
+        for m in queries.list_models(session=session) for sae_id in m.sae_ids
     ]
     target = None
     if sae_id is not None and model_id is not None:
@@ -235,9 +242,6 @@ def home_page(request: Request, session: SessionDep) -> HTMLResponse:
             "saes": [sae_view(s) for s in saes if s.model_id == model.id],
         })
     context = {"models": models, **_chrome(session, crumbs=[])}
-    if saes:
-        first = saes[0]
-        context.update(_chrome(session, crumbs=[], model_id=first.model_id, sae_id=first.id))
     return templates.TemplateResponse(request, "pages/home.html", context)
 
 
@@ -328,8 +332,9 @@ def search_page(
 def feature_page(
     request: Request, session: SessionDep, model_id: str, sae_id: str, index: int
 ) -> HTMLResponse:
-    _sae_for_page(session, model_id=model_id, sae_id=sae_id)
     detail = queries.get_feature(session=session, sae_id=sae_id, index=index)
+    if detail.model_id != model_id:
+        _sae_for_page(session, model_id=model_id, sae_id=sae_id)  # raises the 404
     labels = queries.get_labels(
         session=session, sae_id=sae_id, indices=[i for i, _ in detail.neighbours]
     )

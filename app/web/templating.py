@@ -110,12 +110,22 @@ def _token_parts(token: str) -> tuple[str, str]:
     return str(escape(shown)), attr
 
 
+# Shading opacities in steps of 0.01, formatted once.
+_ALPHAS = tuple(f"{i / 100:.2f}" for i in range(101))
+
+
+@lru_cache(maxsize=65536)
+def _value_text(value: float) -> str:
+    # Window values are float16, so few distinct values recur across a page.
+    return f"{value:.3g}"
+
+
 def _token_span(token: str, value: float, max_value: float, extra: str = "") -> str:
     text, attr = _token_parts(token)
     if value > 0:
-        alpha = min(value / max_value, 1.0) if max_value > 0 else 0.0
-        return (f'<span class="t on{extra}" style="--a:{alpha:.2f}" data-v="{value:.3g}"{attr}>'
-                f"{text}</span>")
+        alpha = _ALPHAS[min(int(value / max_value * 100 + 0.5), 100)] if max_value > 0 else "0.00"
+        return (f'<span class="t on{extra}" style="--a:{alpha}" data-v="{_value_text(value)}"'
+                f"{attr}>{text}</span>")
     # Inactive tokens: no style and no value attribute (the tooltip reads a missing value as 0).
     return f'<span class="t{extra}"{attr}>{text}</span>'
 

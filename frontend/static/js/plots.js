@@ -57,19 +57,26 @@ export function barHistogram(el) {
     return;
   }
   const { edges, counts } = data;
-  const x = counts.map((_, i) => (edges[i] + edges[i + 1]) / 2);
-  const width = counts.map((_, i) => edges[i + 1] - edges[i]);
-  const text = counts.map((c, i) =>
-    plotText(`${edges[i].toPrecision(3)} – ${edges[i + 1].toPrecision(3)}: ${c.toLocaleString("en-US")}`),
+  // Empty bins at either end only stretch the axis: keep one on each side of the data.
+  const nonzero = counts.map((c, i) => (c > 0 ? i : -1)).filter((i) => i >= 0);
+  const lo = Math.max(nonzero[0] - 1, 0);
+  const hi = Math.min(nonzero[nonzero.length - 1] + 1, counts.length - 1);
+  const idx = [];
+  for (let i = lo; i <= hi; i++) idx.push(i);
+  const x = idx.map((i) => (edges[i] + edges[i + 1]) / 2);
+  const width = idx.map((i) => edges[i + 1] - edges[i]);
+  const y = idx.map((i) => counts[i]);
+  const text = idx.map((i) =>
+    plotText(`${edges[i].toPrecision(3)} – ${edges[i + 1].toPrecision(3)}: ${counts[i].toLocaleString("en-US")}`),
   );
   withPlotly((Plotly) => {
     Plotly.newPlot(
       el,
-      [{ type: "bar", x, y: counts, width, text, textposition: "none", hovertemplate: "%{text}<extra></extra>",
+      [{ type: "bar", x, y, width, text, textposition: "none", hovertemplate: "%{text}<extra></extra>",
          marker: { color: "rgba(47, 95, 208, 0.75)" } }],
       layout({ xaxis: axis(el.dataset.xtitle || ""), yaxis: axis(el.dataset.ytitle || "") }),
       CONFIG,
-    ).then(() => { el.dataset.rendered = "yes"; el.dataset.points = String(counts.length); });
+    ).then(() => { el.dataset.rendered = "yes"; el.dataset.points = String(idx.length); });
   });
 }
 
