@@ -12,8 +12,10 @@ up (app/store/synthetic.py); their sizes are the real ones, and page cost depend
 One server (uvicorn, one process, as `saescope serve` runs it) in a subprocess; clients are
 httpx.AsyncClient tasks in this process. Reported, in one run:
   - p50/p99 of GET /{model}/{sae}/{index} (HTML) and GET /api/v1/saes/{sae}/features/{index}
-    over --requests random features each, --concurrency clients at once, beside the p50 of
-    GET /_ping (a route that does nothing) under the same load;
+    over --requests random features each, --concurrency clients at once, each route on its own,
+    beside GET /_ping (a route that does nothing) under the same concurrency; then each route's
+    p50 with one client (its service time, no queueing). With N closed-loop clients on one
+    process, latency is about N x service time, so the one-client figures say where time goes;
   - text search: POST /api/v1/saes/{sae}/search on a 64-token prompt (sequential, p50) against
     the bare run_to_hook of the same 64 ids in this process (p50), and their ratio.
 The machine is shared and has 2 cores, clients and server included: figures are noisy.
@@ -204,33 +206,30 @@ def main() -> None:
 
         rng = random.Random(0)
         n = args.requests
-        mixed = (
-            [("page", f"/{model_id}/{sae_id}/{rng.randrange(d_sae)}") for _ in range(n)]
-            + [("json", f"/api/v1/saes/{sae_id}/features/{rng.randrange(d_sae)}")
-               for _ in range(n)]
-            + [("noop", "/_ping") for _ in range(n // 4)]
-        )
-        rng.shuffle(mixed)  # interleaved, so every route sees the same load
-        asyncio.run(load_test(base, mixed[:200], concurrency=args.concurrency))  # warm-up
-        t0 = time.perf_counter()
-        times = asyncio.run(load_test(base, mixed, concurrency=args.concurrency))
-        wall = time.perf_counter() - t0
-        print(f"\nSAE {sae_id} ({d_sae} features), {len(mixed)} requests, "
-              f"{args.concurrency} concurrent clients, {len(mixed) / wall:.0f} req/s overall")
-        print(f"{'route':<34} {'n':>5} {'p50 ms':>8} {'p99 ms':>8}  target p99")
-        rows = [("feature page  GET /{m}/{s}/{i}", "page", "<= 80 ms"),
-                ("feature JSON  GET /api/v1/.../{i}", "json", "<= 50 ms"),
-                ("no-op         GET /_ping", "noop", "")]
-        for name, key, target in rows:
-            vals = times[key]
-            print(f"{name:<34} {len(vals):>5} {statistics.median(vals):>8.1f} "
-                  f"{percentile(vals, 99):>8.1f}  {target}")
-
-        # The same routes one request at a time: service time without queueing.
-        seq = asyncio.run(load_test(base, mixed[:400], concurrency=1))
-        print("one client: " + ", ".join(
-            f"{key} p50 {statistics.median(seq[key]):.1f} ms" for key in ("page", "json", "noop")
-            if key in seq))
+        routes = [
+            ("feature page  GET /{m}/{s}/{i}", "page", "<= 80 ms",
+             [("page", f"/{model_id}/{sae_id}/{rng.randrange(d_sae)}") for _ in range(n)]),
+            ("feature JSON  GET /api/v1/.../{i}", "json", "<= 50 ms",
+             [("json", f"/api/v1/saes/{sae_id}/features/{rng.randrange(d_sae)}")
+              for _ in range(n)]),
+            ("no-op         GET /_ping", "noop", "", [("noop", "/_ping")] * n),
+        ]
+        warm = [item for *_, paths in routes for item in paths[:100]]
+        asyncio.run(load_test(base, warm, concurrency=args.concurrency))
+        print(f"\nSAE {sae_id} ({d_sae} features); each route alone, {n} requests, "
+              f"{args.concurrency} concurrent clients (random features)")
+        print(f"{'route':<34} {'p50 ms':>8} {'p99 ms':>8} {'req/s':>6}  target p99")
+        for name, key, target, paths in routes:
+            t0 = time.perf_counter()
+            vals = asyncio.run(load_test(base, paths, concurrency=args.concurrency))[key]
+            rate = len(vals) / (time.perf_counter() - t0)
+            print(f"{name:<34} {statistics.median(vals):>8.1f} {percentile(vals, 99):>8.1f} "
+                  f"{rate:>6.0f}  {target}")
+        # One request at a time: each route's service time, without queueing.
+        one = {key: asyncio.run(load_test(base, paths[:300], concurrency=1))[key]
+               for _, key, _, paths in routes}
+        print("one client, p50: " + ", ".join(
+            f"{key} {statistics.median(v):.1f} ms" for key, v in one.items()))
 
         if args.no_search:
             return

@@ -120,13 +120,10 @@ def _value_text(value: float) -> str:
     return f"{value:.3g}"
 
 
-def _token_span(token: str, value: float, max_value: float, extra: str = "") -> str:
+@lru_cache(maxsize=65536)
+def _inactive_span(token: str, extra: str) -> str:
     text, attr = _token_parts(token)
-    if value > 0:
-        alpha = _ALPHAS[min(int(value / max_value * 100 + 0.5), 100)] if max_value > 0 else "0.00"
-        return (f'<span class="t on{extra}" style="--a:{alpha}" data-v="{_value_text(value)}"'
-                f"{attr}>{text}</span>")
-    # Inactive tokens: no style and no value attribute (the tooltip reads a missing value as 0).
+    # No style and no value attribute: the tooltip reads a missing value as 0.
     return f'<span class="t{extra}"{attr}>{text}</span>'
 
 
@@ -136,13 +133,33 @@ def token_run_html(
     """The token spans of one window, shaded by value / max_value, the max token marked.
 
     Built here rather than with a Jinja loop because a feature page has thousands of tokens
-    (a per-token macro call costs ~30 us; this costs ~1 us). Every token string goes through
+    (a per-token macro call costs ~30 us; this loop ~2 us). Every token string goes through
     markupsafe.escape in _token_parts, so a token is always text, never markup.
     """
-    spans = [
-        _token_span(tok, float(val), max_value, " max" if i == max_pos else "")
-        for i, (tok, val) in enumerate(zip(tokens, values, strict=True))
-    ]
+    scale = 100.0 / max_value if max_value > 0 else 0.0
+    parts, value_text, alphas, inactive = _token_parts, _value_text, _ALPHAS, _inactive_span
+    spans: list[str] = []
+    append = spans.append
+    # Plain concatenation: measurably faster than an f-string per token in this hot loop.
+    for token, value in zip(tokens, values, strict=True):
+        if value > 0:
+            text, attr = parts(token)
+            step = int(value * scale + 0.5)
+            append('<span class="t on" style="--a:' + alphas[step if step < 100 else 100]
+                   + '" data-v="' + value_text(value) + '"' + attr + ">" + text + "</span>")
+        else:
+            # Most tokens of a window are inactive (features are sparse): one cached string each.
+            append(inactive(token, ""))
+    if 0 <= max_pos < len(spans):
+        # The max token, once per window: the same span with the "max" class.
+        value = values[max_pos]
+        if value > 0:
+            text, attr = parts(tokens[max_pos])
+            step = min(int(value * scale + 0.5), 100)
+            spans[max_pos] = (f'<span class="t on max" style="--a:{alphas[step]}" '
+                              f'data-v="{value_text(value)}"{attr}>{text}</span>')
+        else:
+            spans[max_pos] = inactive(tokens[max_pos], " max")
     if not centred or not spans:
         return Markup("".join(spans))
     # Centred view: the max token sits mid-row, the text before it is clipped on the left.
