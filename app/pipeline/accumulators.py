@@ -2,10 +2,11 @@
 
 Every batch is the SAE encode output for whole sequences, ``acts [n_seq, ctx, d_sae]``.
 ``sparsify`` leaves dense land at once: it zeroes the special (BOS / padding) rows, which touches
-only those rows, and makes one ``nonzero`` pass over the block, giving sparse records
-``(token, feature, value)`` with value > 0. All accumulators then work on those records; the
-dense block is only read again through small gathers of the windows being inserted (window_len
-values per inserted window). Nothing takes a top-k along the token axis of a dense block.
+only those rows, and makes two passes over the block (compare, then scan the bool mask), giving
+sparse records ``(token, feature, value)`` with value > 0. All accumulators then work on those
+records; the dense block is only read again through small gathers of the windows being inserted
+(window_len values per inserted window).
+Nothing takes a top-k along the token axis of a dense block.
 
 State is O(d_sae x k), independent of the corpus length. It is plain numpy (``state_dict`` /
 ``load_state_dict``) so the pipeline can checkpoint it and resume bit for bit.
@@ -65,18 +66,18 @@ class SparseBatch:
         length = end - start
         offsets = np.arange(window_len)
         cols = np.minimum(start[:, None] + offsets, self.ctx - 1)
-        rows = (token - pos)[:, None] + cols
-        vals = self.dense[torch.from_numpy(rows), torch.from_numpy(feature)[:, None]].numpy()
-        vals = np.where(offsets < length[:, None], vals, 0.0)
-        return start.astype(np.int32), length.astype(np.int16), vals.astype(np.float16)
+        flat = ((token - pos)[:, None] + cols) * self.d_sae + feature[:, None]
+        vals = self.dense.reshape(-1).take(torch.from_numpy(flat))
+        vals.masked_fill_(torch.from_numpy(offsets[None, :] >= length[:, None]), 0.0)
+        return start.astype(np.int32), length.astype(np.int16), vals.half().numpy()
 
 
 def sparsify(acts: torch.Tensor, *, special_mask: np.ndarray | torch.Tensor,
              seq_index: np.ndarray) -> SparseBatch:
     """Turn an encode output [n_seq, ctx, d_sae] into sparse records (zeroes special rows in place).
 
-    Passes over the dense block: one ``nonzero`` (the special rows and the gathers of values at
-    the nonzero coordinates are sparse).
+    Passes over the dense block: two (a ``> 0`` comparison, then a scan of the bool mask); the
+    special rows and the gather of values at the nonzero coordinates are sparse.
     """
     n_seq, ctx, d_sae = acts.shape
     dense = acts.detach().reshape(n_seq * ctx, d_sae)
@@ -86,13 +87,11 @@ def sparsify(acts: torch.Tensor, *, special_mask: np.ndarray | torch.Tensor,
     special_rows = np.flatnonzero(special)
     if special_rows.size:
         dense[torch.from_numpy(special_rows)] = 0.0
-    rows, cols = dense.nonzero(as_tuple=True)
-    vals = dense[rows, cols]
-    positive = vals > 0  # an SAE whose encode can go negative: only positive values "fire"
-    if not bool(positive.all()):
-        rows, cols, vals = rows[positive], cols[positive], vals[positive]
-    return SparseBatch(token=rows.numpy().astype(np.int64), feature=cols.numpy().astype(np.int64),
-                       value=vals.numpy().astype(np.float32),
+    # Pass 1 compares (multi-threaded), pass 2 scans the 4x smaller bool mask; only values
+    # > 0 "fire" (an SAE whose encode can go negative is read the same way).
+    flat = np.flatnonzero((dense > 0).numpy())
+    vals = dense.reshape(-1).take(torch.from_numpy(flat)).numpy()
+    return SparseBatch(token=flat // d_sae, feature=flat % d_sae, value=vals,
                        seq_index=np.asarray(seq_index, dtype=np.int64), counted=~special,
                        ctx=ctx, d_sae=d_sae, dense=dense)
 
@@ -127,65 +126,81 @@ class TopWindows:
     feature, sorted, and a batch's candidates are merged in (top-k of a union = top-k of the union
     of top-ks). A window's activation values are gathered from the batch being processed when it
     is inserted, so no second pass is needed.
+
+    Layout: the sort keys (``value``, ``gpos``) are kept sorted per feature with a ``slot``
+    pointer into payload arrays (``start``, ``length``, ``values``) that never move: a new
+    entry's payload goes into the slot of the entry it evicts, so a batch writes payload only for
+    its new winners.
     """
 
     def __init__(self, d_sae: int, *, k: int = 20, window_len: int = 32) -> None:
         self.d_sae, self.k, self.window_len = d_sae, k, window_len
         self.value = np.full((d_sae, k), -np.inf, dtype=np.float32)
         self.gpos = np.full((d_sae, k), INT64_MAX, dtype=np.int64)
+        self.slot = np.tile(np.arange(k, dtype=np.int16), (d_sae, 1))
         self.start = np.zeros((d_sae, k), dtype=np.int32)
         self.length = np.zeros((d_sae, k), dtype=np.int16)
         self.values = np.zeros((d_sae, k, window_len), dtype=np.float16)
 
-    _fields = ("value", "gpos", "start", "length", "values")
+    _fields = ("value", "gpos", "slot", "start", "length", "values")
 
     def update(self, batch: SparseBatch) -> None:
         f, tok, v = batch.feature, batch.token, batch.value
         if f.size == 0:
             return
-        seq_local = tok // batch.ctx
-        # One candidate per (feature, sequence): its max, earliest position on ties.
-        order = np.lexsort((tok, -v, seq_local, f))
-        fs, ss = f[order], seq_local[order]
+        # One candidate per (feature, sequence): its max, earliest position on ties (records
+        # come in token order and lexsort is stable).
+        fseq = f * (batch.counted.size // batch.ctx) + tok // batch.ctx
+        order = np.lexsort((-v, fseq))
+        sorted_key = fseq[order]
         first = np.ones(order.size, dtype=bool)
-        first[1:] = (fs[1:] != fs[:-1]) | (ss[1:] != ss[:-1])
+        first[1:] = sorted_key[1:] != sorted_key[:-1]
         cand = order[first]
         cf, cv, ctok = f[cand], v[cand], tok[cand]
         cg = batch.global_pos(ctok)
-        # Only candidates that beat the current k-th can enter (the state is sorted).
+        # Only candidates that beat the current k-th can enter (keys are sorted).
         worst_v, worst_g = self.value[cf, -1], self.gpos[cf, -1]
         keep = (cv > worst_v) | ((cv == worst_v) & (cg < worst_g))
         if not keep.any():
             return
         cf, cv, ctok, cg = cf[keep], cv[keep], ctok[keep], cg[keep]
-        feats = np.unique(cf)
-        n_old = feats.size * self.k
-        all_f = np.concatenate([np.repeat(feats, self.k), cf])
-        all_v = np.concatenate([self.value[feats].ravel(), cv])
-        all_g = np.concatenate([self.gpos[feats].ravel(), cg])
-        order = np.lexsort((all_g, -all_v, all_f))
-        rank = _group_rank(all_f[order])
-        sel = order[rank < self.k]
-        slot = rank[rank < self.k]
-        row = np.searchsorted(feats, all_f[sel])
-        old = {name: getattr(self, name)[feats] for name in self._fields}
-        new = {name: arr.copy() for name, arr in old.items()}
-        from_old = sel < n_old
-        o_sel = sel[from_old]
-        for name in self._fields:
-            new[name][row[from_old], slot[from_old]] = old[name].reshape(
-                n_old, *old[name].shape[2:])[o_sel]
-        n_sel = sel[~from_old] - n_old
-        r_new, s_new = row[~from_old], slot[~from_old]
-        start, length, values = batch.windows(token=ctok[n_sel], feature=cf[n_sel],
+        # Merge without sorting the k old entries again: a candidate's new rank is the number
+        # of old entries that beat it plus the number of the feature's candidates that beat it;
+        # the old entries fill the remaining places in their order.
+        by = np.lexsort((cg, -cv, cf))
+        cf, cv, ctok, cg = cf[by], cv[by], ctok[by], cg[by]
+        feats, row_start = np.unique(cf, return_index=True)
+        row = np.repeat(np.arange(feats.size), np.diff(np.r_[row_start, cf.size]))
+        k = self.k
+        old_v, old_g = self.value[feats], self.gpos[feats]
+        beats_cand = (old_v[row] > cv[:, None]) | ((old_v[row] == cv[:, None])
+                                                   & (old_g[row] < cg[:, None]))
+        rank_c = beats_cand.sum(axis=1) + (np.arange(cf.size) - row_start[row])
+        width = k + int(np.diff(np.r_[row_start, cf.size]).max())
+        taken = np.zeros((feats.size, width), dtype=bool)
+        taken[row, rank_c] = True
+        free = ~taken
+        old_place = (free & (np.cumsum(free, axis=1) <= k)).nonzero()[1].reshape(feats.size, k)
+        kept_old = old_place < k
+        win_c = rank_c < k
+        old_slot = self.slot[feats]
+        slots_c = old_slot[~kept_old]  # evicted slots, row by row, as many as new winners
+        new_v = np.empty((feats.size, width), dtype=np.float32)
+        new_g = np.empty((feats.size, width), dtype=np.int64)
+        new_s = np.empty((feats.size, width), dtype=np.int16)
+        rows_k = np.repeat(np.arange(feats.size), k).reshape(feats.size, k)
+        new_v[rows_k, old_place], new_g[rows_k, old_place] = old_v, old_g
+        new_s[rows_k, old_place] = old_slot
+        new_v[row, rank_c], new_g[row, rank_c] = cv, cg
+        new_s[row[win_c], rank_c[win_c]] = slots_c
+        self.value[feats], self.gpos[feats] = new_v[:, :k], new_g[:, :k]
+        self.slot[feats] = new_s[:, :k]
+        nf, ns, ntok = cf[win_c], slots_c, ctok[win_c]
+        start, length, values = batch.windows(token=ntok, feature=nf,
                                               window_len=self.window_len)
-        new["value"][r_new, s_new] = cv[n_sel]
-        new["gpos"][r_new, s_new] = cg[n_sel]
-        new["start"][r_new, s_new] = start
-        new["length"][r_new, s_new] = length
-        new["values"][r_new, s_new] = values
-        for name in self._fields:
-            getattr(self, name)[feats] = new[name]
+        self.start[nf, ns] = start
+        self.length[nf, ns] = length
+        self.values[nf, ns] = values
 
     def state_dict(self) -> dict[str, np.ndarray]:
         return {name: getattr(self, name) for name in self._fields}
@@ -196,14 +211,15 @@ class TopWindows:
             setattr(self, name, np.array(state[name]))
 
     def finalize(self, *, ctx: int) -> WindowArrays:
-        f, slot = np.nonzero(np.isfinite(self.value))
-        gpos = self.gpos[f, slot]
+        f, rank = np.nonzero(np.isfinite(self.value))
+        gpos = self.gpos[f, rank]
+        slot = self.slot[f, rank]
         start = self.start[f, slot]
         return WindowArrays(
             feature=f.astype(np.int32), kind=np.full(f.size, WINDOW_KIND_TOP, dtype=np.int8),
-            band=np.full(f.size, -1, dtype=np.int16), rank=slot.astype(np.int16),
+            band=np.full(f.size, -1, dtype=np.int16), rank=rank.astype(np.int16),
             seq_index=gpos // ctx, start=start, length=self.length[f, slot],
-            max_value=self.value[f, slot], max_pos=(gpos % ctx - start).astype(np.int16),
+            max_value=self.value[f, rank], max_pos=(gpos % ctx - start).astype(np.int16),
             values=self.values[f, slot])
 
 
@@ -327,10 +343,13 @@ class IntervalSamples:
             arr[feats] = fresh
 
     def _insert(self, batch: SparseBatch, sample_bin: np.ndarray) -> None:
+        """Merge records into the per-(feature, sample bin) bottom-s sets. The s slots of a set
+        are unordered; a new winner takes the slot of the candidate it evicts, so only new
+        winners' payload is written."""
         f = batch.feature
         gpos = batch.global_pos(batch.token)
         prio = _priority(f, gpos, self.seed)
-        keep = prio < self.prio[f, sample_bin, -1]
+        keep = prio < self.prio[f, sample_bin].max(axis=1)
         if not keep.any():
             return
         idx = np.flatnonzero(keep)
@@ -343,27 +362,20 @@ class IntervalSamples:
         all_prio = np.concatenate([self.prio[g_f, g_b].ravel(), prio[idx]])
         order = np.lexsort((all_prio, all_group))
         rank = _group_rank(all_group[order])
-        sel, slot = order[rank < s], rank[rank < s]
-        row = np.searchsorted(groups, all_group[sel])
-        old = {name: getattr(self, name)[g_f, g_b] for name in self._slot_fields}
-        new = {name: arr.copy() for name, arr in old.items()}
-        from_old = sel < n_old
-        o_sel = sel[from_old]
-        for name in self._slot_fields:
-            new[name][row[from_old], slot[from_old]] = old[name].reshape(
-                n_old, *old[name].shape[2:])[o_sel]
-        rec = idx[sel[~from_old] - n_old]
-        r_new, s_new = row[~from_old], slot[~from_old]
-        start, length, values = batch.windows(token=batch.token[rec], feature=f[rec],
+        win = order[rank < s]
+        lost = order[rank >= s]
+        freed = lost[lost < n_old]  # evicted old candidates, grouped like the new winners
+        new = win[win >= n_old]
+        rec = idx[new - n_old]
+        rf, rb, rs = f[rec], sample_bin[rec], freed % s
+        start, length, values = batch.windows(token=batch.token[rec], feature=rf,
                                               window_len=self.window_len)
-        new["prio"][r_new, s_new] = prio[rec]
-        new["value"][r_new, s_new] = batch.value[rec]
-        new["gpos"][r_new, s_new] = gpos[rec]
-        new["start"][r_new, s_new] = start
-        new["length"][r_new, s_new] = length
-        new["values"][r_new, s_new] = values
-        for name in self._slot_fields:
-            getattr(self, name)[g_f, g_b] = new[name]
+        self.prio[rf, rb, rs] = prio[rec]
+        self.value[rf, rb, rs] = batch.value[rec]
+        self.gpos[rf, rb, rs] = gpos[rec]
+        self.start[rf, rb, rs] = start
+        self.length[rf, rb, rs] = length
+        self.values[rf, rb, rs] = values
 
     def band_edges(self, max_act: np.ndarray) -> np.ndarray:
         """int64 [d_sae, n_bands + 1] band edges in fine-bin units (edge j = first fine bin of
