@@ -163,15 +163,17 @@ def _find_cache(*, lm: Any, hook_name: str, opts: BuildOptions, n_tokens: int,
         return None
     from app.pipeline.activations import cache_key, cache_key_parts, open_cache
 
-    parts = cache_key_parts(lm=lm, hook_name=hook_name, corpus=opts.corpus,
-                            text_field=opts.text_field, max_tokens=n_tokens, context_size=ctx)
-    folder = cache_dir / "activations" / cache_key(parts)
-    if not (folder / "complete.json").exists():
-        return None
-    cache = open_cache(folder)
-    if cache.tokens.shape != tokens.shape or not np.array_equal(cache.tokens, tokens):
-        return None
-    return cache
+    # The cache is keyed by the budget as asked (e.g. 200000) and holds budget // ctx sequences.
+    for budget in dict.fromkeys((opts.n_tokens, n_tokens)):
+        parts = cache_key_parts(lm=lm, hook_name=hook_name, corpus=opts.corpus,
+                                text_field=opts.text_field, max_tokens=budget, context_size=ctx)
+        folder = cache_dir / "activations" / cache_key(parts)
+        if not (folder / "complete.json").exists():
+            continue
+        cache = open_cache(folder)
+        if cache.tokens.shape == tokens.shape and np.array_equal(cache.tokens, tokens):
+            return cache
+    return None
 
 
 # --------------------------------------------------------------------------------------- inputs

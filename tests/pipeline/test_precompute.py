@@ -275,3 +275,20 @@ def test_kill_9_at_several_points_then_resume_equals_uninterrupted(setup, tmp_pa
     for table in a:
         assert len(a[table]) > 0, table
         assert a[table] == b[table], table
+
+
+def test_reuses_a_matching_activation_cache(setup, computed, tmp_path):
+    _, lm, sae, opts = setup
+    from app.pipeline.activations import get_activations
+
+    opts2 = replace(opts, cache_dir=tmp_path / "cache")
+    get_activations(lm=lm, hook_name=HOOK, corpus=opts.corpus, max_tokens=opts.n_tokens,
+                    context_size=CTX, cache_dir=opts2.cache_dir, progress=False,
+                    batch_size=BATCH)
+    logs: list[str] = []
+    records, _ = compute_records(opts2, lm=lm, sae=sae, log=logs.append)
+    assert any("reusing cache" in m for m in logs)
+    assert records.run.config["activations"] == "cache"
+    # the cache holds the same float16 activations the live path feeds the SAE
+    np.testing.assert_allclose(records.features.max_act, computed.features.max_act, rtol=1e-3)
+    assert np.array_equal(records.features.count, computed.features.count)
