@@ -150,7 +150,7 @@ class _Activations:
 
     def batch(self, tokens: np.ndarray, start: int, stop: int) -> torch.Tensor:
         if self.cache is not None:
-            return torch.from_numpy(np.asarray(self.cache.acts[start:stop])).float()
+            return torch.from_numpy(np.array(self.cache.acts[start:stop], dtype=np.float32))
         ids = torch.from_numpy(np.ascontiguousarray(tokens[start:stop])).long()
         out = self.lm.run_to_hook(ids, self.hook_name)
         return out.to(torch.float16).float()
