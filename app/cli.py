@@ -128,6 +128,8 @@ def demo_command(
                                help="tokens to precompute (default: the SAE's training budget, "
                                     "so the activation cache is reused)"),
     serve: bool = typer.Option(True, "--serve/--no-serve", help="start the server at the end"),
+    rebuild: bool = typer.Option(False, "--rebuild", help="precompute again even when the "
+                                 "database already holds this SAE's features"),
 ) -> None:
     """Everything on the defaults: train the default SAE if absent, build, then serve."""
     from app.engine import train
@@ -139,16 +141,43 @@ def demo_command(
                f"({train.DEFAULT_HOOK})")
     folder = train.ensure_sae(log=typer.echo)
     typer.echo(f"      using {folder}")
-    typer.echo(f"[2/3] precomputing features into {settings.db_url}")
-    build(BuildOptions(sae_path=folder, model=train.DEFAULT_MODEL,
-                       n_tokens=tokens or train.DEFAULT_TOKENS,
-                       eval_tokens=train.DEFAULT_EVAL_TOKENS, sae_id=train.DEFAULT_SAE_ID),
-          log=lambda msg: typer.echo(f"      {msg}"))
+    n_tokens = tokens or train.DEFAULT_TOKENS
+    if not rebuild and _has_run(settings.db_url, sae_id=train.DEFAULT_SAE_ID, n_tokens=n_tokens):
+        typer.echo(f"[2/3] {settings.db_url} already holds {train.DEFAULT_SAE_ID} over "
+                   f"{n_tokens} tokens; skipping the build (--rebuild forces it)")
+    else:
+        typer.echo(f"[2/3] precomputing features into {settings.db_url}")
+        build(BuildOptions(sae_path=folder, model=train.DEFAULT_MODEL, n_tokens=n_tokens,
+                           eval_tokens=train.DEFAULT_EVAL_TOKENS, sae_id=train.DEFAULT_SAE_ID),
+              log=lambda msg: typer.echo(f"      {msg}"))
     if not serve:
         typer.echo("[3/3] skipped serving (--no-serve)")
         return
     typer.echo(f"[3/3] serving on http://{settings.host}:{settings.port}/ (Ctrl+C stops)")
     _serve(settings)
+
+
+def _has_run(db_url: str, *, sae_id: str, n_tokens: int) -> bool:
+    """True when the database exists and its active run for `sae_id` read `n_tokens` tokens."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from app.store.db import make_engine, make_sessionmaker
+    from app.store.queries import get_sae
+
+    if db_url.startswith("sqlite:///"):
+        from pathlib import Path
+
+        if not Path(db_url.removeprefix("sqlite:///")).exists():
+            return False
+    engine = make_engine(db_url)
+    try:
+        with make_sessionmaker(engine)() as session:
+            info = get_sae(session=session, sae_id=sae_id)
+    except (SaescopeError, SQLAlchemyError):  # no schema yet, or no such SAE: build it
+        return False
+    finally:
+        engine.dispose()
+    return info.run is not None and info.run.n_tokens == n_tokens
 
 
 def _serve(settings: Any) -> None:
