@@ -1,7 +1,7 @@
 // Feature page: the activation histogram and the "test this feature on your text" box.
 
 import { activationHistogram } from "./plots.js";
-import { fmtNum, postJSON, renderTokens } from "./tokens.js";
+import { fmtNum, onSubmitOrCtrlEnter, postJSON, renderTokens } from "./tokens.js";
 
 const hist = document.getElementById("act-hist");
 const histData = document.getElementById("act-hist-data");
@@ -49,14 +49,5 @@ if (box) {
     }
   }
 
-  form.addEventListener("submit", (ev) => {
-    ev.preventDefault();
-    run();
-  });
-  textarea.addEventListener("keydown", (ev) => {
-    if (ev.key === "Enter" && (ev.ctrlKey || ev.metaKey)) {
-      ev.preventDefault();
-      run();
-    }
-  });
+  onSubmitOrCtrlEnter(form, textarea, run);
 }

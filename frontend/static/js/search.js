@@ -2,7 +2,14 @@
 // tokens, the top features of the clicked token, and the features firing most over the text.
 
 import { plotText, withPlotly } from "./plots.js";
-import { fmtNum, postJSON, renderTokens, tokenDisplay, tokenRepr } from "./tokens.js";
+import {
+  fmtNum,
+  onSubmitOrCtrlEnter,
+  postJSON,
+  renderTokens,
+  tokenDisplay,
+  tokenRepr,
+} from "./tokens.js";
 
 const root = document.querySelector("[data-text-search]");
 const form = root.querySelector("form");
@@ -199,14 +206,5 @@ async function run() {
   }
 }
 
-form.addEventListener("submit", (ev) => {
-  ev.preventDefault();
-  run();
-});
-textarea.addEventListener("keydown", (ev) => {
-  if (ev.key === "Enter" && (ev.ctrlKey || ev.metaKey)) {
-    ev.preventDefault();
-    run();
-  }
-});
+onSubmitOrCtrlEnter(form, textarea, run);
 if (textarea.value.trim()) run();

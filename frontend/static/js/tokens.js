@@ -77,3 +77,17 @@ export async function postJSON(url, body) {
   }
   return data;
 }
+
+// Run `submit` on the form's submit and on Ctrl/Cmd+Enter in its textarea (both text boxes).
+export function onSubmitOrCtrlEnter(form, textarea, submit) {
+  form.addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    submit();
+  });
+  textarea.addEventListener("keydown", (ev) => {
+    if (ev.key === "Enter" && (ev.ctrlKey || ev.metaKey)) {
+      ev.preventDefault();
+      submit();
+    }
+  });
+}
