@@ -115,7 +115,24 @@ def _priority(feature: np.ndarray, gpos: np.ndarray, seed: int) -> np.ndarray:
 # -------------------------------------------------------------------------------- top windows
 
 
-class TopWindows:
+class _ArrayState:
+    """Checkpointing for accumulators whose whole state is the numpy arrays named in _fields."""
+
+    _fields: tuple[str, ...] = ()
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        return {name: getattr(self, name) for name in self._fields}
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        for name in self._fields:
+            got, want = state[name], getattr(self, name)
+            if got.shape != want.shape or got.dtype != want.dtype:
+                raise ValueError(f"checkpoint field {name}: {got.dtype}{got.shape}, "
+                                 f"expected {want.dtype}{want.shape}")
+            setattr(self, name, np.array(got))
+
+
+class TopWindows(_ArrayState):
     """Per feature, the ``k`` sequences where it fires hardest, with a window around the max.
 
     Maths: for feature f and sequence s let ``m(f, s) = max_pos v(f, s, pos)`` and ``p(f, s)`` the
@@ -202,14 +219,6 @@ class TopWindows:
         self.length[nf, ns] = length
         self.values[nf, ns] = values
 
-    def state_dict(self) -> dict[str, np.ndarray]:
-        return {name: getattr(self, name) for name in self._fields}
-
-    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
-        for name in self._fields:
-            _check_shape(name, state[name], getattr(self, name))
-            setattr(self, name, np.array(state[name]))
-
     def finalize(self, *, ctx: int) -> WindowArrays:
         f, rank = np.nonzero(np.isfinite(self.value))
         gpos = self.gpos[f, rank]
@@ -226,7 +235,7 @@ class TopWindows:
 # ---------------------------------------------------------------------------- interval samples
 
 
-class IntervalSamples:
+class IntervalSamples(_ArrayState):
     """Per feature: equal-width activation bands over [0, max], a few random windows per band,
     and each band's count and share of the activation mass.
 
@@ -435,14 +444,6 @@ class IntervalSamples:
             max_pos=max_pos.astype(np.int16), values=values)
         return band_count, band_share.astype(np.float32), windows
 
-    def state_dict(self) -> dict[str, np.ndarray]:
-        return {name: getattr(self, name) for name in self._fields}
-
-    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
-        for name in self._fields:
-            _check_shape(name, state[name], getattr(self, name))
-            setattr(self, name, np.array(state[name]))
-
 
 # ------------------------------------------------------------------------ counts and histograms
 
@@ -457,7 +458,7 @@ def default_hist_edges() -> np.ndarray:
 DENSITY_EDGES = np.linspace(-8.0, 0.0, 33)  # log10(frac_nonzero), values below -8 in bin 0
 
 
-class ActivationStats:
+class ActivationStats(_ArrayState):
     """Per feature count, sum, max and activation histogram; per SAE the L0 distribution.
 
     Maths: ``count_f = #{t : v(f,t) > 0}``, ``sum_f = sum_t v(f,t)`` (float64, accumulated in a
@@ -529,20 +530,6 @@ class ActivationStats:
             "dense_threshold": self.dense_threshold,
             "mean_l0": mean_l0,
         }
-
-    def state_dict(self) -> dict[str, np.ndarray]:
-        return {name: getattr(self, name) for name in self._fields}
-
-    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
-        for name in self._fields:
-            _check_shape(name, state[name], getattr(self, name))
-            setattr(self, name, np.array(state[name]))
-
-
-def _check_shape(name: str, got: np.ndarray, want: np.ndarray) -> None:
-    if got.shape != want.shape or got.dtype != want.dtype:
-        raise ValueError(f"checkpoint field {name}: {got.dtype}{got.shape}, "
-                         f"expected {want.dtype}{want.shape}")
 
 
 # --------------------------------------------------------------------------------- all together
