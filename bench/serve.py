@@ -170,6 +170,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2000, help="per measured route")
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--no-search", action="store_true", help="skip the text-search part")
+    parser.add_argument("--only-search", action="store_true",
+                        help="run only the text-search part (no load test)")
     args = parser.parse_args()
 
     from app.engine.lm import load_model
@@ -214,6 +216,8 @@ def main() -> None:
               for _ in range(n)]),
             ("no-op         GET /_ping", "noop", "", [("noop", "/_ping")] * n),
         ]
+        if args.only_search:
+            routes = []
         warm = [item for *_, paths in routes for item in paths[:100]]
         asyncio.run(load_test(base, warm, concurrency=args.concurrency))
         print(f"\nSAE {sae_id} ({d_sae} features); each route alone, {n} requests, "
