@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
@@ -39,6 +40,14 @@ def _model_spec(model_id: str, source: str | None) -> str:
     if find_preset(model_id) is not None or not source:
         return model_id
     return source
+
+
+@torch.no_grad()
+def _for_serving(sae: SAE) -> SAE:
+    """Store W_enc column-major (W_enc.T contiguous, as nn.Linear keeps its weight): the same
+    values in the same memory, but the BLAS reads it ~10% faster for x @ W_enc on CPU."""
+    sae.W_enc.data = sae.W_enc.data.t().contiguous().t()
+    return sae
 
 
 class EngineService:
@@ -86,10 +95,21 @@ class EngineService:
             except Exception as exc:  # noqa: BLE001 - one bad SAE must not stop the others
                 skipped[sae_id] = f"loading {path} failed: {exc}"
                 continue
-            saes[sae_id] = LoadedSAE(sae_id=sae_id, hook_name=hook_name, sae=sae.eval())
+            saes[sae_id] = LoadedSAE(sae_id=sae_id, hook_name=hook_name,
+                                     sae=_for_serving(sae.eval()))
         for sae_id, why in skipped.items():
             log.warning("SAE %s is not available for text search: %s", sae_id, why)
-        return cls(lm, saes, skipped)
+        service = cls(lm, saes, skipped)
+        service.warm_up()
+        return service
+
+    def warm_up(self) -> None:
+        """One short search per SAE, so the first user does not pay for the vocabulary's display
+        strings, the tokenizer's and torch's first-call setup, or cold weight pages."""
+        text = "Hello, world."
+        for sae_id in self.saes:
+            self.search(sae_id=sae_id, ids=self.tokenize(sae_id=sae_id, text=text), top_k=5,
+                        n_features=20)
 
     def _get(self, sae_id: str) -> LoadedSAE:
         loaded = self.saes.get(sae_id)
@@ -104,9 +124,25 @@ class EngineService:
         return self.lm.tokenize(text, prepend_bos=bool(loaded.sae.cfg.prepend_bos))
 
     @torch.inference_mode()
-    def _encode(self, loaded: LoadedSAE, ids: list[int]) -> torch.Tensor:
+    def _encode_sparse(self, loaded: LoadedSAE, ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """(values, indices), both [pos, m], each row sorted by value, descending: every latent
+        that fires (> 0) on a position is in its row; the rest of a row is zeros.
+
+        Equal to sae.encode without its dense [pos, d_sae] result: a TopK SAE's code is the
+        ReLU of its k largest pre-activations, so that topk is the whole code; other
+        architectures encode densely and keep the widest row's nonzeros.
+        """
+        sae = loaded.sae
         acts = self.lm.run_to_hook(ids, loaded.hook_name)[0]
-        return loaded.sae.encode(acts.to(loaded.sae.dtype)).float()  # [pos, d_sae]
+        if sae.cfg.architecture == "topk":
+            pre = torch.addmm(sae.b_enc, sae.process_input(acts), sae.W_enc)
+            values, indices = pre.topk(int(sae.cfg.k), dim=1)
+            values = values.relu_()
+        else:
+            feats = sae.encode(acts)
+            width = max(1, int((feats > 0).sum(dim=1).max()))
+            values, indices = feats.topk(min(width, feats.shape[1]), dim=1)
+        return values.float().numpy(), indices.numpy()
 
     def _tokens(self, ids: list[int]) -> tuple[list[str], list[bool]]:
         strings = self.lm.token_strings()
@@ -123,31 +159,15 @@ class EngineService:
         if not ids:
             return {"tokens": [], "token_ids": [], "special": [], "per_token": [],
                     "top_features": []}
-        feats = self._encode(loaded, ids)
-        k = min(top_k, feats.shape[1])
-        values, indices = feats.topk(k, dim=1)
+        values, indices = self._encode_sparse(loaded, ids)
         per_token = [
-            [{"index": int(i), "value": float(v)} for v, i in zip(vs, is_, strict=True) if v > 0]
-            for vs, is_ in zip(values.tolist(), indices.tolist(), strict=True)
+            [{"index": i, "value": v} for v, i in zip(vs, is_, strict=True) if v > 0]
+            for vs, is_ in zip(values[:, :top_k].tolist(), indices[:, :top_k].tolist(),
+                               strict=True)
         ]
-        ordinary = torch.tensor([not s for s in special])
-        top_features: list[dict[str, Any]] = []
-        if ordinary.any():
-            body = feats[ordinary]
-            positions = torch.nonzero(ordinary).squeeze(1)
-            max_vals, argmax = body.max(dim=0)
-            n = min(n_features, int((max_vals > 0).sum()))
-            best_vals, best = max_vals.topk(n) if n else (max_vals[:0], argmax[:0])
-            sums = body.sum(dim=0)
-            counts = (body > 0).sum(dim=0)
-            for v, f in zip(best_vals.tolist(), best.tolist(), strict=True):
-                top_features.append({
-                    "index": f, "max_value": v,
-                    "max_token_index": int(positions[argmax[f]]),
-                    "sum_value": float(sums[f]), "n_tokens": int(counts[f]),
-                })
         return {"tokens": tokens, "token_ids": list(ids), "special": special,
-                "per_token": per_token, "top_features": top_features}
+                "per_token": per_token,
+                "top_features": _top_over_text(values, indices, special, n_features)}
 
     def feature_activations(self, *, sae_id: str, ids: list[int], index: int) -> dict[str, Any]:
         loaded = self._get(sae_id)
@@ -155,5 +175,35 @@ class EngineService:
         if not 0 <= index < d_sae:
             raise NotFoundError(f"SAE {sae_id!r} has features 0..{d_sae - 1}; no feature {index}")
         tokens, special = self._tokens(ids)
-        values = self._encode(loaded, ids)[:, index].tolist() if ids else []
+        values: list[float] = []
+        if ids:
+            codes, latents = self._encode_sparse(loaded, ids)
+            # Every firing latent of a position is in its row: absent means 0.
+            values = np.where(latents == index, codes, 0.0).sum(axis=1).tolist()
         return {"tokens": tokens, "token_ids": list(ids), "special": special, "values": values}
+
+
+def _top_over_text(
+    values: np.ndarray, indices: np.ndarray, special: list[bool], n_features: int
+) -> list[dict[str, Any]]:
+    """The n_features latents with the highest max over ordinary positions, from the sparse
+    codes: each with its max, the first position holding it, its sum and its firing count."""
+    pos = np.broadcast_to(np.arange(values.shape[0])[:, None], values.shape)
+    keep = (values > 0) & ~np.asarray(special, dtype=bool)[:, None]
+    vals, feats, pos = values[keep], indices[keep], pos[keep]
+    if not len(vals):
+        return []
+    uniq, group = np.unique(feats, return_inverse=True)
+    # Within each latent: largest value first, earliest position among equal values.
+    order = np.lexsort((pos, -vals, group))
+    first = np.flatnonzero(np.r_[True, np.diff(group[order]) != 0])
+    best_val, best_pos = vals[order][first], pos[order][first]
+    sums = np.bincount(group, weights=vals, minlength=len(uniq))
+    counts = np.bincount(group, minlength=len(uniq))
+    top = np.argsort(-best_val, kind="stable")[:n_features]  # ties: lower index first
+    return [
+        {"index": f, "max_value": v, "max_token_index": p, "sum_value": s, "n_tokens": c}
+        for f, v, p, s, c in zip(uniq[top].tolist(), best_val[top].tolist(),
+                                 best_pos[top].tolist(), sums[top].tolist(),
+                                 counts[top].tolist(), strict=True)
+    ]
