@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -57,6 +58,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
     finally:
         app.state.model_worker.close()
+        app.state.read_pool.shutdown(wait=False, cancel_futures=True)
         app.state.db_engine.dispose()
 
 
@@ -71,6 +73,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.db_engine = make_engine(settings.db_url)  # connects lazily
     app.state.model_worker = ModelWorker(capacity=settings.model_queue_size)
+    # Hot reads run here (api.deps.run_read): a few threads, so concurrent requests queue FIFO
+    # rather than time-slicing the GIL across the default forty.
+    app.state.read_pool = ThreadPoolExecutor(max_workers=settings.read_threads,
+                                             thread_name_prefix="saescope-read")
     app.state.engine_state = EngineState()
     install_error_handlers(app)
     for module in (models, saes, features, search):

@@ -26,6 +26,9 @@ class Settings(BaseSettings):
     # Model calls (text search, steering) waiting beyond this many get 503 + Retry-After.
     model_queue_size: int = 4
     max_text_tokens: int = 1024
+    # Threads for the hot reads (feature JSON and pages). Few on purpose: reads are CPU-bound
+    # Python, and many threads contending for the GIL stretch every request's latency.
+    read_threads: int = 2
     # Set false to serve only precomputed data (no model in memory; text search answers 503).
     load_model: bool = True
 

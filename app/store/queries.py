@@ -41,22 +41,38 @@ _feature_t, _window_t, _seq_t, _label_t = (
 _SAE_BRIEF = select(
     _sae_t.c.id, _sae_t.c.model_id, _sae_t.c.d_sae, _sae_t.c.path, _sae_t.c.active_run_id
 ).where(_sae_t.c.id == bindparam("sae_id"))
+_SAE_IDS = select(_sae_t.c.model_id, _sae_t.c.id).order_by(_sae_t.c.id)
+_MODELS = select(
+    _model_t.c.id, _model_t.c.source, _model_t.c.architecture, _model_t.c.d_model,
+    _model_t.c.n_layers, _model_t.c.vocab_size, _model_t.c.bos_token_id,
+    _model_t.c.has_chat_template,
+).order_by(_model_t.c.id)
 _RUN_CREATED = select(_run_t.c.created_at).where(_run_t.c.id == bindparam("run_id"))
 _VOCAB_SHA = select(_model_t.c.token_strings_sha).where(_model_t.c.id == bindparam("model_id"))
 _VOCAB_BLOB = select(_model_t.c.token_strings).where(_model_t.c.id == bindparam("model_id"))
 _FEATURE_ROW = select(_feature_t).where(
     _feature_t.c.run_id == bindparam("run_id"), _feature_t.c.index == bindparam("index")
 )
+# A feature read starts with one row saying which run is live and which vocabulary to use.
+_FEATURE_HEAD = (
+    select(_sae_t.c.id, _sae_t.c.model_id, _sae_t.c.d_sae, _sae_t.c.path,
+           _sae_t.c.active_run_id, _run_t.c.created_at, _model_t.c.token_strings_sha)
+    .select_from(
+        _sae_t.outerjoin(_run_t, _run_t.c.id == _sae_t.c.active_run_id)
+        .outerjoin(_model_t, _model_t.c.id == _sae_t.c.model_id)
+    )
+    .where(_sae_t.c.id == bindparam("sae_id"))
+)
+# Windows with their sequence's tokens in one query (a sequence's 512 bytes may come twice when
+# two windows share it; cheaper than a second round trip).
 _WINDOWS = (
     select(_window_t.c.kind, _window_t.c.band, _window_t.c.rank, _window_t.c.seq_index,
            _window_t.c.start, _window_t.c.length, _window_t.c.max_value, _window_t.c.max_pos,
-           _window_t.c["values"])
+           _window_t.c["values"], _seq_t.c.doc_index, _seq_t.c.tokens)
+    .select_from(_window_t.join(_seq_t, and_(_seq_t.c.run_id == _window_t.c.run_id,
+                                             _seq_t.c.seq_index == _window_t.c.seq_index)))
     .where(_window_t.c.run_id == bindparam("run_id"), _window_t.c.feature == bindparam("index"))
     .order_by(_window_t.c.kind, _window_t.c.band.desc(), _window_t.c.rank)
-)
-_SEQUENCES = select(_seq_t.c.seq_index, _seq_t.c.doc_index, _seq_t.c.tokens).where(
-    _seq_t.c.run_id == bindparam("run_id"),
-    _seq_t.c.seq_index.in_(bindparam("seq_ids", expanding=True)),
 )
 # The first few tokens per feature, ranked in SQL (a window function: SQLite >= 3.25, PostgreSQL)
 # so only those rows reach Python.
@@ -167,7 +183,7 @@ class Band:
     count: int
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: a feature read builds ~50 of these (frozen init is slower)
 class WindowInfo:
     kind: Literal["top", "interval"]
     band: int
@@ -180,6 +196,8 @@ class WindowInfo:
     seq_index: int
     start: int
     doc_name: str | None
+    # The stored float16 values themselves, for renderers that work on arrays (not compared).
+    values_f16: np.ndarray | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -212,18 +230,18 @@ class FeatureDetail:
     run_id: int
     corpus: str
     dense_threshold: float = DEFAULT_DENSE_THRESHOLD
+    # Labels of the neighbour features that have one, read in the same query as the feature's own.
+    neighbour_labels: dict[int, LabelInfo] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
 def list_models(*, session: Session) -> list[ModelInfo]:
+    """Models with their SAE ids (Core statements: every page's top bar calls this)."""
+    conn = session.connection()
     sae_ids: dict[str, list[str]] = {}
-    for model_id, sae_id in session.execute(select(SAE.model_id, SAE.id).order_by(SAE.id)):
+    for model_id, sae_id in conn.execute(_SAE_IDS):
         sae_ids.setdefault(model_id, []).append(sae_id)
-    rows = session.execute(
-        select(Model.id, Model.source, Model.architecture, Model.d_model, Model.n_layers,
-               Model.vocab_size, Model.bos_token_id, Model.has_chat_template).order_by(Model.id)
-    )
-    return [ModelInfo(*row, sae_ids=sae_ids.get(row.id, [])) for row in rows]
+    return [ModelInfo(*row, sae_ids=sae_ids.get(row.id, [])) for row in conn.execute(_MODELS)]
 
 
 def get_model_vocab(*, session: Session, model_id: str) -> list[str]:
@@ -266,6 +284,12 @@ def get_sae(*, session: Session, sae_id: str) -> SAEInfo:
     return _sae_info(sae, run, n_labeled or 0)
 
 
+def get_sae_brief(*, session: Session, sae_id: str) -> _SAEBrief:
+    """id, model_id, d_sae, path, active_run_id of an SAE (NotFoundError if unknown): what model
+    calls check first, in one prebuilt query instead of get_sae's row, run and label count."""
+    return _sae_brief(session, sae_id)
+
+
 @dataclass(frozen=True)
 class _SAEBrief:
     id: str
@@ -303,13 +327,16 @@ _RUN_CACHE: dict[tuple[str, int, datetime], _RunBrief] = {}
 _RUN_CACHE_SIZE = 16
 
 
-def _run_brief(session: Session, sae: _SAEBrief) -> _RunBrief:
+def _run_brief(session: Session, sae: _SAEBrief, created: datetime | None = None) -> _RunBrief:
+    """The live run of `sae`; `created` (its creation time) saves a query when the caller has it."""
     if sae.active_run_id is None:
         raise NotFoundError(
             f"SAE {sae.id!r} has no precomputed features yet; run `saescope build --sae "
             f"{sae.path}` first"
         )
-    created = session.connection().execute(_RUN_CREATED, {"run_id": sae.active_run_id}).scalar()
+    if created is None:
+        created = session.connection().execute(
+            _RUN_CREATED, {"run_id": sae.active_run_id}).scalar()
     if created is None:  # pragma: no cover - the swap sets active_run_id and the run together
         raise NotFoundError(f"run {sae.active_run_id} of SAE {sae.id!r} is missing")
     key = (str(session.get_bind().engine.url), sae.active_run_id, created)
@@ -503,18 +530,27 @@ def random_feature(*, session: Session, sae_id: str, alive_only: bool = True) ->
 
 
 def get_feature(*, session: Session, sae_id: str, index: int) -> FeatureDetail:
-    """Everything a feature page shows, from one run's rows and blobs."""
-    sae = _sae_brief(session, sae_id)
+    """Everything a feature page shows, from one run's rows and blobs.
+
+    Four indexed queries on one connection (SAE + run + vocabulary hash; the feature row; its
+    windows joined to their sequences; the labels of the feature and its neighbours): this is
+    the explorer's hottest read.
+    """
+    conn = session.connection()
+    head = conn.execute(_FEATURE_HEAD, {"sae_id": sae_id}).one_or_none()
+    if head is None:
+        raise NotFoundError(f"no SAE {sae_id!r} in this database; see /api/v1/saes")
+    sae = _SAEBrief(*head[:5])
     if not 0 <= index < sae.d_sae:
         raise NotFoundError(
             f"SAE {sae_id!r} has features 0..{sae.d_sae - 1}; there is no feature {index}"
         )
-    run = _run_brief(session, sae)
-    conn = session.connection()
+    run = _run_brief(session, sae, created=head.created_at)
     feat = conn.execute(_FEATURE_ROW, {"run_id": run.id, "index": index}).one_or_none()
     if feat is None:
         raise NotFoundError(f"feature {index} of {sae_id!r} is missing from run {run.id}")
-    vocab = get_model_vocab(session=session, model_id=sae.model_id)
+    vocab = (codec.cached_vocab(head.token_strings_sha) if head.token_strings_sha else None) \
+        or get_model_vocab(session=session, model_id=sae.model_id)
     n_vocab = len(vocab)
 
     def strings(ids: list[int]) -> list[str]:
@@ -522,23 +558,18 @@ def get_feature(*, session: Session, sae_id: str, index: int) -> FeatureDetail:
             return [_token_str(vocab, t) for t in ids]
         return [vocab[t] for t in ids]
 
-    windows = conn.execute(_WINDOWS, {"run_id": run.id, "index": index}).all()
-    seq_ids = sorted({w.seq_index for w in windows})
-    seqs = {
-        s.seq_index: (s.doc_index, codec.from_blob(s.tokens, codec.INT32))
-        for s in conn.execute(_SEQUENCES, {"run_id": run.id, "seq_ids": seq_ids})
-    } if seq_ids else {}
     doc_names = run.doc_names
+    n_docs = len(doc_names)
     window_infos = []
-    for w in windows:
-        doc_index, tokens = seqs[w.seq_index]
-        ids = tokens[w.start:w.start + w.length].tolist()
+    rows = conn.execute(_WINDOWS, {"run_id": run.id, "index": index}).all()
+    for (kind, band, rank, seq_index, start, length, max_value, max_pos, values_blob, doc_index,
+         tokens_blob) in rows:
+        ids = np.frombuffer(tokens_blob, dtype=codec.INT32, count=length, offset=4 * start).tolist()
+        f16 = np.frombuffer(values_blob, dtype=codec.FLOAT16)
         window_infos.append(WindowInfo(
-            kind="top" if w.kind == WINDOW_KIND_TOP else "interval",
-            band=w.band, rank=w.rank, token_ids=ids, tokens=strings(ids),
-            values=codec.from_blob(w.values, codec.FLOAT16).astype(np.float32).tolist(),
-            max_value=w.max_value, max_pos=w.max_pos, seq_index=w.seq_index, start=w.start,
-            doc_name=doc_names[doc_index] if 0 <= doc_index < len(doc_names) else None,
+            "top" if kind == WINDOW_KIND_TOP else "interval", band, rank, ids, strings(ids),
+            f16.astype(np.float32).tolist(), max_value, max_pos, seq_index, start,
+            doc_names[doc_index] if 0 <= doc_index < n_docs else None, f16,
         ))
 
     share = codec.from_blob(feat.band_share, codec.FLOAT32).tolist()
@@ -554,8 +585,14 @@ def get_feature(*, session: Session, sae_id: str, index: int) -> FeatureDetail:
         vals = codec.from_blob(values_blob, codec.FLOAT32).tolist()
         return [TokenValue(t, s, v) for t, s, v in zip(ids, strings(ids), vals, strict=True)]
 
-    neighbours = list(zip(codec.from_blob(feat.neighbour_idx, codec.INT32).tolist(),
-                          codec.from_blob(feat.neighbour_cos, codec.FLOAT32).tolist(), strict=True))
+    neighbour_ids = codec.from_blob(feat.neighbour_idx, codec.INT32).tolist()
+    neighbour_cos = codec.from_blob(feat.neighbour_cos, codec.FLOAT32).tolist()
+    neighbours = list(zip(neighbour_ids, neighbour_cos, strict=True))
+    labels = {
+        row.feature_index: _label_info(row)
+        for row in conn.execute(_LABELS, {"sae_id": sae_id, "indices": [index, *neighbour_ids]})
+    }
+    own_label = labels.pop(index, None)
     return FeatureDetail(
         sae_id=sae.id, model_id=sae.model_id, index=index, d_sae=sae.d_sae, count=feat.count,
         act_sum=feat.act_sum, mean_act=feat.mean_act, max_act=feat.max_act,
@@ -565,7 +602,7 @@ def get_feature(*, session: Session, sae_id: str, index: int) -> FeatureDetail:
         bands=bands,
         logits_pos=token_values(feat.logit_pos_ids, feat.logit_pos_values),
         logits_neg=token_values(feat.logit_neg_ids, feat.logit_neg_values),
-        neighbours=neighbours, windows=window_infos,
-        label=get_label(session=session, sae_id=sae_id, index=index),
+        neighbours=neighbours, windows=window_infos, label=own_label,
         run_id=run.id, corpus=run.corpus, dense_threshold=run.dense_threshold,
+        neighbour_labels=labels,
     )

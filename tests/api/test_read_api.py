@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from typing import get_args, get_origin
+
 import numpy as np
 import pytest
+from pydantic import BaseModel
 
+from app.api.schemas import FeatureOut
 from app.store.records import WINDOW_KIND_TOP
 
 SAE_ID = "1-res-topk-64"
@@ -84,6 +88,32 @@ def test_feature_json_uses_neuronpedia_keys(client, records):
             assert a["binMin"] <= a["maxValue"] <= a["binMax"] * 1.001
     neighbours = {n["index"]: n["label"] for n in body["neighbours"]}
     assert set(neighbours) == set(f.neighbour_idx[index].tolist())
+    assert neighbours.get(6, "commas") == "commas"  # a labeled neighbour shows its label
+
+
+def _assert_exact_shape(model: type[BaseModel], value: object, where: str) -> None:
+    """`value` has exactly the keys of `model`, recursively (the JSON is built from dicts)."""
+    assert isinstance(value, dict), where
+    assert set(value) == set(model.model_fields), where
+    for name, info in model.model_fields.items():
+        inner = [a for a in get_args(info.annotation) or (info.annotation,)
+                 if isinstance(a, type) and issubclass(a, BaseModel)]
+        args = get_args(info.annotation)
+        if args and get_origin(info.annotation) is list and isinstance(args[0], type) \
+                and issubclass(args[0], BaseModel):
+            for i, item in enumerate(value[name]):
+                _assert_exact_shape(args[0], item, f"{where}.{name}[{i}]")
+        elif inner and value[name] is not None:
+            _assert_exact_shape(inner[0], value[name], f"{where}.{name}")
+
+
+@pytest.mark.parametrize("index", [0, 4, 6, 31])
+def test_feature_json_matches_its_documented_schema(client, records, index):
+    body = client.get(f"/api/v1/saes/{SAE_ID}/features/{index}").json()
+    FeatureOut.model_validate(body)  # types, as /docs shows them
+    _assert_exact_shape(FeatureOut, body, "feature")
+    assert body["prev_index"] == (index - 1 if index else None)
+    assert body["next_index"] == (index + 1 if index < 31 else None)
 
 
 def test_feature_table(client, records):

@@ -4,10 +4,17 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Path, Query, Response
+from fastapi import APIRouter, Path, Query, Request, Response
+from sqlalchemy.orm import Session
 
-from app.api.deps import SessionDep
-from app.api.schemas import ERROR_RESPONSES, FeatureList, FeatureOut, RandomFeatureOut
+from app.api.deps import SessionDep, run_read
+from app.api.schemas import (
+    ERROR_RESPONSES,
+    FeatureList,
+    FeatureOut,
+    RandomFeatureOut,
+    feature_json,
+)
 from app.store import queries
 
 router = APIRouter(prefix="/api/v1/saes/{sae_id}/features", tags=["features"])
@@ -44,12 +51,9 @@ def random_feature(session: SessionDep, sae_id: str) -> RandomFeatureOut:
 
 
 @router.get("/{index}", response_model=FeatureOut, responses=ERROR_RESPONSES)
-def get_feature(session: SessionDep, sae_id: str, index: IndexPath) -> Response:
-    detail = queries.get_feature(session=session, sae_id=sae_id, index=index)
-    labels = queries.get_labels(session=session, sae_id=sae_id,
-                                indices=[i for i, _ in detail.neighbours])
-    out = FeatureOut.of(detail, neighbour_labels={
-        i: label.description for i, label in labels.items() if label.description
-    })
-    # Serialized directly: FastAPI would otherwise validate the whole model a second time.
-    return Response(content=out.model_dump_json(), media_type="application/json")
+async def get_feature(request: Request, sae_id: str, index: IndexPath) -> Response:
+    def read(session: Session) -> bytes:
+        # Serialized directly (see schemas.feature_json); FeatureOut documents the shape.
+        return feature_json(queries.get_feature(session=session, sae_id=sae_id, index=index))
+
+    return Response(content=await run_read(request, read), media_type="application/json")
