@@ -107,9 +107,15 @@ class EngineService:
         """One short search per SAE, so the first user does not pay for the vocabulary's display
         strings, the tokenizer's and torch's first-call setup, or cold weight pages."""
         text = "Hello, world."
-        for sae_id in self.saes:
-            self.search(sae_id=sae_id, ids=self.tokenize(sae_id=sae_id, text=text), top_k=5,
-                        n_features=20)
+        for sae_id in list(self.saes):
+            try:
+                self.search(sae_id=sae_id, ids=self.tokenize(sae_id=sae_id, text=text), top_k=5,
+                            n_features=20)
+            except Exception as exc:  # noqa: BLE001 - it would fail for users too; keep the rest
+                self.skipped[sae_id] = f"a test search failed: {exc}"
+                del self.saes[sae_id]
+                log.warning("SAE %s is not available for text search: %s", sae_id,
+                            self.skipped[sae_id])
 
     def _get(self, sae_id: str) -> LoadedSAE:
         loaded = self.saes.get(sae_id)
@@ -142,7 +148,7 @@ class EngineService:
             feats = sae.encode(acts)
             width = max(1, int((feats > 0).sum(dim=1).max()))
             values, indices = feats.topk(min(width, feats.shape[1]), dim=1)
-        return values.float().numpy(), indices.numpy()
+        return values.float().cpu().numpy(), indices.cpu().numpy()
 
     def _tokens(self, ids: list[int]) -> tuple[list[str], list[bool]]:
         strings = self.lm.token_strings()

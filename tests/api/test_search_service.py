@@ -19,6 +19,7 @@ from app.api.schemas import SearchOut
 from app.engine.lm import load_model
 from app.engine.sae import SAE, SAEConfig
 from app.engine.service import EngineService, LoadedSAE, _for_serving
+from app.errors import NotFoundError
 from app.store.queries import LabelInfo
 
 HOOK = "blocks.1.hook_resid_post"
@@ -150,3 +151,18 @@ def test_search_json_is_the_searchout_shape():
     )
     assert json.loads(raw) == json.loads(reference.model_dump_json())
     assert SearchOut.model_validate_json(raw) == reference
+
+
+def test_warm_up_keeps_good_saes_and_drops_one_that_cannot_search(lm):
+    good = _service(lm, _sae(lm, "topk", seed=2))
+    sae = _sae(lm, "topk", seed=3)
+    bad_hook = f"blocks.{lm.n_layers + 5}.hook_resid_post"  # past the last block
+    service = EngineService(lm, {
+        "good": good.saes["s"],
+        "bad": LoadedSAE(sae_id="bad", hook_name=bad_hook, sae=sae),
+    })
+    service.warm_up()
+    assert list(service.saes) == ["good"]
+    assert "test search failed" in service.skipped["bad"]
+    with pytest.raises(NotFoundError, match="test search failed"):
+        service.search(sae_id="bad", ids=[1, 2], top_k=5, n_features=5)
