@@ -6,6 +6,7 @@ Every command turns a `SaescopeError` into a one-line message and exit code 2.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from functools import wraps
@@ -186,7 +187,19 @@ def _serve(settings: Any) -> None:
 
     from app.main import create_app
 
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port)
+    if settings.workers <= 1:
+        uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
+                    access_log=settings.access_log)
+        return
+    from app.settings import to_environ
+
+    # Worker processes build their own app from the environment; the model's CPU threads are
+    # split between them so two text searches at once do not oversubscribe the cores.
+    os.environ.update(to_environ(settings))
+    threads = max(1, (os.cpu_count() or 1) // settings.workers)
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    uvicorn.run("app.main:create_app", factory=True, host=settings.host, port=settings.port,
+                workers=settings.workers, access_log=settings.access_log)
 
 
 @app.command("serve")
@@ -199,6 +212,9 @@ def serve_command(
     model: bool = typer.Option(None, "--model/--no-model",
                                help="load the model for text search (default: "
                                     "SAESCOPE_LOAD_MODEL, true)"),
+    workers: int = typer.Option(None, "--workers", min=1, max=64,
+                                help="server processes (default: SAESCOPE_WORKERS, 1); each "
+                                     "loads its own copy of the model"),
 ) -> None:
     """Serve the explorer and the JSON API (docs at /docs); the schema is upgraded on start."""
     from app.settings import get_settings
@@ -213,6 +229,8 @@ def serve_command(
         updates["port"] = port
     if model is not None:
         updates["load_model"] = model
+    if workers:
+        updates["workers"] = workers
     settings = get_settings().model_copy(update=updates)
     # Upgrade here too, so a bad URL or an unreachable database fails as one line, not a trace
     # from inside the server's startup.

@@ -9,8 +9,8 @@ sequences) for a RANDOM TopK SAE of that width on smollm2-135m at blocks.15.hook
 saved as a real SAELens folder so the server loads it for text search. Feature contents are made
 up (app/store/synthetic.py); their sizes are the real ones, and page cost depends only on sizes.
 
-One server (uvicorn, one process, as `saescope serve` runs it) in a subprocess; clients are
-httpx.AsyncClient tasks in this process. Reported, in one run:
+One server (`saescope serve`, --workers processes, default 1) in a subprocess; clients are
+bare asyncio HTTP/1.1 keep-alive connections in this process (see load_test). Reported, in one run:
   - p50/p99 of GET /{model}/{sae}/{index} (HTML) and GET /api/v1/saes/{sae}/features/{index}
     over --requests random features each, --concurrency clients at once, each route on its own,
     beside GET /_ping (a route that does nothing) under the same concurrency; then each route's
@@ -112,14 +112,15 @@ def post(url: str, body: dict) -> tuple[int, dict]:
         return exc.code, json.loads(exc.read() or b"{}")
 
 
-def start_server(db_url: str, *, search: bool, log_path: Path) -> tuple[subprocess.Popen, str]:
+def start_server(db_url: str, *, search: bool, workers: int, log_path: Path
+                 ) -> tuple[subprocess.Popen, str]:
+    """`saescope serve` itself, in a subprocess."""
     port = free_port()
-    env = dict(os.environ, SAESCOPE_DATABASE_URL=db_url, HF_HUB_OFFLINE="1",
-               SAESCOPE_LOAD_MODEL="true" if search else "false", SAESCOPE_MODEL=MODEL)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", SAESCOPE_MODEL=MODEL)
     log = log_path.open("w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory", "--host",
-         "127.0.0.1", "--port", str(port), "--log-level", "warning", "--no-access-log"],
+        [sys.executable, "-c", "from app.cli import app; app()", "serve", "--db", db_url,
+         "--port", str(port), "--model" if search else "--no-model", "--workers", str(workers)],
         cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30
@@ -135,10 +136,28 @@ def start_server(db_url: str, *, search: bool, log_path: Path) -> tuple[subproce
     raise SystemExit(f"server did not start; see {log_path}")
 
 
-async def load_test(base: str, paths: list[str], *, concurrency: int) -> dict[str, list[float]]:
-    """Each client takes the next path from a shared queue; latency per request, by label."""
-    import httpx
+async def _get(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, path: str,
+               accept: str) -> tuple[int, bytes]:
+    """One GET over a kept-alive HTTP/1.1 connection; the body is read to its last byte."""
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: bench\r\nAccept: {accept}\r\n\r\n".encode())
+    head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+    status = int(head[0].split()[1])
+    length = next((int(v) for k, _, v in (line.partition(":") for line in head[1:])
+                   if k.lower() == "content-length"), None)
+    if length is None:
+        raise SystemExit(f"{path}: no Content-Length (chunked responses are not expected here)")
+    return status, await reader.readexactly(length)
 
+
+async def load_test(base: str, paths: list[tuple[str, str]], *, concurrency: int
+                    ) -> dict[str, list[float]]:
+    """Each client takes the next path from a shared queue; latency per request, by label.
+
+    Clients are bare asyncio connections speaking HTTP/1.1 with keep-alive: client and server
+    share the machine's two cores, and a full HTTP client library (httpx) spent more CPU per
+    request than the server's no-op route, which then showed up in every latency.
+    """
+    host, port = base.removeprefix("http://").split(":")
     queue: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
     for item in paths:
         queue.put_nowait(item)
@@ -146,16 +165,19 @@ async def load_test(base: str, paths: list[str], *, concurrency: int) -> dict[st
     failures: list[str] = []
 
     async def client() -> None:
-        async with httpx.AsyncClient(base_url=base, timeout=60) as http:
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
             while not queue.empty():
                 label, path = queue.get_nowait()
+                accept = "text/html" if label == "page" else "application/json"
                 t0 = time.perf_counter()
-                resp = await http.get(path, headers={"Accept": "text/html"}
-                                      if label == "page" else {"Accept": "application/json"})
+                status, _ = await _get(reader, writer, path, accept)
                 elapsed = time.perf_counter() - t0
-                if resp.status_code != 200:
-                    failures.append(f"{path}: {resp.status_code}")
+                if status != 200:
+                    failures.append(f"{path}: {status}")
                 times.setdefault(label, []).append(elapsed * 1000)
+        finally:
+            writer.close()
 
     await asyncio.gather(*(client() for _ in range(concurrency)))
     if failures:
@@ -169,6 +191,8 @@ def main() -> None:
     parser.add_argument("--features", type=int, default=16384)
     parser.add_argument("--requests", type=int, default=2000, help="per measured route")
     parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--workers", type=int, default=1,
+                        help="server processes (saescope serve --workers)")
     parser.add_argument("--no-search", action="store_true", help="skip the text-search part")
     parser.add_argument("--only-search", action="store_true",
                         help="run only the text-search part (no load test)")
@@ -184,7 +208,7 @@ def main() -> None:
     db_url = args.db or build_demo_db(data_dir / f"bench-serve-{args.features}.db",
                                       d_sae=args.features, lm=lm)
 
-    proc, base = start_server(db_url, search=not args.no_search,
+    proc, base = start_server(db_url, search=not args.no_search, workers=args.workers,
                               log_path=data_dir / "bench-serve.log")
     try:
         import httpx
@@ -221,7 +245,8 @@ def main() -> None:
         warm = [item for *_, paths in routes for item in paths[:100]]
         asyncio.run(load_test(base, warm, concurrency=args.concurrency))
         print(f"\nSAE {sae_id} ({d_sae} features); each route alone, {n} requests, "
-              f"{args.concurrency} concurrent clients (random features)")
+              f"{args.concurrency} concurrent clients (random features), "
+              f"{args.workers} server process{'es' if args.workers > 1 else ''}")
         print(f"{'route':<34} {'p50 ms':>8} {'p99 ms':>8} {'req/s':>6}  target p99")
         for name, key, target, paths in routes:
             t0 = time.perf_counter()

@@ -89,7 +89,7 @@ def plotly_js(version: str, request: Request) -> Response:
 
 
 @router.get("/_ping")
-def ping() -> Response:
+async def ping() -> Response:
     """A route that does nothing: the baseline the serving benchmark compares pages with."""
     return Response("ok", media_type="text/plain")
 

@@ -9,6 +9,7 @@ import sys
 import time
 
 import httpx
+import pytest
 
 from app.store.db import make_engine
 from app.store.synthetic import synthetic_run
@@ -23,7 +24,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_db_upgrade_then_serve(tmp_path):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_db_upgrade_then_serve(tmp_path, workers):
+    """With --workers 2 the worker processes build their app from the environment: the SAE list
+    comes from the --db given on the command line, not the default database."""
     url = f"sqlite:///{tmp_path / 'cli.db'}"
     env = {**os.environ, "SAESCOPE_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1"}
     done = subprocess.run([*CLI, "db", "upgrade", "--db", url], env=env, capture_output=True,
@@ -36,7 +40,8 @@ def test_db_upgrade_then_serve(tmp_path):
 
     port = _free_port()
     server = subprocess.Popen(
-        [*CLI, "serve", "--db", url, "--port", str(port), "--no-model"], env=env,
+        [*CLI, "serve", "--db", url, "--port", str(port), "--no-model", "--workers", str(workers)],
+        env=env,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:
