@@ -58,7 +58,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
     finally:
         app.state.model_worker.close()
-        app.state.read_pool.shutdown(wait=False, cancel_futures=True)
+        if app.state.read_pool is not None:
+            app.state.read_pool.shutdown(wait=False, cancel_futures=True)
         app.state.db_engine.dispose()
 
 
@@ -75,8 +76,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.model_worker = ModelWorker(capacity=settings.model_queue_size)
     # Hot reads run here (api.deps.run_read): a few threads, so concurrent requests queue FIFO
     # rather than time-slicing the GIL across the default forty.
-    app.state.read_pool = ThreadPoolExecutor(max_workers=settings.read_threads,
-                                             thread_name_prefix="saescope-read")
+    app.state.read_pool = ThreadPoolExecutor(
+        max_workers=settings.read_threads, thread_name_prefix="saescope-read"
+    ) if settings.read_threads > 0 else None
     app.state.engine_state = EngineState()
     install_error_handlers(app)
     for module in (models, saes, features, search):

@@ -28,7 +28,7 @@ class Settings(BaseSettings):
     max_text_tokens: int = 1024
     # Threads for the hot reads (feature JSON and pages). Few on purpose: reads are CPU-bound
     # Python, and many threads contending for the GIL stretch every request's latency.
-    read_threads: int = 2
+    read_threads: int = 1
     # Server processes. Each one holds its own copy of the model when load_model is on; on a
     # 2-core machine 2 workers serve about 1.5-2x the pages per second of one.
     workers: int = 1

@@ -59,4 +59,7 @@ async def run_read(request: Request, fn: Callable[[Session], T]) -> T:
         with read_session(engine) as session:
             return fn(session)
 
-    return await asyncio.wrap_future(request.app.state.read_pool.submit(job))
+    pool = request.app.state.read_pool
+    if pool is None:  # read_threads = 0: on the event loop itself
+        return job()
+    return await asyncio.wrap_future(pool.submit(job))

@@ -232,6 +232,8 @@ class FeatureDetail:
     dense_threshold: float = DEFAULT_DENSE_THRESHOLD
     # Labels of the neighbour features that have one, read in the same query as the feature's own.
     neighbour_labels: dict[int, LabelInfo] = field(default_factory=dict)
+    # The model's display strings by token id (the cached list; renderers index it by id).
+    vocab: list[str] = field(default_factory=list, compare=False, repr=False)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -604,5 +606,5 @@ def get_feature(*, session: Session, sae_id: str, index: int) -> FeatureDetail:
         logits_neg=token_values(feat.logit_neg_ids, feat.logit_neg_values),
         neighbours=neighbours, windows=window_infos, label=own_label,
         run_id=run.id, corpus=run.corpus, dense_threshold=run.dense_threshold,
-        neighbour_labels=labels,
+        neighbour_labels=labels, vocab=vocab,
     )

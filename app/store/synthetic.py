@@ -55,8 +55,18 @@ def synthetic_run(
     corpus: str = "synthetic",
     seed: int = 0,
     token_strings: list[str] | None = None,
+    active_frac: float = 1.0,
+    min_window_len: int | None = None,
+    zipf_tokens: bool = False,
 ) -> SyntheticRun:
-    """Records for one run; features [0, n_dead) are dead (no windows, zero stats)."""
+    """Records for one run; features [0, n_dead) are dead (no windows, zero stats).
+
+    By default every token of a window is active and lengths run from window_len/2: tests want
+    many values to check. `active_frac` (the share of a window's other tokens that are active),
+    `min_window_len` and `zipf_tokens` (token ids drawn with frequency ~ 1/rank, as text has)
+    let a benchmark match what a real run stores (the demo run: ~30 of 32 tokens per window,
+    ~8% of them active).
+    """
     rng = np.random.default_rng(seed)
     vocab = token_strings or [f"tok{i}" for i in range(vocab_size)]
     model = ModelRecord(model_id=model_id, source=model_id, architecture="llama", d_model=16,
@@ -64,7 +74,13 @@ def synthetic_run(
     sae = SAERecord(model_id=model_id, sae_id=sae_id, hook_name="blocks.1.hook_resid_post",
                     architecture="topk", d_in=16, d_sae=d_sae, path=f"/nowhere/{sae_id}",
                     cfg={"architecture": "topk", "k": 8, "d_in": 16, "d_sae": d_sae})
-    tokens = rng.integers(2, len(vocab), size=(n_seq, context_size), dtype=np.int32)
+    if zipf_tokens:
+        ranks = np.arange(1, len(vocab) - 1, dtype=np.float64)
+        order = rng.permutation(len(vocab) - 2) + 2
+        tokens = rng.choice(order, size=(n_seq, context_size), p=(1 / ranks) / (1 / ranks).sum())
+        tokens = tokens.astype(np.int32)
+    else:
+        tokens = rng.integers(2, len(vocab), size=(n_seq, context_size), dtype=np.int32)
     tokens[:, 0] = 1  # BOS
     seq_index = np.arange(n_seq, dtype=np.int64) * 3  # sparse on purpose: not row numbers
     doc_names = [f"doc{i}" for i in range((n_seq + 3) // 4)]
@@ -103,11 +119,12 @@ def synthetic_run(
             lo, hi = b * max_act[f] / n_bands, (b + 1) * max_act[f] / n_bands
             specs += [(WINDOW_KIND_INTERVAL, b, r, rng.uniform(lo, hi)) for r in range(per_band)]
         for kind, band, rank, peak in specs:
-            length = int(rng.integers(window_len // 2, window_len + 1))
+            shortest = window_len // 2 if min_window_len is None else min_window_len
+            length = int(rng.integers(shortest, window_len + 1))
             seq = int(rng.integers(0, n_seq))
             start = int(rng.integers(0, context_size - length + 1))
             v = np.zeros(window_len, np.float16)
-            v[:length] = rng.uniform(0, peak * 0.9, length)
+            v[:length] = rng.uniform(0, peak * 0.9, length) * (rng.random(length) < active_frac)
             max_pos = int(rng.integers(0, length))
             v[max_pos] = peak
             rows.append((f, kind, band, rank, seq_index[seq], start, length, float(v[max_pos]),

@@ -24,7 +24,9 @@ from app.web.templating import (
     fmt_num,
     sae_url,
     search_url,
+    span_table,
     templates,
+    token_run_html,
     token_runs_html,
 )
 
@@ -97,18 +99,27 @@ async def ping() -> Response:
 # --- view models: JSON-twin dicts -> what the templates loop over ------------------------------
 
 
-def windows_html(windows: list[Any], *, max_act: float) -> list[Markup]:
+def windows_html(windows: list[Any], *, vocab: list[str], max_act: float) -> list[Markup]:
     """Each window as the page shows it: max value, shaded tokens, document name.
 
     Assembled in Python rather than by a Jinja loop (a page has ~50 windows; the loop's
     attribute lookups and filters cost more than the strings), all of a page's windows in one
     call so numpy's per-call overhead is paid once. Document names are escaped.
     """
-    runs = token_runs_html(
-        [(w.tokens, w.values if w.values_f16 is None else w.values_f16,
-          min(max(int(w.max_pos), 0), max(len(w.tokens) - 1, 0))) for w in windows],
-        max_value=max_act,
-    )
+    table = span_table(vocab)
+    runs: list[Markup | None] = [None] * len(windows)
+    batch, where = [], []
+    for n, w in enumerate(windows):
+        values = w.values if w.values_f16 is None else w.values_f16
+        max_pos = min(max(int(w.max_pos), 0), max(len(w.tokens) - 1, 0))
+        if table.covers(w.token_ids):
+            batch.append((w.token_ids, values, max_pos))
+            where.append(n)
+        else:  # ids the stored vocabulary lacks: shown by their "<id>" strings
+            runs[n] = token_run_html(w.tokens, values, max_value=max_act, max_pos=max_pos)
+    for n, html in zip(where, token_runs_html(batch, table=table, max_value=max_act),
+                       strict=True):
+        runs[n] = html
     out = []
     for w, tokens in zip(windows, runs, strict=True):
         doc = f'<span class="win-doc">{escape(w.doc_name)}</span>' if w.doc_name else ""
@@ -123,7 +134,7 @@ def windows_html(windows: list[Any], *, max_act: float) -> list[Markup]:
 def feature_view(detail: Any, *, neighbour_labels: dict[int, Any]) -> dict[str, Any]:
     """Template context of a feature page from queries.get_feature's FeatureDetail."""
     scale = detail.max_act or 1.0
-    html = windows_html(detail.windows, max_act=scale)
+    html = windows_html(detail.windows, vocab=detail.vocab, max_act=scale)
     top: list[Markup] = []
     by_band: dict[int, list[Markup]] = {}
     for w, w_html in zip(detail.windows, html, strict=True):

@@ -125,18 +125,43 @@ def _f16_texts() -> tuple[str, ...]:
     return tuple(f"{v:.3g}" for v in every)
 
 
-@lru_cache(maxsize=65536)
-def _inactive_span(token: str, extra: str) -> str:
-    text, attr = _token_parts(token)
-    # No style and no value attribute: the tooltip reads a missing value as 0.
-    return f'<span class="t{extra}"{attr}>{text}</span>'
+class SpanTable:
+    """Per token id, the two strings a token run is made of, filled on first use.
+
+    `inactive[i]`: the whole span of token i with no activation (most tokens of a window);
+    `tail[i]`: what follows an active span's value (data-tok, escaped text, closing tag). A
+    feature page then costs a list lookup per token instead of hashing its string.
+    """
+
+    def __init__(self, vocab: list[str]) -> None:
+        self.vocab = vocab
+        self.inactive: list[str | None] = [None] * len(vocab)
+        self.tail: list[str | None] = [None] * len(vocab)
+
+    def covers(self, ids: list[int]) -> bool:
+        return not ids or (min(ids) >= 0 and max(ids) < len(self.vocab))
+
+    def spans_for(self, ids: list[int]) -> None:
+        """Fill the entries of `ids` not seen yet (the caller checked `covers(ids)`)."""
+        inactive = self.inactive
+        for i in ids:
+            if inactive[i] is None:
+                text, attr = _token_parts(self.vocab[i])
+                inactive[i] = f'<span class="t"{attr}>{text}</span>'
+                self.tail[i] = f'"{attr}>{text}</span>'
 
 
-@lru_cache(maxsize=65536)
-def _active_tail(token: str) -> str:
-    """Everything of an active token's span after its value: data-tok, text, closing tag."""
-    text, attr = _token_parts(token)
-    return f'"{attr}>{text}</span>'
+_SPAN_TABLES: dict[int, SpanTable] = {}
+
+
+def span_table(vocab: list[str]) -> SpanTable:
+    """The table for `vocab` (the store caches each model's vocabulary as one list object)."""
+    table = _SPAN_TABLES.get(id(vocab))
+    if table is None or table.vocab is not vocab:
+        if len(_SPAN_TABLES) >= 4:
+            _SPAN_TABLES.pop(next(iter(_SPAN_TABLES)))
+        table = _SPAN_TABLES[id(vocab)] = SpanTable(vocab)
+    return table
 
 
 def token_run_html(
@@ -144,25 +169,27 @@ def token_run_html(
     centred: bool = True,
 ) -> Markup:
     """The token spans of one window, shaded by value / max_value, the max token marked."""
-    return token_runs_html([(tokens, values, max_pos)], max_value=max_value, centred=centred)[0]
+    table = SpanTable(list(tokens))
+    return token_runs_html([(list(range(len(tokens))), values, max_pos)], table=table,
+                           max_value=max_value, centred=centred)[0]
 
 
 def token_runs_html(
-    runs: list[tuple[list[str], list[float] | np.ndarray, int]], *, max_value: float,
-    centred: bool = True,
+    runs: list[tuple[list[int], list[float] | np.ndarray, int]], *, table: SpanTable,
+    max_value: float, centred: bool = True,
 ) -> list[Markup]:
-    """Token spans of several windows (tokens, values, max position) on one shading scale.
+    """Token spans of several windows (token ids, values, max position) on one shading scale.
 
-    Built here rather than with a Jinja loop because a feature page has thousands of tokens.
-    Values are taken as float16 (how windows are stored) and all windows go through numpy
-    together: shading steps come from one expression and tooltip text from a table indexed by
-    the float16 bits, so the per-token work is a cached lookup and a concatenation. Every token
-    string goes through markupsafe.escape in _token_parts, so a token is always text, never
-    markup.
+    Every id must be in `table` (see SpanTable.covers). Built here rather than with a Jinja loop
+    because a feature page has thousands of tokens. Values are taken as float16 (how windows
+    are stored) and all windows go through numpy together: shading steps come from one
+    expression and tooltip text from a table indexed by the float16 bits; the token parts come
+    from `table` by id. Every token string goes through
+    markupsafe.escape in _token_parts, so a token is always text, never markup.
     """
-    for tokens, values, _ in runs:
-        if len(tokens) != len(values):
-            raise ValueError(f"{len(tokens)} tokens but {len(values)} values")
+    for ids, values, _ in runs:
+        if len(ids) != len(values):
+            raise ValueError(f"{len(ids)} tokens but {len(values)} values")
     if not runs:
         return []
     half = np.concatenate([np.asarray(values, dtype=np.float16) for _, values, _ in runs])
@@ -171,25 +198,28 @@ def token_runs_html(
     steps_all = np.minimum(np.maximum(np.floor(wide * scale + 0.5), 0), 100).astype(np.intp)
     steps_all, codes_all = steps_all.tolist(), half.view(np.uint16).tolist()
     active_all = (wide > 0).tolist()
-    texts, alphas, tail, inactive = _f16_texts(), _ALPHAS, _active_tail, _inactive_span
+    texts, alphas = _f16_texts(), _ALPHAS
     out = []
     at = 0
-    for tokens, _, max_pos in runs:
-        end = at + len(tokens)
+    for ids, _, max_pos in runs:
+        table.spans_for(ids)
+        inactive, tail = table.inactive, table.tail
+        end = at + len(ids)
         active, steps, codes = active_all[at:end], steps_all[at:end], codes_all[at:end]
         at = end
         spans = [
-            '<span class="t on" style="--a:' + alphas[step] + '" data-v="' + texts[code]
-            + tail(token) if on else inactive(token, "")
-            for token, on, step, code in zip(tokens, active, steps, codes, strict=True)
+            '<span class="t on" style="--a:' + alphas[step] + '" data-v="' + texts[code] + tail[i]
+            if on else inactive[i]
+            for i, on, step, code in zip(ids, active, steps, codes, strict=True)
         ]
         if 0 <= max_pos < len(spans):
             # The max token, once per window: the same span with the "max" class.
+            i = ids[max_pos]
             if active[max_pos]:
                 spans[max_pos] = ('<span class="t on max" style="--a:' + alphas[steps[max_pos]]
-                                  + '" data-v="' + texts[codes[max_pos]] + tail(tokens[max_pos]))
+                                  + '" data-v="' + texts[codes[max_pos]] + tail[i])
             else:
-                spans[max_pos] = inactive(tokens[max_pos], " max")
+                spans[max_pos] = '<span class="t max' + inactive[i][len('<span class="t'):]
         if not centred or not spans:
             out.append(Markup("".join(spans)))
             continue
