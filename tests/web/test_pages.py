@@ -11,14 +11,17 @@ import html
 import re
 from collections.abc import Iterator
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
 from app.main import create_app
 from app.settings import Settings
 from app.store.db import make_engine, upgrade
+from app.store.queries import WindowInfo
 from app.store.synthetic import SyntheticRun, synthetic_run
 from app.store.writer import write_label, write_run
+from app.web.pages import windows_html
 from app.web.templating import PLOTLY_VERSION, token_run_html
 
 XSS = "</script><img src=x onerror=alert(1)>"
@@ -199,3 +202,20 @@ def test_token_run_html_escapes_shades_and_marks_the_max() -> None:
     assert ">·<" in spans[3]
     # Centred layout: tokens before the max in .pre, after it in .post.
     assert out.index('class="pre"') < out.index(" max") < out.index('class="post"')
+
+
+def test_windows_html_by_id_matches_the_string_renderer_and_handles_unknown_ids() -> None:
+    vocab = ["a", XSS, "\n", " ", "b"]
+    values = np.array([0.0, 2.0, 1.0, 0.0], np.float16)
+    known = WindowInfo("top", -1, 0, [0, 1, 2, 3], [vocab[i] for i in (0, 1, 2, 3)],
+                       values.astype(np.float32).tolist(), 2.0, 1, 0, 0, "doc<1>", values)
+    unknown = WindowInfo("top", -1, 1, [4, 99], ["b", "<99>"], [1.0, 0.0], 1.0, 0, 0, 0, None,
+                         np.array([1.0, 0.0], np.float16))
+    first, second = windows_html([known, unknown], vocab=vocab, max_act=4.0)
+    by_string = token_run_html(known.tokens, known.values, max_value=4.0, max_pos=1)
+    assert str(by_string) in str(first)
+    assert "doc&lt;1&gt;" in str(first)
+    _no_raw_payload(str(first))
+    assert "&lt;99&gt;" in str(second) and ">b<" in str(second)
+    # The same page rendered twice reads the filled table: identical output.
+    assert windows_html([known, unknown], vocab=vocab, max_act=4.0) == [first, second]
