@@ -1,0 +1,125 @@
+"""Logit effects and decoder neighbours against a brute-force ordering of the full matrix.
+
+Integer-valued weights make every product exact in float32 (small integers), so the full matrix
+is known exactly whatever the kernel, and ties are frequent: the reference orders each row by
+(value, then index ascending) with a lexsort, and the chunked, block-pruned selection must give
+exactly the same indices and values.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from app.pipeline.static_features import decoder_neighbours, logit_effects
+
+
+def lex_order(row_values: np.ndarray, n: int, *, largest: bool) -> np.ndarray:
+    """Indices of the n first entries of each row: value (desc if largest), then index asc."""
+    out = np.empty((row_values.shape[0], n), dtype=np.int64)
+    cols = np.arange(row_values.shape[1])
+    for i, row in enumerate(row_values):
+        out[i] = np.lexsort((cols, -row if largest else row))[:n]
+    return out
+
+
+def integer_weights(seed: int, *, d_sae: int, d_in: int, vocab: int):
+    g = torch.Generator().manual_seed(seed)
+    w_dec = torch.randint(-3, 4, (d_sae, d_in), generator=g).float()
+    w_u = torch.randint(-2, 3, (d_in, vocab), generator=g).float()
+    w_u[:, 700:760] = w_u[:, 5:6]  # 61 identical token embeddings: a run of exact ties
+    w_u[:, 900] = 0.0
+    w_dec[7] = w_dec[3]  # duplicate decoder rows and a dead (zero) one
+    w_dec[11] = 0.0
+    scale = torch.randint(1, 3, (d_in,), generator=g).float()
+    return w_dec, scale, w_u
+
+
+@pytest.mark.parametrize("budget", [1 << 24, 5000, 1001])
+def test_logit_effects_equal_a_brute_force_ordering_with_ties(budget):
+    w_dec, scale, w_u = integer_weights(0, d_sae=150, d_in=24, vocab=1000)
+    full = ((w_dec @ (scale[:, None] * w_u)).double()).numpy()
+    got = logit_effects(w_dec=w_dec, norm_scale=scale, w_u=w_u, n=10, budget_elems=budget)
+    rows = np.arange(full.shape[0])[:, None]
+    for ids, values, largest in ((got.pos_ids, got.pos_values, True),
+                                 (got.neg_ids, got.neg_values, False)):
+        want = lex_order(full, 10, largest=largest)
+        assert np.array_equal(ids, want)
+        assert np.array_equal(values, full[rows, want].astype(np.float32))
+    # the zero decoder row ties everywhere: the 10 smallest token ids, both ways
+    assert got.pos_ids[11].tolist() == list(range(10)) == got.neg_ids[11].tolist()
+
+
+def test_logit_effects_on_a_transposed_tied_embedding_and_small_vocab():
+    """W_U given as the transpose of an embedding (as lm.unembedding() returns it), and a vocab
+    too small for block pruning: the same ordering."""
+    w_dec, scale, w_u = integer_weights(1, d_sae=40, d_in=16, vocab=1000)
+    emb = w_u.T.contiguous()
+    for vocab in (1000, 300, 7):
+        sub = emb[:vocab].T
+        full = (w_dec @ (scale[:, None] * sub)).double().numpy()
+        got = logit_effects(w_dec=w_dec, norm_scale=scale, w_u=sub, n=10, budget_elems=900)
+        n = min(10, vocab)
+        assert np.array_equal(got.pos_ids, lex_order(full, n, largest=True))
+        assert np.array_equal(got.neg_ids, lex_order(full, n, largest=False))
+
+
+def test_logit_effects_random_floats_match_the_dense_top_k():
+    g = torch.Generator().manual_seed(2)
+    w_dec = torch.randn(64, 32, generator=g)
+    w_u = torch.randn(32, 4000, generator=g)
+    scale = torch.rand(32, generator=g) + 0.5
+    full = w_dec @ (scale[:, None] * w_u)
+    got = logit_effects(w_dec=w_dec, norm_scale=scale, w_u=w_u, n=10, budget_elems=30_000)
+    top = full.topk(10, dim=1)
+    bottom = full.topk(10, dim=1, largest=False)
+    assert np.array_equal(got.pos_ids, top.indices.numpy())
+    assert np.array_equal(got.neg_ids, bottom.indices.numpy())
+    np.testing.assert_allclose(got.pos_values, top.values.numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got.neg_values, bottom.values.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def four_hot(seed: int, *, d_sae: int, d_in: int) -> torch.Tensor:
+    """Rows with four entries of +-1: norm 2, so unit vectors and all cosines (multiples of 1/4)
+    are exact in float32."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.zeros(d_sae, d_in)
+    for i in range(d_sae):
+        cols = torch.randperm(d_in, generator=g)[:4]
+        w[i, cols] = torch.randint(0, 2, (4,), generator=g).float() * 2 - 1
+    return w
+
+
+@pytest.mark.parametrize("budget", [1 << 24, 10_000, 1000, 50])
+def test_neighbours_equal_a_brute_force_ordering_with_ties(budget):
+    w_dec = four_hot(3, d_sae=300, d_in=16)
+    w_dec[20:40] = w_dec[19]  # 21 identical directions: cosine 1 among them
+    w_dec[50] = 3 * w_dec[51]  # parallel, another norm
+    w_dec[11] = 0.0  # a dead feature
+    norms = w_dec.double().norm(dim=1, keepdim=True).clamp_min(1e-12)
+    full = ((w_dec.double() / norms) @ (w_dec.double() / norms).T).numpy()
+    np.fill_diagonal(full, -np.inf)
+    idx, cos = decoder_neighbours(w_dec, n=10, budget_elems=budget)
+    want = lex_order(full, 10, largest=True)
+    rows = np.arange(300)[:, None]
+    assert np.array_equal(idx, want)
+    assert np.array_equal(cos, full[rows, want].astype(np.float32))
+    assert not (idx == np.arange(300)[:, None]).any()
+    assert idx[19].tolist() == list(range(20, 30))  # ties: smaller index first
+    assert idx[51][0] == 50 and cos[51][0] == 1.0
+    assert idx[11].tolist() == [i for i in range(12) if i != 11][:10]  # cosine 0 with all
+    assert not cos[11].any()
+
+
+def test_neighbours_chunking_does_not_change_random_results():
+    g = torch.Generator().manual_seed(4)
+    w_dec = torch.randn(400, 48, generator=g)
+    unit = w_dec / w_dec.norm(dim=1, keepdim=True)
+    sims = unit @ unit.T
+    sims.fill_diagonal_(-torch.inf)
+    top = sims.topk(10, dim=1)
+    for budget in (1 << 24, 40_000, 3000):
+        idx, cos = decoder_neighbours(w_dec, n=10, budget_elems=budget)
+        assert np.array_equal(idx, top.indices.numpy())
+        np.testing.assert_allclose(cos, top.values.numpy(), rtol=1e-5, atol=1e-6)
