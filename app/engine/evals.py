@@ -24,15 +24,26 @@ the predicting position and the predicted token are ordinary tokens.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from app.engine.sae_formats import SAELENS_CFG, SAELENS_WEIGHTS
+
 Encoder = Callable[[Tensor], Tensor]
+# Bumped whenever a definition above changes, so evals.json figures of an older evaluation are not
+# reused as if they were this one's (see ``reusable_evals``).
+EVAL_VERSION = 1
+SAE_FILES = (SAELENS_CFG, SAELENS_WEIGHTS)  # what an SAELens folder's encode depends on
+REUSED_KEYS = ("n_tokens", "l0", "explained_variance", "normalized_mse", "mse", "n_dead", "n_dense",
+               "ce_loss_clean", "ce_loss_sae", "ce_loss_ablated", "ce_loss_recovered",
+               "ce_loss_increase", "n_ce_terms")
 
 
 @dataclass
@@ -109,30 +120,18 @@ def evaluate_sae(
     dense_threshold: float = 0.1,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Evaluate ``sae`` at its hook on held-out sequences tokens [n_seq, ctx] (see module doc)."""
+    """Evaluate ``sae`` at its hook on held-out sequences tokens [n_seq, ctx] (see module doc).
+
+    Per batch: one full clean forward, which also keeps the hook activation and the later
+    layers' inputs; the SAE-spliced and the zero-ablated passes then run only the layers after
+    the hook (``lm.run_from_hook``), since everything before it is the same as in the clean pass.
+    """
     hook = hook_name or sae.cfg.hook_name
     tokens = torch.as_tensor(np.asarray(tokens)).long()
     special = torch.as_tensor(np.asarray(special_mask)).bool()
     stats = ReconstructionStats(d_sae=int(sae.cfg.d_sae))
     nll = {"clean": 0.0, "sae": 0.0, "ablated": 0.0}
     n_terms = 0
-    current: dict[str, Tensor] = {}
-
-    def splice(t: Tensor) -> Tensor:
-        counted = ~current["special"]
-        x = t[counted]
-        with torch.no_grad():
-            acts = sae.encode(x)
-            x_hat = sae.decode(acts).to(t.dtype)
-        stats.update(x, x_hat, acts)
-        out = t.clone()
-        out[counted] = x_hat
-        return out
-
-    def ablate(t: Tensor) -> Tensor:
-        out = t.clone()
-        out[~current["special"]] = 0
-        return out
 
     bar = None
     if progress:
@@ -142,13 +141,25 @@ def evaluate_sae(
                    dynamic_ncols=True, mininterval=0.5)
     for s in range(0, tokens.shape[0], batch_size):
         ids, mask = tokens[s:s + batch_size], special[s:s + batch_size]
-        current["special"] = mask
-        for name, fns in (("clean", {}), ("sae", {hook: splice}), ("ablated", {hook: ablate})):
-            with lm.hooks(fns), torch.no_grad():
-                logits = lm.logits(ids)
+        with torch.no_grad():
+            logits, resume = lm.logits_and_resume(ids, hook)
             total, count = ce_loss_sums(logits, ids, mask)
-            nll[name] += total
+            nll["clean"] += total
             del logits
+            t = resume.activation
+            counted = ~mask
+            x = t[counted]
+            acts = sae.encode(x)
+            x_hat = sae.decode(acts).to(t.dtype)
+            stats.update(x, x_hat, acts)
+            spliced = t.clone()
+            spliced[counted] = x_hat
+            ablated = t.clone()
+            ablated[counted] = 0
+            for name, replacement in (("sae", spliced), ("ablated", ablated)):
+                logits = lm.run_from_hook(resume, replacement)
+                nll[name] += ce_loss_sums(logits, ids, mask)[0]
+                del logits
         n_terms += count
         if bar is not None:
             bar.update(int(ids.numel()))
@@ -167,8 +178,65 @@ def evaluate_sae(
         "n_ce_terms": n_terms,
         "hook_name": hook,
         "exclude_special_tokens": True,
+        "eval_version": EVAL_VERSION,
     })
     return out
+
+
+# ------------------------------------------------------------------- reusing evals.json figures
+
+
+def held_out_fingerprint(tokens: np.ndarray | Tensor) -> str:
+    """sha256 of held-out token ids [n_seq, ctx] (shape included): two evaluations read the same
+    held-out tokens exactly when these match (the special mask follows from ids and model)."""
+    arr = np.ascontiguousarray(np.asarray(tokens), dtype=np.int64)
+    digest = hashlib.sha256(f"{arr.shape}".encode())
+    digest.update(arr.tobytes())
+    return digest.hexdigest()
+
+
+def sae_files_fingerprint(folder: Path | str) -> str | None:
+    """sha256 over an SAELens folder's config and weights files (contents, not dates); None when
+    the folder lacks them (another format: its figures are never reused)."""
+    folder = Path(folder)
+    digest = hashlib.sha256()
+    for name in SAE_FILES:
+        path = folder / name
+        if not path.is_file():
+            return None
+        digest.update(f"{name}\n".encode())
+        with path.open("rb") as fh:
+            while block := fh.read(1 << 22):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def reusable_evals(
+    evals: dict[str, Any] | None, *, model_id: str, hook_name: str, held_out_sha256: str,
+    sae_sha256: str | None, dense_threshold: float = 0.1,
+) -> tuple[bool, str]:
+    """(True, what matched) when ``evals`` (an evals.json written by train-sae) measured this very
+    evaluation: same model, hook, held-out tokens, SAE files, evaluation version and dense
+    threshold; else (False, the first mismatch). The corpus, the held-out slice's position and the
+    context size are all covered by the token fingerprint."""
+    if not evals:
+        return False, "no evals.json"
+    checks = [
+        ("eval_version", evals.get("eval_version"), EVAL_VERSION),
+        ("model_id", evals.get("model_id"), model_id),
+        ("hook_name", evals.get("hook_name"), hook_name),
+        ("exclude_special_tokens", evals.get("exclude_special_tokens"), True),
+        ("dense_threshold", evals.get("dense_threshold"), dense_threshold),
+        ("held_out_sha256", evals.get("held_out_sha256"), held_out_sha256),
+        ("sae_sha256", evals.get("sae_sha256"), sae_sha256),
+    ]
+    for name, got, want in checks:
+        if want is None or got != want:
+            return False, f"{name} differs ({got!r} in evals.json, {want!r} here)"
+    missing = [k for k in REUSED_KEYS if k not in evals]
+    if missing:
+        return False, f"evals.json lacks {', '.join(missing)}"
+    return True, ", ".join(name for name, _, _ in checks)
 
 
 def format_evals(evals: dict[str, Any]) -> str:

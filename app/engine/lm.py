@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -42,6 +43,18 @@ _HUB_ID_RE = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 class _StopForward(Exception):
     """Raised from a capture hook once every requested activation is in hand."""
+
+
+@dataclass
+class HookResume:
+    """A forward pass captured at one hook, so ``LanguageModel.run_from_hook`` can finish it from
+    there with another activation (see ``LanguageModel.logits_and_resume``)."""
+
+    point: hk.HookPoint
+    activation: Tensor  # [batch, pos, d_model] the activation the forward had at the hook
+    start_layer: int  # first decoder layer run again
+    layer_input: Tensor | None  # residual entering start_layer (sites inside that layer)
+    layer_calls: list[tuple[tuple, dict]]  # per layer from start_layer: (args, kwargs) but hidden
 
 
 class LanguageModel:
@@ -162,6 +175,75 @@ class LanguageModel:
         with torch.no_grad():
             out = self.hf_model(input_ids=input_ids, attention_mask=mask, use_cache=False)
         return out.logits
+
+    def logits_and_resume(
+        self, ids: TokenIds, hook_name: str, *, attention_mask: Tensor | None = None
+    ) -> tuple[Tensor, HookResume]:
+        """Full forward to the vocabulary (honours active hooks), plus what ``run_from_hook``
+        needs to redo the rest of it from the hook with another activation there.
+
+        Captured on the way: the activation at the hook, the residual stream entering the first
+        layer to re-run, and the arguments the model passes to that layer and every later one
+        (attention masks, sliding-window masks, rotary embeddings, position ids), by reference,
+        exactly as the model built them for this input.
+        """
+        point = self.hook_point(hook_name)
+        start = point.layer + 1 if point.kind == "hook_resid_post" else point.layer
+        calls: list[tuple[tuple, dict]] = []
+        captured: dict[str, Tensor] = {}
+
+        def record_call(_module, args, kwargs):
+            if not calls and start == point.layer:
+                captured["input"] = args[0] if args else kwargs["hidden_states"]
+            rest = args[1:] if args else ()
+            calls.append((rest, {k: v for k, v in kwargs.items() if k != "hidden_states"}))
+
+        def capture(t: Tensor) -> None:
+            captured["activation"] = t.detach()
+
+        handles = [layer.register_forward_pre_hook(record_call, with_kwargs=True)
+                   for layer in self._layers[start:]]
+        try:
+            with self.hooks({point.name: capture}):
+                logits = self.logits(ids, attention_mask=attention_mask)
+        finally:
+            for handle in handles:
+                handle.remove()
+        resume = HookResume(point=point, activation=captured["activation"], start_layer=start,
+                            layer_input=captured.get("input"), layer_calls=calls)
+        return logits, resume
+
+    def run_from_hook(self, resume: HookResume, activation: Tensor) -> Tensor:
+        """Logits [batch, pos, vocab] of the forward ``resume`` came from, with the activation at
+        its hook replaced by ``activation``; runs only the layers after the hook.
+
+        For ``hook_resid_post`` of layer L the layers L+1.. run on ``activation``; for a site
+        inside layer L (resid_pre, attn_out, mlp_out) layer L runs again from its captured input
+        with ``activation`` put in at the site. Active hooks at sites that run honour as usual;
+        sites before the restart do not run (their effect is in the captured tensors).
+        """
+        point = resume.point
+        if activation.shape != resume.activation.shape:
+            raise ValueError(f"activation {tuple(activation.shape)} for a hook activation of "
+                             f"{tuple(resume.activation.shape)}")
+        if point.kind == "hook_resid_post":
+            hidden, fns = activation, {}
+        else:
+            hidden, fns = resume.layer_input, {point.name: lambda _t: activation}
+        layers = self._layers[resume.start_layer:]
+        with self.hooks(fns), torch.no_grad():
+            for layer, (args, kwargs) in zip(layers, resume.layer_calls, strict=True):
+                hidden = layer(hidden, *args, **kwargs)
+                if isinstance(hidden, tuple):  # older transformers returned (hidden, ...)
+                    hidden = hidden[0]
+            logits = self.hf_model.get_output_embeddings()(self._final_norm(hidden))
+            # The CausalLM heads of Gemma 2/3 soft-cap logits after lm_head when configured.
+            config = self.hf_model.config
+            cap = getattr(getattr(config, "text_config", None) or config,
+                          "final_logit_softcapping", None)
+            if cap is not None:
+                logits = torch.tanh(logits / cap) * cap
+        return logits
 
     def unembedding(self) -> tuple[Tensor, Tensor]:
         """(W_U [d_model, vocab], final norm scale [d_model]).

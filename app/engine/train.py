@@ -498,7 +498,12 @@ def train_sae(
     import json
     import shutil
 
-    from app.engine.evals import evaluate_sae, format_evals
+    from app.engine.evals import (
+        evaluate_sae,
+        format_evals,
+        held_out_fingerprint,
+        sae_files_fingerprint,
+    )
     from app.engine.sae import SAE, SAEConfig
     from app.pipeline.activations import cache_key, cache_key_parts, get_activations
     from app.pipeline.corpus import load_corpus
@@ -570,6 +575,8 @@ def train_sae(
         "seconds": {"activations": t_acts - t_start, "train": t_train - t_acts,
                     "eval": t_eval - t_train, "total": t_eval - t_start},
         "activation_cache": str(cache.path),
+        # Lets `saescope build` reuse these figures when it evaluates the same thing.
+        "held_out_sha256": held_out_fingerprint(held_out.tokens),
         "notes": "special positions (BOS, padding, special tokens) keep their activation "
                  "when the SAE is spliced in or the hook is zero-ablated, and are excluded "
                  "from all metrics",
@@ -579,6 +586,7 @@ def train_sae(
     if tmp.exists():
         shutil.rmtree(tmp)
     sae.save(tmp)
+    evals["sae_sha256"] = sae_files_fingerprint(tmp)
     (tmp / "evals.json").write_text(json.dumps(evals, indent=2))
     if out.exists():
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
