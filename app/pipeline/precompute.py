@@ -210,7 +210,9 @@ def _tokenize(lm: Any, opts: BuildOptions, ctx: int, n_tokens: int
         full = tok(n_seq * ctx)  # raises the corpus-too-small message for the build itself
         held_out = False
     corpus = full.select(slice(0, n_seq))
-    if n_eval and held_out:
+    if not n_eval:  # no evaluation (not tokens[-0:], which is every sequence)
+        eval_tokens, eval_special = full.tokens[:0], full.special_mask[:0]
+    elif held_out:
         eval_tokens, eval_special = full.tokens[n_seq:], full.special_mask[n_seq:]
     else:
         eval_tokens, eval_special = full.tokens[-n_eval:], full.special_mask[-n_eval:]
@@ -366,21 +368,15 @@ def compute_records(opts: BuildOptions, *, log: Log = print, lm: Any = None, sae
     t = time.perf_counter()
     log("finalizing feature statistics, logit effects and decoder neighbours")
     stats = acc.finalize()
+    timings["finalize_stats"] = time.perf_counter() - t
     records = make_records(lm=p.lm, sae=p.sae, hook=p.hook, sae_id=p.sae_id,
                            sae_path=opts.sae_path, corpus=p.corpus, stats=stats,
-                           config=p.config, opts=opts)
+                           config=p.config, opts=opts, timings=timings)
     timings["finalize"] = time.perf_counter() - t
 
     t = time.perf_counter()
     if p.eval_tokens.size:
-        kind = "held-out" if p.held_out else "corpus"
-        log(f"evaluating the SAE on {p.eval_tokens.size} {kind} tokens")
-        from app.engine.evals import evaluate_sae
-
-        with torch.inference_mode():
-            ev = evaluate_sae(p.sae, p.lm, p.eval_tokens, p.eval_special, hook_name=p.hook,
-                              batch_size=max(1, min(opts.batch_size, 8)),
-                              progress=opts.progress)
+        ev = _evaluate(p, opts, train_evals=records.sae.train_metrics, log=log)
         records.run.sae_stats.update({
             k: ev[k] for k in ("explained_variance", "ce_loss_clean", "ce_loss_sae",
                                "ce_loss_ablated", "ce_loss_recovered") if k in ev})
@@ -388,6 +384,45 @@ def compute_records(opts: BuildOptions, *, log: Log = print, lm: Any = None, sae
     timings["evaluate"] = time.perf_counter() - t
     result.sae_stats = records.run.sae_stats
     return records, result
+
+
+def _evaluate(p: _Prepared, opts: BuildOptions, *, train_evals: dict[str, Any] | None,
+              log: Log) -> dict[str, Any]:
+    """Held-out evaluation: the figures train-sae wrote to the SAE folder's evals.json when they
+    measured exactly this evaluation (same model, hook, held-out token ids, SAE files, evaluation
+    version; see ``evals.reusable_evals``), else a fresh ``evaluate_sae``. The result says which
+    (``reused_from`` with what was matched, or ``computed`` with the reason)."""
+    from app.engine.evals import (
+        REUSED_KEYS,
+        evaluate_sae,
+        held_out_fingerprint,
+        reusable_evals,
+        sae_files_fingerprint,
+    )
+
+    tokens_sha = held_out_fingerprint(p.eval_tokens)
+    if p.held_out:
+        sae_sha = sae_files_fingerprint(opts.sae_path)
+        ok, why = reusable_evals(train_evals, model_id=p.lm.model_id, hook_name=p.hook,
+                                 held_out_sha256=tokens_sha, sae_sha256=sae_sha)
+    else:
+        ok, why = False, "no held-out text after the build's tokens"
+    evals_file = Path(opts.sae_path) / "evals.json"
+    if ok and train_evals is not None:
+        log(f"held-out evals: reusing {evals_file} (matched {why})")
+        kept = (*REUSED_KEYS, "hook_name", "exclude_special_tokens", "dense_threshold",
+                "eval_version")
+        return {**{k: train_evals[k] for k in kept if k in train_evals},
+                "held_out_sha256": tokens_sha,
+                "reused_from": {"file": str(evals_file.resolve()), "matched": why.split(", "),
+                                "sae_sha256": sae_sha}}
+    kind = "held-out" if p.held_out else "corpus"
+    log(f"evaluating the SAE on {p.eval_tokens.size} {kind} tokens (not reusing evals.json: "
+        f"{why})")
+    with torch.inference_mode():
+        ev = evaluate_sae(p.sae, p.lm, p.eval_tokens, p.eval_special, hook_name=p.hook,
+                          batch_size=max(1, min(opts.batch_size, 8)), progress=opts.progress)
+    return {**ev, "held_out_sha256": tokens_sha, "computed": why}
 
 
 def _prepare(opts: BuildOptions, *, log: Log, lm: Any, sae: Any, cache_dir: Path) -> _Prepared:
@@ -464,15 +499,22 @@ def _stream(*, acc: FeatureAccumulators, sae: Any, source: _Activations,
 
 def make_records(*, lm: Any, sae: Any, hook: str, sae_id: str, sae_path: Path | str,
                  corpus: TokenizedCorpus, stats: FeatureStatsResult, config: dict[str, Any],
-                 opts: BuildOptions) -> PrecomputeRecords:
-    """Turn finalized statistics and the SAE's weights into store records."""
+                 opts: BuildOptions, timings: dict[str, float] | None = None
+                 ) -> PrecomputeRecords:
+    """Turn finalized statistics and the SAE's weights into store records (``timings`` gets
+    the seconds spent on the static features, when given)."""
     from app.pipeline.static_features import decoder_neighbours, logit_effects
 
+    t = time.perf_counter()
     w_u, scale = lm.unembedding()
     with torch.no_grad():
         w_dec = sae.W_dec.detach().float()
         effects = logit_effects(w_dec=w_dec, norm_scale=scale, w_u=w_u, n=opts.n_logits)
+        t_logits = time.perf_counter()
         nb_idx, nb_cos = decoder_neighbours(w_dec, n=opts.n_neighbours)
+    if timings is not None:
+        timings["logit_effects"] = t_logits - t
+        timings["neighbours"] = time.perf_counter() - t_logits
     features = FeatureArrays(
         count=stats.count, act_sum=stats.act_sum, max_act=stats.max_act,
         frac_nonzero=stats.frac_nonzero, hist_edges=stats.hist_edges,
