@@ -42,10 +42,16 @@ def _model_spec(model_id: str, source: str | None) -> str:
     return source
 
 
+# Up to this many tokens, search computes a TopK SAE's pre-activations transposed (see
+# _encode_sparse); beyond it the topk over the strided result costs more than the matmul saves.
+_TRANSPOSED_MAX_POS = 256
+
+
 @torch.no_grad()
 def _for_serving(sae: SAE) -> SAE:
     """Store W_enc column-major (W_enc.T contiguous, as nn.Linear keeps its weight): the same
-    values in the same memory, but the BLAS reads it ~10% faster for x @ W_enc on CPU."""
+    values in the same memory; the transposed product in _encode_sparse needs this layout to be
+    fast, and x @ W_enc is no slower with it."""
     sae.W_enc.data = sae.W_enc.data.t().contiguous().t()
     return sae
 
@@ -141,7 +147,14 @@ class EngineService:
         sae = loaded.sae
         acts = self.lm.run_to_hook(ids, loaded.hook_name)[0]
         if sae.cfg.architecture == "topk":
-            pre = torch.addmm(sae.b_enc, sae.process_input(acts), sae.W_enc)
+            x = sae.process_input(acts)
+            if x.shape[0] <= _TRANSPOSED_MAX_POS:
+                # The same pre-activations as (W_enc.T @ x.T).T: for a few tokens the BLAS runs
+                # this shape (d_sae rows) ~25% faster than x @ W_enc, while the topk over the
+                # strided result stays cheap (measured on CPU, 16384 x 576, 16-256 tokens).
+                pre = torch.addmm(sae.b_enc[:, None], sae.W_enc.t(), x.t()).t()
+            else:
+                pre = torch.addmm(sae.b_enc, x, sae.W_enc)
             values, indices = pre.topk(int(sae.cfg.k), dim=1)
             values = values.relu_()
         else:

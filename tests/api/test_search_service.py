@@ -18,7 +18,7 @@ from app.api.routes.search import _search_json
 from app.api.schemas import SearchOut
 from app.engine.lm import load_model
 from app.engine.sae import SAE, SAEConfig
-from app.engine.service import EngineService, LoadedSAE, _for_serving
+from app.engine.service import _TRANSPOSED_MAX_POS, EngineService, LoadedSAE, _for_serving
 from app.errors import NotFoundError
 from app.store.queries import LabelInfo
 
@@ -57,11 +57,15 @@ def _dense(lm, sae: SAE, ids: list[int]) -> np.ndarray:
         return sae.encode(lm.run_to_hook(ids, HOOK)[0]).float().numpy()
 
 
-@pytest.mark.parametrize("architecture", ["topk", "relu", "jumprelu", "batchtopk"])
-def test_search_equals_brute_force_over_the_dense_code(lm, architecture):
+@pytest.mark.parametrize(("architecture", "repeat"), [
+    ("topk", 1), ("topk", 10),  # 10: past _TRANSPOSED_MAX_POS tokens, the untransposed product
+    ("relu", 1), ("jumprelu", 1), ("batchtopk", 1),
+])
+def test_search_equals_brute_force_over_the_dense_code(lm, architecture, repeat):
     sae = _sae(lm, architecture, seed=5)
     service = _service(lm, sae)
-    ids = service.tokenize(sae_id="s", text=TEXT)
+    ids = service.tokenize(sae_id="s", text=TEXT * repeat)
+    assert (len(ids) > _TRANSPOSED_MAX_POS) == (repeat > 1)
     acts = _dense(lm, sae, ids)
     assert (acts > 0).any()
     out = service.search(sae_id="s", ids=ids, top_k=4, n_features=200)
