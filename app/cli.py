@@ -6,7 +6,6 @@ Every command turns a `SaescopeError` into a one-line message and exit code 2.
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Callable
 from functools import wraps
@@ -182,24 +181,10 @@ def _has_run(db_url: str, *, sae_id: str, n_tokens: int) -> bool:
 
 
 def _serve(settings: Any) -> None:
-    """Start the web server (the API/explorer owns it; demo only calls it)."""
-    import uvicorn
+    """Start the web server (app.serving owns it; demo only calls it)."""
+    from app.serving import serve
 
-    from app.main import create_app
-
-    if settings.workers <= 1:
-        uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
-                    access_log=settings.access_log)
-        return
-    from app.settings import to_environ
-
-    # Worker processes build their own app from the environment; the model's CPU threads are
-    # split between them so two text searches at once do not oversubscribe the cores.
-    os.environ.update(to_environ(settings))
-    threads = max(1, (os.cpu_count() or 1) // settings.workers)
-    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
-    uvicorn.run("app.main:create_app", factory=True, host=settings.host, port=settings.port,
-                workers=settings.workers, access_log=settings.access_log)
+    serve(settings)
 
 
 @app.command("serve")

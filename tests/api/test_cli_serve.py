@@ -61,6 +61,32 @@ def test_db_upgrade_then_serve(tmp_path, workers):
     finally:
         server.terminate()
         server.wait(timeout=30)
+    # No worker outlives the command: the port takes no more connections.
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                pass
+        except OSError:
+            break
+        assert time.monotonic() < deadline, "a server process still listens after terminate"
+        time.sleep(0.2)
+
+
+def test_serve_workers_on_a_taken_port_is_one_line_exit_2(tmp_path):
+    url = f"sqlite:///{tmp_path / 'cli.db'}"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [*CLI, "serve", "--db", url, "--port", str(port), "--no-model", "--workers", "2"],
+            capture_output=True, text=True, timeout=120,
+            env={**os.environ, "SAESCOPE_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1"},
+        )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().count("\n") == 0
+    assert f"cannot listen on 127.0.0.1:{port}" in done.stderr
 
 
 def test_bad_database_url_is_one_line_exit_2(tmp_path):
