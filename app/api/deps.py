@@ -44,7 +44,6 @@ ModelWorkerDep = Annotated[ModelWorker, Depends(get_model_worker)]
 EngineStateDep = Annotated[EngineState, Depends(get_engine_state)]
 
 
-
 async def run_read(request: Request, fn: Callable[[Session], T]) -> T:
     """`fn(session)` on one read snapshot, on the app's small read pool (see create_app).
 

@@ -91,9 +91,6 @@ _TOP_TOKENS = (
     .where(_ranked_tokens.c.rank <= bindparam("n"))
     .order_by(_ranked_tokens.c.feature, _ranked_tokens.c.rank)
 )
-_LABEL = select(_label_t).where(
-    _label_t.c.sae_id == bindparam("sae_id"), _label_t.c.feature_index == bindparam("index")
-)
 _LABELS = select(_label_t).where(
     _label_t.c.sae_id == bindparam("sae_id"),
     _label_t.c.feature_index.in_(bindparam("indices", expanding=True)),
@@ -501,11 +498,6 @@ def _label_info(label: Any) -> LabelInfo | None:
     return LabelInfo(description=label.description, tags=list(label.tags or []),
                      status=label.status, author=label.author, version=label.version,
                      updated_at=label.updated_at)
-
-
-def get_label(*, session: Session, sae_id: str, index: int) -> LabelInfo | None:
-    row = session.connection().execute(_LABEL, {"sae_id": sae_id, "index": index}).one_or_none()
-    return _label_info(row)
 
 
 def get_labels(*, session: Session, sae_id: str, indices: list[int]) -> dict[int, LabelInfo]:

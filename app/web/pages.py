@@ -131,7 +131,7 @@ def windows_html(windows: list[Any], *, vocab: list[str], max_act: float) -> lis
     return out
 
 
-def feature_view(detail: Any, *, neighbour_labels: dict[int, Any]) -> dict[str, Any]:
+def feature_view(detail: Any) -> dict[str, Any]:
     """Template context of a feature page from queries.get_feature's FeatureDetail."""
     scale = detail.max_act or 1.0
     html = windows_html(detail.windows, vocab=detail.vocab, max_act=scale)
@@ -182,7 +182,8 @@ def feature_view(detail: Any, *, neighbour_labels: dict[int, Any]) -> dict[str, 
         "logits_pos": [(t.token, t.value) for t in detail.logits_pos],
         "logits_neg": [(t.token, t.value) for t in detail.logits_neg],
         "neighbours": [
-            {"index": i, "cos": c, "label": neighbour_labels.get(i)} for i, c in detail.neighbours
+            {"index": i, "cos": c, "label": detail.neighbour_labels.get(i)}
+            for i, c in detail.neighbours
         ],
         "prev_url": f"{base}/{detail.index - 1}" if detail.index > 0 else None,
         "next_url": f"{base}/{detail.index + 1}" if detail.index + 1 < detail.d_sae else None,
@@ -370,7 +371,7 @@ async def feature_page(request: Request, model_id: str, sae_id: str, index: int)
         if detail.model_id != model_id:
             _sae_for_page(session, model_id=model_id, sae_id=sae_id)  # raises the 404
         context = {
-            "f": feature_view(detail, neighbour_labels=detail.neighbour_labels),
+            "f": feature_view(detail),
             **_chrome(session, crumbs=[(model_id, None), (sae_id, sae_url(model_id, sae_id)),
                                        (f"#{index}", None)], model_id=model_id, sae_id=sae_id),
         }

@@ -184,8 +184,8 @@ def token_runs_html(
     because a feature page has thousands of tokens. Values are taken as float16 (how windows
     are stored) and all windows go through numpy together: shading steps come from one
     expression and tooltip text from a table indexed by the float16 bits; the token parts come
-    from `table` by id. Every token string goes through
-    markupsafe.escape in _token_parts, so a token is always text, never markup.
+    from `table` by id. Every token string goes through markupsafe.escape in _token_parts, so a
+    token is always text, never markup.
     """
     for ids, values, _ in runs:
         if len(ids) != len(values):

@@ -13,9 +13,8 @@ from typing import Annotated, Any, TypeVar
 import orjson
 from fastapi import APIRouter, Path, Request, Response
 from sqlalchemy.orm import Session
-from starlette.concurrency import run_in_threadpool
 
-from app.api.deps import EngineStateDep, ModelWorkerDep, SettingsDep
+from app.api.deps import EngineStateDep, ModelWorkerDep, SettingsDep, run_read
 from app.api.model_worker import EngineState, ModelWorker
 from app.api.schemas import (
     MAX_TEXT_CHARS_PER_TOKEN,
@@ -71,15 +70,10 @@ async def _model_call(
     An unknown SAE or index is a 404 whatever the model's state: when the model is not ready the
     check runs first on its own, so the 404 comes before require()'s 503.
     """
-    db = request.app.state.db_engine
-
-    def check() -> None:
-        with read_session(db) as session:
-            _check_sae(session, sae_id, index)
-
     if engine_state.status != "ready":
-        await run_in_threadpool(check)
+        await run_read(request, lambda session: _check_sae(session, sae_id, index))
     service = engine_state.require()
+    db = request.app.state.db_engine
 
     def job() -> T:
         with read_session(db) as session:
