@@ -42,20 +42,6 @@ def _model_spec(model_id: str, source: str | None) -> str:
     return source
 
 
-# Up to this many tokens, search computes a TopK SAE's pre-activations transposed (see
-# _encode_sparse); beyond it the topk over the strided result costs more than the matmul saves.
-_TRANSPOSED_MAX_POS = 256
-
-
-@torch.no_grad()
-def _for_serving(sae: SAE) -> SAE:
-    """Store W_enc column-major (W_enc.T contiguous, as nn.Linear keeps its weight): the same
-    values in the same memory; the transposed product in _encode_sparse needs this layout to be
-    fast, and x @ W_enc is no slower with it."""
-    sae.W_enc.data = sae.W_enc.data.t().contiguous().t()
-    return sae
-
-
 class EngineService:
     def __init__(self, lm: LanguageModel, saes: dict[str, LoadedSAE],
                  skipped: dict[str, str] | None = None) -> None:
@@ -102,7 +88,7 @@ class EngineService:
                 skipped[sae_id] = f"loading {path} failed: {exc}"
                 continue
             saes[sae_id] = LoadedSAE(sae_id=sae_id, hook_name=hook_name,
-                                     sae=_for_serving(sae.eval()))
+                                     sae=sae.eval().store_encoder_transposed())
         for sae_id, why in skipped.items():
             log.warning("SAE %s is not available for text search: %s", sae_id, why)
         service = cls(lm, saes, skipped)
@@ -137,30 +123,9 @@ class EngineService:
 
     @torch.inference_mode()
     def _encode_sparse(self, loaded: LoadedSAE, ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
-        """(values, indices), both [pos, m], each row sorted by value, descending: every latent
-        that fires (> 0) on a position is in its row; the rest of a row is zeros.
-
-        Equal to sae.encode without its dense [pos, d_sae] result: a TopK SAE's code is the
-        ReLU of its k largest pre-activations, so that topk is the whole code; other
-        architectures encode densely and keep the widest row's nonzeros.
-        """
-        sae = loaded.sae
+        """``SAE.encode_sparse`` of the text's hook activations, as numpy (values, indices)."""
         acts = self.lm.run_to_hook(ids, loaded.hook_name)[0]
-        if sae.cfg.architecture == "topk":
-            x = sae.process_input(acts)
-            if x.shape[0] <= _TRANSPOSED_MAX_POS:
-                # The same pre-activations as (W_enc.T @ x.T).T: for a few tokens the BLAS runs
-                # this shape (d_sae rows) ~25% faster than x @ W_enc, while the topk over the
-                # strided result stays cheap (measured on CPU, 16384 x 576, 16-256 tokens).
-                pre = torch.addmm(sae.b_enc[:, None], sae.W_enc.t(), x.t()).t()
-            else:
-                pre = torch.addmm(sae.b_enc, x, sae.W_enc)
-            values, indices = pre.topk(int(sae.cfg.k), dim=1)
-            values = values.relu_()
-        else:
-            feats = sae.encode(acts)
-            width = max(1, int((feats > 0).sum(dim=1).max()))
-            values, indices = feats.topk(min(width, feats.shape[1]), dim=1)
+        values, indices = loaded.sae.encode_sparse(acts)
         return values.float().cpu().numpy(), indices.cpu().numpy()
 
     def _tokens(self, ids: list[int]) -> tuple[list[str], list[bool]]:

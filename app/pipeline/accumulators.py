@@ -3,9 +3,9 @@
 Every batch is the SAE encode output for whole sequences, ``acts [n_seq, ctx, d_sae]``.
 ``sparsify`` leaves dense land at once: it zeroes the special (BOS / padding) rows, which touches
 only those rows, and makes two passes over the block (compare, then scan the bool mask), giving
-sparse records ``(token, feature, value)`` with value > 0. All accumulators then work on those
-records; the dense block is only read again through small gathers of the windows being inserted
-(window_len values per inserted window).
+sparse records ``(token, feature, value)`` with value > 0. A TopK SAE's code arrives sparse
+(``SAE.encode_sparse``) and ``sparse_records`` makes the same records from it without any array
+of width d_sae. All accumulators then work on those records; window values are looked up in them.
 Nothing takes a top-k along the token axis of a dense block.
 
 State is O(d_sae x k), independent of the corpus length. It is plain numpy (``state_dict`` /
@@ -36,7 +36,8 @@ INT64_MAX = np.iinfo(np.int64).max
 
 @dataclass
 class SparseBatch:
-    """One batch as sparse records, plus the dense block for window gathers only."""
+    """One batch as sparse records, sorted by (token, feature): everything the accumulators
+    read, window values included (looked up in the records, so no dense block is kept)."""
 
     token: np.ndarray  # int64 [n] row in the batch block: seq_local * ctx + pos
     feature: np.ndarray  # int64 [n]
@@ -45,11 +46,15 @@ class SparseBatch:
     counted: np.ndarray  # bool [n_seq * ctx] tokens that count for statistics
     ctx: int
     d_sae: int
-    dense: torch.Tensor  # float32 [n_seq * ctx, d_sae], special rows zeroed
 
     @property
     def n_counted(self) -> int:
         return int(self.counted.sum())
+
+    @property
+    def key(self) -> np.ndarray:
+        """``token * d_sae + feature``, ascending (the records' order)."""
+        return self.token * self.d_sae + self.feature
 
     def global_pos(self, token: np.ndarray) -> np.ndarray:
         """Global token position ``seq * ctx + pos`` of batch rows."""
@@ -58,7 +63,9 @@ class SparseBatch:
     def windows(self, *, token: np.ndarray, feature: np.ndarray, window_len: int
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Windows of ``window_len`` tokens centred on each (token, feature), clipped to the
-        sequence: (start int32, length int16, values float16 [n, window_len], zero padded)."""
+        sequence: (start int32, length int16, values float16 [n, window_len], zero padded).
+        A value is the record's when (token, feature) fired, else 0 (as in the dense code,
+        whose special rows are zeroed)."""
         pos = token % self.ctx
         first = pos - window_len // 2
         start = np.maximum(first, 0)
@@ -66,15 +73,20 @@ class SparseBatch:
         length = end - start
         offsets = np.arange(window_len)
         cols = np.minimum(start[:, None] + offsets, self.ctx - 1)
-        flat = ((token - pos)[:, None] + cols) * self.d_sae + feature[:, None]
-        vals = self.dense.reshape(-1).take(torch.from_numpy(flat))
-        vals.masked_fill_(torch.from_numpy(offsets[None, :] >= length[:, None]), 0.0)
-        return start.astype(np.int32), length.astype(np.int16), vals.half().numpy()
+        want = ((token - pos)[:, None] + cols) * self.d_sae + feature[:, None]
+        vals = np.zeros(want.shape, dtype=np.float32)
+        key = self.key
+        if key.size:
+            at = np.minimum(np.searchsorted(key, want), key.size - 1)
+            hit = key[at] == want
+            vals[hit] = self.value[at[hit]]
+        vals[offsets[None, :] >= length[:, None]] = 0.0
+        return start.astype(np.int32), length.astype(np.int16), vals.astype(np.float16)
 
 
 def sparsify(acts: torch.Tensor, *, special_mask: np.ndarray | torch.Tensor,
              seq_index: np.ndarray) -> SparseBatch:
-    """Turn an encode output [n_seq, ctx, d_sae] into sparse records (zeroes special rows in place).
+    """Records of a dense encode output [n_seq, ctx, d_sae] (special rows are zeroed in place).
 
     Passes over the dense block: two (a ``> 0`` comparison, then a scan of the bool mask); the
     special rows and the gather of values at the nonzero coordinates are sparse.
@@ -93,7 +105,30 @@ def sparsify(acts: torch.Tensor, *, special_mask: np.ndarray | torch.Tensor,
     vals = dense.reshape(-1).take(torch.from_numpy(flat)).numpy()
     return SparseBatch(token=flat // d_sae, feature=flat % d_sae, value=vals,
                        seq_index=np.asarray(seq_index, dtype=np.int64), counted=~special,
-                       ctx=ctx, d_sae=d_sae, dense=dense)
+                       ctx=ctx, d_sae=d_sae)
+
+
+def sparse_records(values: torch.Tensor, indices: torch.Tensor, *, ctx: int, d_sae: int,
+                   special_mask: np.ndarray | torch.Tensor, seq_index: np.ndarray
+                   ) -> SparseBatch:
+    """Records of a sparse code (``SAE.encode_sparse``: values and latent indices, [n_seq *
+    ctx, m] or [n_seq, ctx, m]); the same records, in the same order, as ``sparsify`` of the
+    dense code. Nothing of size d_sae is touched."""
+    m = values.shape[-1]
+    vals = values.detach().reshape(-1, m).float().numpy()
+    idx = indices.reshape(-1, m).numpy().astype(np.int64, copy=False)
+    special = np.asarray(special_mask, dtype=bool).reshape(-1)
+    if vals.shape[0] != special.size:
+        raise ValueError(f"code has {vals.shape[0]} rows, special mask {special.size}")
+    order = np.argsort(idx, axis=1, kind="stable")  # each row's latents ascending
+    idx = np.take_along_axis(idx, order, axis=1)
+    vals = np.take_along_axis(vals, order, axis=1)
+    fire = vals > 0
+    fire[special] = False
+    row, col = np.nonzero(fire)
+    return SparseBatch(token=row.astype(np.int64), feature=idx[row, col], value=vals[row, col],
+                       seq_index=np.asarray(seq_index, dtype=np.int64), counted=~special,
+                       ctx=ctx, d_sae=d_sae)
 
 
 def _group_rank(sorted_groups: np.ndarray) -> np.ndarray:
@@ -572,7 +607,16 @@ class FeatureAccumulators:
         Special rows of ``acts`` are zeroed in place."""
         if acts.shape[1] != self.ctx or acts.shape[2] != self.d_sae:
             raise ValueError(f"expected [*, {self.ctx}, {self.d_sae}], got {tuple(acts.shape)}")
-        batch = sparsify(acts, special_mask=special_mask, seq_index=seq_index)
+        return self.feed(sparsify(acts, special_mask=special_mask, seq_index=seq_index))
+
+    def update_sparse(self, values: torch.Tensor, indices: torch.Tensor, *,
+                      special_mask: np.ndarray, seq_index: np.ndarray) -> SparseBatch:
+        """Feed one sparse code (``SAE.encode_sparse`` of whole sequences ``seq_index``); the
+        same result as ``update`` with its dense form."""
+        return self.feed(sparse_records(values, indices, ctx=self.ctx, d_sae=self.d_sae,
+                                        special_mask=special_mask, seq_index=seq_index))
+
+    def feed(self, batch: SparseBatch) -> SparseBatch:
         self.stats.update(batch)
         self.top.update(batch)
         self.intervals.update(batch)

@@ -469,6 +469,7 @@ def _stream(*, acc: FeatureAccumulators, sae: Any, source: _Activations,
             stop_after_batches: int | None) -> bool:
     """Feed batches [start_seq, n_seq) to the accumulators; True if stopped early (tests)."""
     n_seq, ctx, bs = corpus.n_seq, corpus.context_size, opts.batch_size
+    sparse_code = sae.cfg.architecture == "topk"
     bar = None
     if opts.progress:
         from tqdm import tqdm
@@ -480,10 +481,16 @@ def _stream(*, acc: FeatureAccumulators, sae: Any, source: _Activations,
         for s in range(start_seq, n_seq, bs):
             e = min(s + bs, n_seq)
             with torch.inference_mode():
-                feats = sae.encode(source.batch(corpus.tokens, s, e))
-                acc.update(feats, special_mask=corpus.special_mask[s:e],
-                           seq_index=np.arange(s, e))
-            del feats
+                acts = source.batch(corpus.tokens, s, e)
+                if sparse_code:  # no [tokens, d_sae] code at all (see SAE.encode_sparse)
+                    values, indices = sae.encode_sparse(acts)
+                    acc.update_sparse(values, indices, special_mask=corpus.special_mask[s:e],
+                                      seq_index=np.arange(s, e))
+                    del values, indices
+                else:
+                    acc.update(sae.encode(acts), special_mask=corpus.special_mask[s:e],
+                               seq_index=np.arange(s, e))
+            del acts
             done += 1
             if done % opts.checkpoint_every == 0 or e == n_seq:
                 ckpt.save(next_seq=e, state=acc.state_dict())

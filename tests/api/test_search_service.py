@@ -17,8 +17,8 @@ import torch
 from app.api.routes.search import _search_json
 from app.api.schemas import SearchOut
 from app.engine.lm import load_model
-from app.engine.sae import SAE, SAEConfig
-from app.engine.service import _TRANSPOSED_MAX_POS, EngineService, LoadedSAE, _for_serving
+from app.engine.sae import _TRANSPOSED_MAX_ROWS, SAE, SAEConfig
+from app.engine.service import EngineService, LoadedSAE
 from app.errors import NotFoundError
 from app.store.queries import LabelInfo
 
@@ -49,7 +49,7 @@ def _service(lm, sae: SAE) -> EngineService:
     reference = replace(sae.cfg, metadata={})
     served = SAE.from_tensors(reference, dict(sae.state_dict()))
     return EngineService(lm, {"s": LoadedSAE(sae_id="s", hook_name=HOOK,
-                                             sae=_for_serving(served.eval()))})
+                                             sae=served.eval().store_encoder_transposed())})
 
 
 def _dense(lm, sae: SAE, ids: list[int]) -> np.ndarray:
@@ -58,14 +58,14 @@ def _dense(lm, sae: SAE, ids: list[int]) -> np.ndarray:
 
 
 @pytest.mark.parametrize(("architecture", "repeat"), [
-    ("topk", 1), ("topk", 10),  # 10: past _TRANSPOSED_MAX_POS tokens, the untransposed product
+    ("topk", 1), ("topk", 10),  # 10: past _TRANSPOSED_MAX_ROWS tokens, the untransposed product
     ("relu", 1), ("jumprelu", 1), ("batchtopk", 1),
 ])
 def test_search_equals_brute_force_over_the_dense_code(lm, architecture, repeat):
     sae = _sae(lm, architecture, seed=5)
     service = _service(lm, sae)
     ids = service.tokenize(sae_id="s", text=TEXT * repeat)
-    assert (len(ids) > _TRANSPOSED_MAX_POS) == (repeat > 1)
+    assert (len(ids) > _TRANSPOSED_MAX_ROWS) == (repeat > 1)
     acts = _dense(lm, sae, ids)
     assert (acts > 0).any()
     out = service.search(sae_id="s", ids=ids, top_k=4, n_features=200)
@@ -126,7 +126,7 @@ def test_serving_layout_keeps_the_weights_and_the_code(lm):
     before = sae.W_enc.detach().clone()
     with torch.inference_mode():
         code = sae.encode(x)
-    _for_serving(sae)
+    sae.store_encoder_transposed()
     assert torch.equal(sae.W_enc.detach(), before)
     assert sae.W_enc.t().is_contiguous()
     with torch.inference_mode():

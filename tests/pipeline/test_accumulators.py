@@ -13,6 +13,7 @@ from app.pipeline.accumulators import (
     IntervalSamples,
     _priority,
     default_hist_edges,
+    sparse_records,
     sparsify,
 )
 from app.store.records import WINDOW_KIND_INTERVAL, WINDOW_KIND_TOP
@@ -40,16 +41,40 @@ def make_acts(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return acts, special
 
 
-def run(acts: np.ndarray, special: np.ndarray, *, order=None, resume_after=None):
+def sparse_code(acts: np.ndarray, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """A code in ``SAE.encode_sparse``'s form: per row the nonzeros by value, descending, then
+    zero-valued latents (some of them latents that fire elsewhere), padded to one width."""
+    rows = acts.reshape(-1, D_SAE)
+    width = int((rows > 0).sum(axis=1).max()) + 3
+    values = np.zeros((rows.shape[0], width), dtype=np.float32)
+    indices = np.zeros((rows.shape[0], width), dtype=np.int64)
+    for r, row in enumerate(rows):
+        on = np.flatnonzero(row > 0)
+        on = on[np.argsort(-row[on], kind="stable")]
+        off = rng.permutation(np.flatnonzero(row <= 0))[: width - on.size]
+        indices[r] = np.r_[on, off]
+        values[r, : on.size] = row[on]
+    return (torch.from_numpy(values).reshape(*acts.shape[:2], width),
+            torch.from_numpy(indices).reshape(*acts.shape[:2], width))
+
+
+def run(acts: np.ndarray, special: np.ndarray, *, order=None, resume_after=None,
+        sparse: bool = False):
     acc = FeatureAccumulators(D_SAE, ctx=CTX, n_top=K, window_len=WIN, n_bands=BANDS,
                               per_band=PER_BAND, seed=3)
     bounds = np.cumsum((0, *BATCH_SIZES))
     batches = [(bounds[i], bounds[i + 1]) for i in range(len(BATCH_SIZES))]
     if order is not None:
         batches = [batches[i] for i in order]
+    rng = np.random.default_rng(11)
     for i, (a, b) in enumerate(batches):
-        acc.update(torch.from_numpy(acts[a:b].copy()), special_mask=special[a:b],
-                   seq_index=np.arange(a, b))
+        if sparse:
+            values, indices = sparse_code(acts[a:b], rng)
+            acc.update_sparse(values, indices, special_mask=special[a:b],
+                              seq_index=np.arange(a, b))
+        else:
+            acc.update(torch.from_numpy(acts[a:b].copy()), special_mask=special[a:b],
+                       seq_index=np.arange(a, b))
         if resume_after is not None and i == resume_after:
             buf = io.BytesIO()
             np.savez(buf, **acc.state_dict())
@@ -231,6 +256,22 @@ def test_result_does_not_depend_on_batch_order(data):
     np.testing.assert_allclose(res.band_share, other.band_share, rtol=1e-6)
     for name in res.windows.__dataclass_fields__:
         assert np.array_equal(getattr(res.windows, name), getattr(other.windows, name)), name
+
+
+def test_sparse_code_gives_the_dense_result_bit_for_bit(data):
+    """A TopK SAE's pipeline feeds (values, indices) instead of the dense code: same records in
+    the same order, so every statistic and every window (values looked up in the records,
+    special rows and non-firing latents 0) is identical."""
+    acts, special, _, res = data
+    dense_batch = sparsify(torch.from_numpy(acts[:7].copy()), special_mask=special[:7],
+                           seq_index=np.arange(7))
+    values, indices = sparse_code(acts[:7], np.random.default_rng(0))
+    sparse_batch = sparse_records(values, indices, ctx=CTX, d_sae=D_SAE,
+                                  special_mask=special[:7], seq_index=np.arange(7))
+    for name in ("token", "feature", "value"):
+        assert np.array_equal(getattr(dense_batch, name), getattr(sparse_batch, name)), name
+    assert_same_result(res, run(acts, special, sparse=True))
+    assert_same_result(res, run(acts, special, sparse=True, resume_after=2))
 
 
 def test_resume_from_state_is_bit_identical(data):

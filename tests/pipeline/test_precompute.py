@@ -213,7 +213,7 @@ DRIVER = textwrap.dedent("""
     if point == "after_checkpoint":
         pc.Checkpoint.save = die_on_nth(pc.Checkpoint.save, before=False)
     elif point == "mid_batch":
-        pc.FeatureAccumulators.update = die_on_nth(pc.FeatureAccumulators.update, before=False)
+        pc.FeatureAccumulators.feed = die_on_nth(pc.FeatureAccumulators.feed, before=False)
     elif point == "checkpoint_rename":  # the tmp file is written, the rename never happens
         pc.os.replace = die_on_nth(os.replace, before=True)
     elif point == "mid_write":  # inside the DB transaction, after some rows went in
