@@ -273,6 +273,7 @@ class _Prepared:
     source: _Activations
     config: dict[str, Any]
     ckpt: Checkpoint
+    static: Any  # static_features.StaticFeatures, already running in the background
 
 
 def build(opts: BuildOptions, *, log: Log = print, lm: Any = None, sae: Any = None,
@@ -358,32 +359,66 @@ def compute_records(opts: BuildOptions, *, log: Log = print, lm: Any = None, sae
                          n_tokens=n_tokens, resumed_at_seq=start_seq, timings=timings,
                          checkpoint_dir=p.ckpt.folder)
 
-    t = time.perf_counter()
-    stopped = _stream(acc=acc, sae=p.sae, source=p.source, corpus=p.corpus, start_seq=start_seq,
-                      opts=opts, ckpt=p.ckpt, stop_after_batches=stop_after_batches)
-    timings["stream"] = time.perf_counter() - t
-    if stopped:
-        return None, result
+    try:
+        t = time.perf_counter()
+        stopped = _stream(acc=acc, sae=p.sae, source=p.source, corpus=p.corpus,
+                          start_seq=start_seq, opts=opts, ckpt=p.ckpt,
+                          stop_after_batches=stop_after_batches)
+        timings["stream"] = time.perf_counter() - t
+        if stopped:
+            return None, result
+
+        t = time.perf_counter()
+        log("finalizing feature statistics")
+        stats = acc.finalize()
+        timings["finalize_stats"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        ev = None
+        train_metrics = _train_metrics(opts.sae_path)
+        if p.eval_tokens.size:
+            ev = _evaluate(p, opts, train_evals=train_metrics, log=log)
+        timings["evaluate"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        job = p.static
+        left = job.units_total - job.units_in_background
+        log(f"logit effects and decoder neighbours: {job.units_in_background} of "
+            f"{job.units_total} units done in the background; finishing {left}")
+        static = job.finish()
+        timings["static_wait"] = time.perf_counter() - t
+        timings["static_units_background"] = float(static.units_in_background)
+        timings["static_units_total"] = float(static.units_total)
+    finally:
+        p.static.stop()  # no-op once finished; an abandoned build leaves no thread behind
 
     t = time.perf_counter()
-    log("finalizing feature statistics, logit effects and decoder neighbours")
-    stats = acc.finalize()
-    timings["finalize_stats"] = time.perf_counter() - t
     records = make_records(lm=p.lm, sae=p.sae, hook=p.hook, sae_id=p.sae_id,
                            sae_path=opts.sae_path, corpus=p.corpus, stats=stats,
-                           config=p.config, opts=opts, timings=timings)
-    timings["finalize"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    if p.eval_tokens.size:
-        ev = _evaluate(p, opts, train_evals=records.sae.train_metrics, log=log)
+                           static=static, train_metrics=train_metrics, config=p.config,
+                           opts=opts)
+    if ev is not None:
         records.run.sae_stats.update({
             k: ev[k] for k in ("explained_variance", "ce_loss_clean", "ce_loss_sae",
                                "ce_loss_ablated", "ce_loss_recovered") if k in ev})
         records.run.sae_stats["eval"] = {**ev, "held_out": p.held_out}
-    timings["evaluate"] = time.perf_counter() - t
+    timings["records"] = time.perf_counter() - t
+    # Everything after the stream but the evaluation (the build's fixed cost).
+    timings["finalize"] = (timings["finalize_stats"] + timings["static_wait"]
+                           + timings["records"])
     result.sae_stats = records.run.sae_stats
     return records, result
+
+
+def _train_metrics(sae_path: Path | str) -> dict[str, Any] | None:
+    """The SAE folder's evals.json (train-sae's held-out evaluation), if readable."""
+    evals_file = Path(sae_path) / "evals.json"
+    if not evals_file.exists():
+        return None
+    try:
+        return json.loads(evals_file.read_text())
+    except ValueError:
+        return None
 
 
 def _evaluate(p: _Prepared, opts: BuildOptions, *, train_evals: dict[str, Any] | None,
@@ -436,6 +471,17 @@ def _prepare(opts: BuildOptions, *, log: Log, lm: Any, sae: Any, cache_dir: Path
     if n_seq < 1:
         raise ConfigError(f"--tokens {opts.n_tokens} is less than one sequence of {ctx} tokens")
     n_tokens = n_seq * ctx
+    static = start_static_features(lm=lm, sae=sae, opts=opts)
+    try:
+        return _prepare_run(opts, log=log, lm=lm, sae=sae, hook=hook, sae_id=sae_id, ctx=ctx,
+                            n_tokens=n_tokens, cache_dir=cache_dir, static=static)
+    except BaseException:
+        static.stop()
+        raise
+
+
+def _prepare_run(opts: BuildOptions, *, log: Log, lm: Any, sae: Any, hook: str, sae_id: str,
+                 ctx: int, n_tokens: int, cache_dir: Path, static: Any) -> _Prepared:
     log(f"tokenizing corpus {opts.corpus} ({n_tokens} tokens, context {ctx})")
     corpus, eval_tokens, eval_special, held_out = _tokenize(lm, opts, ctx, n_tokens)
     cache = _find_cache(lm=lm, hook_name=hook, opts=opts, n_tokens=n_tokens, ctx=ctx,
@@ -461,7 +507,20 @@ def _prepare(opts: BuildOptions, *, log: Log, lm: Any, sae: Any, cache_dir: Path
     ckpt = Checkpoint(cache_dir / "precompute" / run_key, run_key)
     return _Prepared(lm=lm, sae=sae, hook=hook, sae_id=sae_id, corpus=corpus,
                      eval_tokens=eval_tokens, eval_special=eval_special, held_out=held_out,
-                     source=source, config=config, ckpt=ckpt)
+                     source=source, config=config, ckpt=ckpt, static=static)
+
+
+def start_static_features(*, lm: Any, sae: Any, opts: BuildOptions) -> Any:
+    """Logit effects and decoder neighbours need only the weights, so they start now, on a
+    low-priority thread that uses the CPU the tokenizer and the stream leave idle (see
+    ``StaticFeatures.start_background``); ``compute_records`` finishes what is left."""
+    from app.pipeline.static_features import StaticFeatures
+
+    w_u, scale = lm.unembedding()
+    job = StaticFeatures(w_dec=sae.W_dec.detach().float(), norm_scale=scale, w_u=w_u,
+                         n_logits=opts.n_logits, n_neighbours=opts.n_neighbours)
+    job.start_background()
+    return job
 
 
 def _stream(*, acc: FeatureAccumulators, sae: Any, source: _Activations,
@@ -505,30 +564,19 @@ def _stream(*, acc: FeatureAccumulators, sae: Any, source: _Activations,
 
 
 def make_records(*, lm: Any, sae: Any, hook: str, sae_id: str, sae_path: Path | str,
-                 corpus: TokenizedCorpus, stats: FeatureStatsResult, config: dict[str, Any],
-                 opts: BuildOptions, timings: dict[str, float] | None = None
-                 ) -> PrecomputeRecords:
-    """Turn finalized statistics and the SAE's weights into store records (``timings`` gets
-    the seconds spent on the static features, when given)."""
-    from app.pipeline.static_features import decoder_neighbours, logit_effects
-
-    t = time.perf_counter()
-    w_u, scale = lm.unembedding()
-    with torch.no_grad():
-        w_dec = sae.W_dec.detach().float()
-        effects = logit_effects(w_dec=w_dec, norm_scale=scale, w_u=w_u, n=opts.n_logits)
-        t_logits = time.perf_counter()
-        nb_idx, nb_cos = decoder_neighbours(w_dec, n=opts.n_neighbours)
-    if timings is not None:
-        timings["logit_effects"] = t_logits - t
-        timings["neighbours"] = time.perf_counter() - t_logits
+                 corpus: TokenizedCorpus, stats: FeatureStatsResult, static: Any,
+                 train_metrics: dict[str, Any] | None, config: dict[str, Any],
+                 opts: BuildOptions) -> PrecomputeRecords:
+    """Turn finalized statistics and the static features (``StaticResult``) into store
+    records."""
+    effects = static.logits
     features = FeatureArrays(
         count=stats.count, act_sum=stats.act_sum, max_act=stats.max_act,
         frac_nonzero=stats.frac_nonzero, hist_edges=stats.hist_edges,
         hist_counts=stats.hist_counts, band_share=stats.band_share, band_count=stats.band_count,
         logit_pos_ids=effects.pos_ids, logit_pos_values=effects.pos_values,
         logit_neg_ids=effects.neg_ids, logit_neg_values=effects.neg_values,
-        neighbour_idx=nb_idx, neighbour_cos=nb_cos)
+        neighbour_idx=static.neighbour_idx, neighbour_cos=static.neighbour_cos)
     used = np.unique(stats.windows.seq_index)
     sequences = SequenceArrays(seq_index=used.astype(np.int64),
                                doc_index=corpus.doc_index[used].astype(np.int64),
@@ -540,13 +588,6 @@ def make_records(*, lm: Any, sae: Any, hook: str, sae_id: str, sae_path: Path | 
                         token_strings=list(lm.token_strings()),
                         bos_token_id=lm.bos_token_id, has_chat_template=bool(lm.has_chat_template))
     cfg = _sae_cfg_dict(sae)
-    train_metrics = None
-    evals_file = Path(sae_path) / "evals.json"
-    if evals_file.exists():
-        try:
-            train_metrics = json.loads(evals_file.read_text())
-        except ValueError:
-            train_metrics = None
     sae_rec = SAERecord(model_id=lm.model_id, sae_id=sae_id, hook_name=hook,
                         architecture=str(sae.cfg.architecture), d_in=int(sae.cfg.d_in),
                         d_sae=int(sae.cfg.d_sae), path=str(Path(sae_path).resolve()), cfg=cfg,

@@ -8,11 +8,16 @@ exactly the same indices and values.
 
 from __future__ import annotations
 
+import sys
+import threading
+import time
+
 import numpy as np
 import pytest
 import torch
+from threadpoolctl import threadpool_info
 
-from app.pipeline.static_features import decoder_neighbours, logit_effects
+from app.pipeline.static_features import StaticFeatures, decoder_neighbours, logit_effects
 
 
 def lex_order(row_values: np.ndarray, n: int, *, largest: bool) -> np.ndarray:
@@ -123,3 +128,62 @@ def test_neighbours_chunking_does_not_change_random_results():
         idx, cos = decoder_neighbours(w_dec, n=10, budget_elems=budget)
         assert np.array_equal(idx, top.indices.numpy())
         np.testing.assert_allclose(cos, top.values.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def blas_threads() -> list[int]:
+    return [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
+
+
+def test_background_then_finish_equals_one_thread_and_brute_force():
+    """A build's schedule: some units on the low-priority background thread, the rest on two
+    threads after the stream. The result is the same as one thread doing everything (units are
+    independent, the order is total) and the brute-force ordering; the background thread runs
+    at nice 19 and numpy's BLAS gets its thread count back afterwards."""
+    w_dec, scale, w_u = integer_weights(5, d_sae=300, d_in=24, vocab=1000)
+    w_dec[20:40] = w_dec[19]
+    kwargs = dict(w_dec=w_dec, norm_scale=scale, w_u=w_u, n_logits=10, n_neighbours=10,
+                  budget_elems=3000)
+    alone = StaticFeatures(**kwargs).run(threads=1)
+    before = blas_threads()
+    job = StaticFeatures(**kwargs)
+    assert job.units_total > 20
+    gate = threading.Event()
+    real_run_unit = job._run_unit
+
+    def gated(i):  # the background thread does a few units, then waits for the "stream" end
+        if job.units_in_background >= 3:
+            gate.wait()
+        real_run_unit(i)
+
+    job._run_unit = gated
+    job.start_background()
+    if sys.platform.startswith("linux"):
+        deadline = time.monotonic() + 60
+        while job.units_in_background < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert job.units_in_background == 3
+        assert job.background_nice == 19
+        assert blas_threads() == [1] * len(before)  # held to one thread meanwhile
+    job._stop.set()
+    gate.set()
+    got = job.finish(threads=2)
+    assert got.units_total == job.units_total
+    assert blas_threads() == before
+    for name in ("pos_ids", "pos_values", "neg_ids", "neg_values"):
+        assert np.array_equal(getattr(got.logits, name), getattr(alone.logits, name)), name
+    assert np.array_equal(got.neighbour_idx, alone.neighbour_idx)
+    assert np.array_equal(got.neighbour_cos, alone.neighbour_cos)
+    full = (w_dec @ (scale[:, None] * w_u)).double().numpy()
+    assert np.array_equal(got.logits.pos_ids, lex_order(full, 10, largest=True))
+    assert np.array_equal(got.logits.neg_ids, lex_order(full, 10, largest=False))
+    assert not any(t.name.startswith("saescope-static") for t in threading.enumerate())
+
+
+def test_stop_abandons_the_background_work_and_restores_blas():
+    w_dec, scale, w_u = integer_weights(6, d_sae=200, d_in=16, vocab=1000)
+    before = blas_threads()
+    job = StaticFeatures(w_dec=w_dec, norm_scale=scale, w_u=w_u, budget_elems=2000)
+    job.start_background()
+    job.stop()
+    assert blas_threads() == before
+    assert not any(t.name == "saescope-static" for t in threading.enumerate())
