@@ -382,15 +382,15 @@ def compute_records(opts: BuildOptions, *, log: Log = print, lm: Any = None, sae
 
         t = time.perf_counter()
         job = p.static
-        left = job.units_total - job.units_in_background
-        log(f"logit effects and decoder neighbours: {job.units_in_background} of "
-            f"{job.units_total} units done in the background; finishing {left}")
+        done = job.background_progress()
+        log(f"logit effects and decoder neighbours: {done} of {job.units_total} units done "
+            f"in the background; finishing the rest")
         static = job.finish()
         timings["static_wait"] = time.perf_counter() - t
         timings["static_units_background"] = float(static.units_in_background)
         timings["static_units_total"] = float(static.units_total)
     finally:
-        p.static.stop()  # no-op once finished; an abandoned build leaves no thread behind
+        p.static.stop()  # no-op once finished; an abandoned build leaves no worker behind
 
     t = time.perf_counter()
     records = make_records(lm=p.lm, sae=p.sae, hook=p.hook, sae_id=p.sae_id,
@@ -511,9 +511,9 @@ def _prepare_run(opts: BuildOptions, *, log: Log, lm: Any, sae: Any, hook: str, 
 
 
 def start_static_features(*, lm: Any, sae: Any, opts: BuildOptions) -> Any:
-    """Logit effects and decoder neighbours need only the weights, so they start now, on a
-    low-priority thread that uses the CPU the tokenizer and the stream leave idle (see
-    ``StaticFeatures.start_background``); ``compute_records`` finishes what is left."""
+    """Logit effects and decoder neighbours need only the weights, so they start now, in a
+    lowest-priority worker process that uses the CPU the tokenizer and the stream leave idle
+    (see ``StaticFeatures.start_background``); ``compute_records`` finishes what is left."""
     from app.pipeline.static_features import StaticFeatures
 
     w_u, scale = lm.unembedding()

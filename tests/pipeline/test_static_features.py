@@ -8,8 +8,7 @@ exactly the same indices and values.
 
 from __future__ import annotations
 
-import sys
-import threading
+import os
 import time
 
 import numpy as np
@@ -135,10 +134,10 @@ def blas_threads() -> list[int]:
 
 
 def test_background_then_finish_equals_one_thread_and_brute_force():
-    """A build's schedule: some units on the low-priority background thread, the rest on two
-    threads after the stream. The result is the same as one thread doing everything (units are
-    independent, the order is total) and the brute-force ordering; the background thread runs
-    at nice 19 and numpy's BLAS gets its thread count back afterwards."""
+    """A build's schedule: some units in the nice-19 worker process, the rest on two threads
+    after the stream. The result is the same as one thread doing everything (units are
+    independent, the order is total) and the brute-force ordering; pause holds the worker;
+    numpy's BLAS keeps its thread count; no process or file is left behind."""
     w_dec, scale, w_u = integer_weights(5, d_sae=300, d_in=24, vocab=1000)
     w_dec[20:40] = w_dec[19]
     kwargs = dict(w_dec=w_dec, norm_scale=scale, w_u=w_u, n_logits=10, n_neighbours=10,
@@ -147,27 +146,27 @@ def test_background_then_finish_equals_one_thread_and_brute_force():
     before = blas_threads()
     job = StaticFeatures(**kwargs)
     assert job.units_total > 20
-    gate = threading.Event()
-    real_run_unit = job._run_unit
-
-    def gated(i):  # the background thread does a few units, then waits for the "stream" end
-        if job.units_in_background >= 3:
-            gate.wait()
-        real_run_unit(i)
-
-    job._run_unit = gated
     job.start_background()
-    if sys.platform.startswith("linux"):
-        deadline = time.monotonic() + 60
-        while job.units_in_background < 3 and time.monotonic() < deadline:
+    if os.name == "posix":
+        worker, folder = job._worker, job._folder
+        deadline = time.monotonic() + 120
+        while job.background_progress() < 3 and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert job.units_in_background == 3
-        assert job.background_nice == 19
-        assert blas_threads() == [1] * len(before)  # held to one thread meanwhile
-    job._stop.set()
-    gate.set()
+        assert os.getpriority(os.PRIO_PROCESS, worker.pid) == 19  # set before its first unit
+        if hasattr(os, "SCHED_IDLE"):
+            assert os.sched_getscheduler(worker.pid) == os.SCHED_IDLE
+        job.pause_background()
+        time.sleep(0.3)
+        held = job.background_progress()
+        assert 3 <= held < job.units_total
+        time.sleep(0.5)
+        assert job.background_progress() == held  # paused: no new unit
+        job.resume_background()
     got = job.finish(threads=2)
     assert got.units_total == job.units_total
+    if os.name == "posix":
+        assert got.units_in_background >= held
+        assert worker.poll() is not None and not folder.exists()
     assert blas_threads() == before
     for name in ("pos_ids", "pos_values", "neg_ids", "neg_values"):
         assert np.array_equal(getattr(got.logits, name), getattr(alone.logits, name)), name
@@ -176,14 +175,14 @@ def test_background_then_finish_equals_one_thread_and_brute_force():
     full = (w_dec @ (scale[:, None] * w_u)).double().numpy()
     assert np.array_equal(got.logits.pos_ids, lex_order(full, 10, largest=True))
     assert np.array_equal(got.logits.neg_ids, lex_order(full, 10, largest=False))
-    assert not any(t.name.startswith("saescope-static") for t in threading.enumerate())
 
 
-def test_stop_abandons_the_background_work_and_restores_blas():
+def test_stop_ends_the_worker_and_removes_its_files():
     w_dec, scale, w_u = integer_weights(6, d_sae=200, d_in=16, vocab=1000)
-    before = blas_threads()
     job = StaticFeatures(w_dec=w_dec, norm_scale=scale, w_u=w_u, budget_elems=2000)
     job.start_background()
+    worker, folder = job._worker, job._folder
     job.stop()
-    assert blas_threads() == before
-    assert not any(t.name == "saescope-static" for t in threading.enumerate())
+    if os.name == "posix":
+        assert worker.poll() is not None
+        assert not folder.exists()
