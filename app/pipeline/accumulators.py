@@ -24,7 +24,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from app.store.records import WINDOW_KIND_INTERVAL, WINDOW_KIND_TOP, WindowArrays
+from app.store.records import (
+    INTERVAL_FINE_BINS,
+    WINDOW_KIND_INTERVAL,
+    WINDOW_KIND_TOP,
+    WindowArrays,
+    band_edge_bins,
+)
 
 EMPTY_PRIORITY = np.iinfo(np.uint64).max
 NO_EXPONENT = np.iinfo(np.int32).min // 2  # a feature that has not fired yet
@@ -300,8 +306,8 @@ class IntervalSamples(_ArrayState):
     """
 
     def __init__(self, d_sae: int, *, n_bands: int = 10, per_band: int = 3, window_len: int = 32,
-                 n_fine: int = 128, n_sample_bins: int = 32, candidates: int | None = None,
-                 seed: int = 0) -> None:
+                 n_fine: int = INTERVAL_FINE_BINS, n_sample_bins: int = 32,
+                 candidates: int | None = None, seed: int = 0) -> None:
         for name, val in (("n_fine", n_fine), ("n_sample_bins", n_sample_bins)):
             if val & (val - 1) or val < 1:
                 raise ValueError(f"{name} must be a power of two, got {val}")
@@ -423,13 +429,15 @@ class IntervalSamples(_ArrayState):
 
     def band_edges(self, max_act: np.ndarray) -> np.ndarray:
         """int64 [d_sae, n_bands + 1] band edges in fine-bin units (edge j = first fine bin of
-        band j; the last edge is n_fine). Multiply by 2^E / n_fine for activation values."""
-        m_bins = np.ldexp(max_act.astype(np.float64),
-                          self.log2_fine - self.exponent.astype(np.int64))
-        j = np.arange(self.n_bands + 1, dtype=np.float64)
-        edges = np.floor(j[None, :] * m_bins[:, None] / self.n_bands + 0.5).astype(np.int64)
-        edges[:, 0] = 0
-        edges[:, -1] = self.n_fine
+        band j; the last edge is n_fine), as ``records.band_edge_bins`` defines them from the
+        max alone (this state's exponent is the max's frexp exponent, which it checks).
+        Multiply by 2^E / n_fine for activation values."""
+        edges, exponent = band_edge_bins(max_act, n_bands=self.n_bands, n_fine=self.n_fine)
+        fired = self.exponent != NO_EXPONENT
+        if not np.array_equal(exponent[fired], self.exponent[fired]):
+            raise AssertionError("interval grid exponent differs from the max's")
+        edges[~fired] = 0
+        edges[~fired, -1] = self.n_fine
         return edges
 
     def band_edge_values(self, max_act: np.ndarray) -> np.ndarray:

@@ -29,6 +29,7 @@ from app.errors import ConfigError
 from app.pipeline.accumulators import FeatureAccumulators, FeatureStatsResult
 from app.pipeline.corpus import DEFAULT_CORPUS, TokenizedCorpus, corpus_fingerprint
 from app.store.records import (
+    INTERVAL_FINE_BINS,
     FeatureArrays,
     ModelRecord,
     RunRecord,
@@ -495,6 +496,7 @@ def _prepare_run(opts: BuildOptions, *, log: Log, lm: Any, sae: Any, hook: str, 
         "corpus": str(opts.corpus), "text_field": opts.text_field, "n_tokens": n_tokens,
         "context_size": ctx, "batch_size": opts.batch_size, "n_top": opts.n_top,
         "window_len": opts.window_len, "n_bands": opts.n_bands, "per_band": opts.per_band,
+        "interval_fine_bins": INTERVAL_FINE_BINS,
         "n_logits": opts.n_logits, "n_neighbours": opts.n_neighbours,
         "eval_tokens": int(eval_tokens.size), "seed": opts.seed,
         "activations": source.source.split(":")[0],

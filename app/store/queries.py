@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 
 from app.errors import ConfigError, NotFoundError
 from app.store import codec
-from app.store.records import WINDOW_KIND_TOP
+from app.store.records import WINDOW_KIND_TOP, band_edge_values
 from app.store.tables import SAE, Feature, FeatureToken, Label, Model, Run, Sequence, Window
 
 # A feature firing on more than this fraction of tokens counts as dense (SAELens' dashboards and
@@ -315,6 +315,7 @@ class _RunBrief:
     hist_edges: list[float]
     doc_names: list[str]
     dense_threshold: float
+    interval_fine_bins: int | None  # None: a run written before the grid was recorded
 
 
 # Runs never change once written (a rebuild writes a new run with a new id, and ids are never
@@ -347,6 +348,7 @@ def _run_brief(session: Session, sae: _SAEBrief, created: datetime | None = None
         id=run.id, corpus=run.corpus, n_tokens_counted=run.n_tokens_counted, n_bands=run.n_bands,
         hist_edges=codec.from_blob(run.hist_edges, codec.FLOAT64).tolist(),
         doc_names=list(run.doc_names or []), dense_threshold=dense_threshold(run),
+        interval_fine_bins=(run.config or {}).get("interval_fine_bins"),
     )
     if len(_RUN_CACHE) >= _RUN_CACHE_SIZE:
         _RUN_CACHE.pop(next(iter(_RUN_CACHE)))
@@ -568,10 +570,16 @@ def get_feature(*, session: Session, sae_id: str, index: int) -> FeatureDetail:
 
     share = codec.from_blob(feat.band_share, codec.FLOAT32).tolist()
     band_count = codec.from_blob(feat.band_count, codec.INT64).tolist()
-    # Interval bands split [0, max_act] into equal widths. The pipeline snaps each edge to its
-    # fine histogram grid (within 1% of max_act); these are the nominal edges.
-    width = feat.max_act / run.n_bands if run.n_bands else 0.0
-    bands = [Band(band=b, lo=b * width, hi=(b + 1) * width, share=share[b], count=band_count[b])
+    # Interval bands split [0, max_act] into equal widths, each edge snapped to the run's fine
+    # grid (records.band_edge_bins): the edges the samples were drawn with. Runs written before
+    # the grid was recorded show the nominal edges.
+    if run.interval_fine_bins and run.n_bands:
+        edges = band_edge_values(feat.max_act, n_bands=run.n_bands,
+                                 n_fine=run.interval_fine_bins)
+    else:
+        width = feat.max_act / run.n_bands if run.n_bands else 0.0
+        edges = [b * width for b in range(run.n_bands + 1)]
+    bands = [Band(band=b, lo=edges[b], hi=edges[b + 1], share=share[b], count=band_count[b])
              for b in range(len(share))]
 
     def token_values(ids_blob: bytes, values_blob: bytes) -> list[TokenValue]:

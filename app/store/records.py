@@ -13,6 +13,39 @@ import numpy as np
 
 WINDOW_KIND_TOP = 0
 WINDOW_KIND_INTERVAL = 1
+INTERVAL_FINE_BINS = 128  # the interval samples' fine grid per feature (a power of two)
+
+
+def band_edge_bins(max_act: np.ndarray, *, n_bands: int, n_fine: int = INTERVAL_FINE_BINS
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Interval band edges as the precompute draws them, per feature: (edges in fine-bin units
+    int64 [..., n_bands + 1], the grid's exponent E int64 [...]).
+
+    A feature's fine grid has n_fine bins of width 2^E / n_fine over [0, 2^E), E the frexp
+    exponent of its max M (M < 2^E). Inner edge j is the equal-width edge j * M / n_bands
+    snapped to the grid (off by at most half a bin, under 1% of M with the defaults); edge 0 is
+    0 and the last edge the end of the grid. The pipeline bins with these edges, and the
+    explorer shows them, so a sample always lies inside the band it is listed under.
+    """
+    m = np.asarray(max_act, dtype=np.float64)
+    exponent = np.frexp(m)[1].astype(np.int64)
+    log2_fine = int(n_fine).bit_length() - 1
+    m_bins = np.ldexp(m, log2_fine - exponent)
+    j = np.arange(n_bands + 1, dtype=np.float64)
+    edges = np.floor(j * m_bins[..., None] / n_bands + 0.5).astype(np.int64)
+    edges[..., 0] = 0
+    edges[..., -1] = n_fine
+    return edges, exponent
+
+
+def band_edge_values(max_act: float, *, n_bands: int, n_fine: int = INTERVAL_FINE_BINS
+                     ) -> list[float]:
+    """One feature's band edges as activation values (``band_edge_bins``); the last is M."""
+    edges, exponent = band_edge_bins(np.float64(max_act), n_bands=n_bands, n_fine=n_fine)
+    log2_fine = int(n_fine).bit_length() - 1
+    values = np.ldexp(edges.astype(np.float64), int(exponent) - log2_fine).tolist()
+    values[-1] = float(max_act)
+    return values
 
 
 @dataclass

@@ -9,6 +9,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from app.engine.sae import SAE, SAEConfig
 from app.pipeline.accumulators import default_hist_edges
 from app.pipeline.precompute import BuildOptions, compute_records
 from app.pipeline.static_features import decoder_neighbours, logit_effects
-from app.store.records import WINDOW_KIND_INTERVAL, WINDOW_KIND_TOP
+from app.store.records import WINDOW_KIND_INTERVAL, WINDOW_KIND_TOP, band_edge_values
 
 REPO = Path(__file__).resolve().parents[2]
 CTX, BATCH, N_SEQ, D_SAE, WIN = 32, 4, 40, 96, 12
@@ -129,6 +130,8 @@ def test_top_windows_and_stats_equal_brute_force(setup, computed):
         grid = 2.0 ** e / 128
         band_edges = [0.0] + [np.floor(j * (m / grid) / opts.n_bands + 0.5) * grid
                               for j in range(1, opts.n_bands)] + [np.inf]
+        # the edges the explorer shows are these
+        assert band_edge_values(m, n_bands=opts.n_bands)[:-1] == band_edges[:-1]
         window = acts[s, w.start[i]:w.start[i] + w.length[i], f]
         assert np.array_equal(w.values[i][:w.length[i]], window.astype(np.float16))
         in_band = (window >= band_edges[w.band[i]]) & (window < band_edges[w.band[i] + 1])
@@ -224,9 +227,12 @@ DRIVER = textwrap.dedent("""
 """)
 
 
-def run_build(opts: BuildOptions, kill: str | None) -> subprocess.CompletedProcess:
+def run_build(opts: BuildOptions, kill: str | None, *, tmpdir: Path | None = None
+              ) -> subprocess.CompletedProcess:
     fields = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(opts).items()}
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    if tmpdir is not None:  # where the build's static-features worker keeps its files
+        env["TMPDIR"] = str(tmpdir)
     return subprocess.run([sys.executable, "-c", DRIVER, json.dumps({"opts": fields,
                                                                       "kill": kill})],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
@@ -255,9 +261,11 @@ def test_kill_9_at_several_points_then_resume_equals_uninterrupted(setup, tmp_pa
                      cache_dir=tmp_path / "cache-killed")
     plain = replace(opts, db_url=f"sqlite:///{tmp_path / 'plain.db'}",
                     cache_dir=tmp_path / "cache-plain")
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
     outputs = []
     for kill in ("after_checkpoint:1", "mid_batch:3", "checkpoint_rename:1", "mid_write:3"):
-        proc = run_build(killed, kill)
+        proc = run_build(killed, kill, tmpdir=tmpdir)
         assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
         outputs.append(proc.stdout)
     assert "resuming" not in outputs[0]
@@ -275,6 +283,11 @@ def test_kill_9_at_several_points_then_resume_equals_uninterrupted(setup, tmp_pa
     for table in a:
         assert len(a[table]) > 0, table
         assert a[table] == b[table], table
+    # Each killed build's static-features worker saw its input end and removed its files.
+    deadline = time.monotonic() + 60
+    while any(tmpdir.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(tmpdir.iterdir())
 
 
 def test_reuses_a_matching_activation_cache(setup, computed, tmp_path):

@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 from app.errors import ConfigError, ConflictError, NotFoundError
 from app.store import queries
 from app.store.db import read_session
-from app.store.records import WINDOW_KIND_TOP
+from app.store.records import WINDOW_KIND_TOP, band_edge_values
 from app.store.synthetic import synthetic_run
 from app.store.tables import SAE, Feature, FeatureToken, Label, LabelHistory, Run, Sequence, Window
 from app.store.writer import register_sae, write_label, write_run
@@ -67,6 +67,38 @@ def test_round_trip_matches_records(engine):
                 assert win.kind == ("top" if w.kind[i] == WINDOW_KIND_TOP else "interval")
                 doc = rec.sequences.doc_index[row]
                 assert win.doc_name == rec.sequences.doc_names[doc]
+
+
+def test_bands_show_the_edges_the_samples_were_drawn_with(engine):
+    """A run that records its interval grid shows each band's snapped edges (the pipeline's
+    own, records.band_edge_bins); an older run without it shows the nominal equal widths."""
+    rec = synthetic_run(d_sae=12, n_dead=1, n_bands=5, seed=4)
+    run_id = write_run(engine_or_session=engine, **rec.as_kwargs())
+    m = rec.features.max_act.astype(np.float64)
+    with Session(engine) as session:
+        for index in range(12):
+            got = queries.get_feature(session=session, sae_id=rec.sae.sae_id, index=index)
+            nominal = [b * m[index] / 5 for b in range(6)]
+            assert [b.lo for b in got.bands] == pytest.approx(nominal[:-1])
+            assert [b.hi for b in got.bands] == pytest.approx(nominal[1:])
+        session.get(Run, run_id).config = {**rec.run.config, "interval_fine_bins": 128}
+        session.commit()
+    queries._RUN_CACHE.clear()
+    snapped_differs = 0
+    with Session(engine) as session:
+        for index in range(12):
+            got = queries.get_feature(session=session, sae_id=rec.sae.sae_id, index=index)
+            edges = band_edge_values(m[index], n_bands=5, n_fine=128)
+            assert [b.lo for b in got.bands] == edges[:-1]
+            assert [b.hi for b in got.bands] == edges[1:]
+            assert edges[-1] == pytest.approx(m[index])
+            grid = 2.0 ** np.frexp(m[index])[1] / 128  # each edge on the grid, within half a bin
+            for b in range(1, 5):
+                assert edges[b] / grid == int(edges[b] / grid)
+                assert abs(edges[b] - b * m[index] / 5) <= grid / 2
+            snapped_differs += any(e != n for e, n in zip(edges[1:-1], [
+                b * m[index] / 5 for b in range(1, 5)], strict=True))
+    assert snapped_differs > 0
 
 
 def test_feature_tokens_are_the_max_tokens_of_top_windows(engine):
