@@ -315,7 +315,10 @@ class StaticFeatures:
                        [package_root, *filter(None, [os.environ.get("PYTHONPATH")])])}
             self._worker = subprocess.Popen(
                 [sys.executable, "-m", "app.pipeline.static_features", str(folder)],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
+                # Its own session: a Ctrl-C in the terminal reaches the build, which stops the
+                # worker (or, if the build dies, the worker sees its input end and cleans up).
+                start_new_session=True)
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise
@@ -485,7 +488,11 @@ def _worker_main(folder: Path) -> None:
                 if not paused and not got:
                     break
             units.run(i)  # outputs land in the shared pages; the report comes after them
-            print(i, flush=True)
+            try:
+                print(i, flush=True)
+            except OSError:  # the build is gone (its end of the pipe closed)
+                shutil.rmtree(folder, ignore_errors=True)
+                os._exit(0)  # not return: flushing stdout again at exit would fail the same way
         while True:  # all done: wait to be collected
             got = words(block=True)
             if got is None:
