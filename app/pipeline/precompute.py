@@ -346,21 +346,21 @@ def compute_records(opts: BuildOptions, *, log: Log = print, lm: Any = None, sae
     p = _prepare(opts, log=log, lm=lm, sae=sae,
                  cache_dir=Path(opts.cache_dir or settings.cache_dir))
     timings["prepare"] = time.perf_counter() - t
-    n_tokens = p.corpus.n_seq * p.corpus.context_size
-    acc = FeatureAccumulators(int(p.sae.cfg.d_sae), ctx=p.corpus.context_size, n_top=opts.n_top,
-                              window_len=opts.window_len, n_bands=opts.n_bands,
-                              per_band=opts.per_band, seed=opts.seed)
-    start_seq = 0
-    loaded = p.ckpt.load()
-    if loaded is not None:
-        start_seq, state = loaded
-        acc.load_state_dict(state)
-        log(f"resuming from checkpoint at sequence {start_seq} of {p.corpus.n_seq}")
-    result = BuildResult(run_id=None, model_id=p.lm.model_id, sae_id=p.sae_id, db_url=db_url,
-                         n_tokens=n_tokens, resumed_at_seq=start_seq, timings=timings,
-                         checkpoint_dir=p.ckpt.folder)
+    try:  # from here on every exit stops the static-features worker (finally below)
+        n_tokens = p.corpus.n_seq * p.corpus.context_size
+        acc = FeatureAccumulators(int(p.sae.cfg.d_sae), ctx=p.corpus.context_size, n_top=opts.n_top,
+                                  window_len=opts.window_len, n_bands=opts.n_bands,
+                                  per_band=opts.per_band, seed=opts.seed)
+        start_seq = 0
+        loaded = p.ckpt.load()
+        if loaded is not None:
+            start_seq, state = loaded
+            acc.load_state_dict(state)
+            log(f"resuming from checkpoint at sequence {start_seq} of {p.corpus.n_seq}")
+        result = BuildResult(run_id=None, model_id=p.lm.model_id, sae_id=p.sae_id, db_url=db_url,
+                             n_tokens=n_tokens, resumed_at_seq=start_seq, timings=timings,
+                             checkpoint_dir=p.ckpt.folder)
 
-    try:
         t = time.perf_counter()
         stopped = _stream(acc=acc, sae=p.sae, source=p.source, corpus=p.corpus,
                           start_seq=start_seq, opts=opts, ckpt=p.ckpt,

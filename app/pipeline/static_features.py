@@ -1,14 +1,17 @@
 """Per-feature facts that need only weights: logit effects and nearest decoder neighbours.
 
 Both are split into independent units of work (a band of features against the whole vocabulary;
-a square block of the decoder-cosine matrix), so memory stays at one unit per thread whatever
-the SAE width, and any thread or process may run any unit: ``StaticFeatures`` hands them to a
-lowest-priority worker process while a build streams, then runs what is left on every core (see
+a square block of the decoder-cosine matrix), so each thread holds one unit's product whatever
+the SAE width (the neighbours' per-block candidates, n keys per row per block, are kept until
+the merge: d_sae^2 / block * n * 8 bytes, 10 MB for 16k features, ~0.5 GB for 131k), and any
+thread or process may run any unit: ``StaticFeatures`` hands them to a lowest-priority worker
+process while a build streams, then runs what is left on every core (see
 ``StaticFeatures.start_background``). Ranking is a total order, so results do not depend on the
-units, on who ran them or on how a kernel breaks ties: largest value first (smallest first for
-the suppressed tokens), and among equal values the smaller token / feature index first (real
-vocabularies hold many tokens with identical embeddings, e.g. unused ones, so exact ties do
-occur).
+units' order or on who ran them (every unit has the same shape and one BLAS thread wherever it
+runs): largest value first (smallest first for the suppressed tokens), and among equal values
+the smaller token / feature index first. Equal means equal float32 products: the BLAS may round
+the dot products of two identical embeddings differently by their column position, so identical
+tokens (real vocabularies hold unused ones) are ordered as their computed values are.
 
 Cost: the matrix products dominate: d_sae x d_in x vocab multiply-adds for the logit effects,
 half of d_sae^2 x d_in for the neighbours (cosine similarity is symmetric, so each block of the
@@ -292,7 +295,12 @@ class StaticFeatures:
             return
         import tempfile
 
-        folder = Path(tempfile.mkdtemp(prefix="saescope-static-"))
+        try:
+            folder = Path(tempfile.mkdtemp(prefix="saescope-static-"))
+        except OSError as exc:
+            sys.stderr.write(f"static features: no background worker ({exc}); the build "
+                             "computes them after its stream\n")
+            return
         try:
             arrays = {}
             for name, arr in self._inputs.items():
@@ -319,6 +327,12 @@ class StaticFeatures:
                 # Its own session: a Ctrl-C in the terminal reaches the build, which stops the
                 # worker (or, if the build dies, the worker sees its input end and cleans up).
                 start_new_session=True)
+        except OSError as exc:  # no room for its files, or no process: only slower
+            shutil.rmtree(folder, ignore_errors=True)
+            self._worker = None
+            sys.stderr.write(f"static features: no background worker ({exc}); the build "
+                             "computes them after its stream\n")
+            return
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise
@@ -371,11 +385,15 @@ class StaticFeatures:
         self._tell("resume")
 
     def _collect(self) -> None:
-        """Stop the worker after its current unit and note the units it completed."""
+        """End the worker and note the units it completed. It is killed, not asked to finish its
+        unit (at idle priority on a busy machine that could take long): a unit is reported only
+        after its outputs are written, and an unreported one is rewritten whole when it runs
+        here."""
         worker = self._worker
         if worker is None:
             return
-        self._tell("stop")
+        with contextlib.suppress(OSError):
+            worker.kill()
         self._read_reports(block=True)
         worker.wait()
         for pipe in (worker.stdin, worker.stdout):
@@ -392,7 +410,7 @@ class StaticFeatures:
             self._folder = None
 
     def finish(self, threads: int | None = None) -> StaticResult:
-        """Stop the worker after its current unit, run the units it did not do on ``threads``
+        """End the worker (see ``_collect``), run the units it did not do on ``threads``
         threads (default: every core), one BLAS thread each, and return the merged result."""
         t0 = time.perf_counter()
         self._collect()

@@ -186,3 +186,27 @@ def test_stop_ends_the_worker_and_removes_its_files():
     if os.name == "posix":
         assert worker.poll() is not None
         assert not folder.exists()
+
+
+def test_no_room_for_the_worker_only_makes_it_slower(monkeypatch, capsys):
+    """The worker is an optimisation: if its files cannot be written, the build says so and
+    computes everything after its stream, with the same result."""
+    import tempfile
+
+    w_dec, scale, w_u = integer_weights(7, d_sae=120, d_in=16, vocab=1000)
+    kwargs = dict(w_dec=w_dec, norm_scale=scale, w_u=w_u, budget_elems=2000)
+    alone = StaticFeatures(**kwargs).run(threads=1)
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", full)
+    job = StaticFeatures(**kwargs)
+    job.start_background()
+    assert job._worker is None
+    got = job.finish()
+    assert got.units_in_background == 0
+    assert np.array_equal(got.logits.pos_ids, alone.logits.pos_ids)
+    assert np.array_equal(got.neighbour_idx, alone.neighbour_idx)
+    if os.name == "posix":
+        assert "no background worker" in capsys.readouterr().err
