@@ -33,7 +33,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -61,7 +60,7 @@ class StaticResult:
     neighbour_idx: np.ndarray  # int32 [d_sae, n] most similar decoder directions first
     neighbour_cos: np.ndarray  # float32 [d_sae, n]
     units_total: int = 0
-    units_in_background: int = 0  # run by the background thread before finish()
+    units_in_background: int = 0  # run by the background worker before finish()
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -143,12 +142,11 @@ class _Units:
     threads fill the same outputs."""
 
     INPUTS = ("w_dec", "scaled_u", "unit_dec")
-    OUTPUTS = ("pos_ids", "pos_values", "neg_ids", "neg_values", "nb_keys")
 
-    def __init__(self, arrays: dict[str, np.ndarray], *, n_logits: int, n_nb: int,
+    def __init__(self, *, d_sae: int, vocab: int, n_logits: int, n_nb: int,
                  budget_elems: int) -> None:
-        self.a = arrays
-        self.d_sae, self.vocab = arrays["w_dec"].shape[0], arrays["scaled_u"].shape[1]
+        self.a: dict[str, np.ndarray] = {}  # inputs and outputs, see ``attach``
+        self.d_sae, self.vocab = d_sae, vocab
         self.n_logits, self.n_nb, self.budget_elems = n_logits, n_nb, budget_elems
         d = self.d_sae
         rows = max(1, budget_elems // max(self.vocab, 1))
@@ -162,15 +160,24 @@ class _Units:
                            for c in range(a, d, self.step)]
         self._local = threading.local()
 
-    @staticmethod
-    def output_shapes(d_sae: int, n_logits: int, n_nb: int, n_nb_units: int, step: int
-                      ) -> dict[str, tuple[tuple[int, ...], type]]:
-        return {"pos_ids": ((d_sae, n_logits), np.int32),
-                "pos_values": ((d_sae, n_logits), np.float32),
-                "neg_ids": ((d_sae, n_logits), np.int32),
-                "neg_values": ((d_sae, n_logits), np.float32),
+    @property
+    def meta(self) -> dict[str, int]:
+        """What the worker needs to plan the same units."""
+        return {"d_sae": self.d_sae, "vocab": self.vocab, "n_logits": self.n_logits,
+                "n_nb": self.n_nb, "budget_elems": self.budget_elems}
+
+    def output_shapes(self) -> dict[str, tuple[tuple[int, ...], type]]:
+        d, n = self.d_sae, self.n_logits
+        n_nb_units = len(self.units) - self.first_nb
+        return {"pos_ids": ((d, n), np.int32), "pos_values": ((d, n), np.float32),
+                "neg_ids": ((d, n), np.int32), "neg_values": ((d, n), np.float32),
                 # per neighbour unit: its rows' candidate keys, then its columns'
-                "nb_keys": ((max(n_nb_units, 1), 2, step, max(n_nb, 1)), np.int64)}
+                "nb_keys": ((max(n_nb_units, 1), 2, self.step, max(self.n_nb, 1)), np.int64)}
+
+    def attach(self, inputs: dict[str, np.ndarray], make) -> None:
+        """Use these inputs, and outputs made by ``make(name, shape, dtype)``."""
+        self.a = {**inputs, **{name: make(name, shape, dtype)
+                               for name, (shape, dtype) in self.output_shapes().items()}}
 
     def _product(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         """x @ y into this thread's reused buffer: a fresh array this large (past glibc's
@@ -239,7 +246,7 @@ class StaticFeatures:
     ``run()`` computes everything on the calling process's threads. A build instead calls
     ``start_background()`` as soon as the weights are loaded, which hands the units, in order,
     to a worker process at the lowest CPU priority, and ``finish()`` after its stream, which
-    stops the worker after its current unit and runs the units left on every core. A process,
+    ends the worker and runs the units it did not report on every core. A process,
     not a thread: a thread would share the interpreter lock with the model's forward pass, and
     a low-priority thread holding it stalls the forward (measured: the stream 7% slower).
     """
@@ -262,26 +269,22 @@ class StaticFeatures:
             "unit_dec": w_np / np.maximum(norms, np.float32(1e-12)),
         }
         self._inputs = inputs
-        self._units = _Units({**inputs, **self._alloc_outputs(
-                                  d_sae, lambda name, shape, dtype: np.zeros(shape, dtype))},
-                             n_logits=self.n_logits, n_nb=self.n_nb, budget_elems=budget_elems)
+        self._units = _Units(d_sae=d_sae, vocab=vocab, n_logits=self.n_logits, n_nb=self.n_nb,
+                             budget_elems=budget_elems)
+        self._units.attach(inputs, lambda name, shape, dtype: np.zeros(shape, dtype))
         self._folder: Path | None = None
         self._worker: subprocess.Popen | None = None
         self._done: set[int] = set()  # units the worker reported complete
         self._pending = b""
-        self.units_in_background = 0
-
-    def _alloc_outputs(self, d_sae: int, make) -> dict[str, np.ndarray]:
-        """The output arrays, each ``make(name, shape, dtype)``."""
-        step = max(1, min(d_sae, int(self.budget_elems ** 0.5)))
-        n_blocks = -(-d_sae // step)
-        n_nb_units = n_blocks * (n_blocks + 1) // 2 if self.n_nb else 0
-        shapes = _Units.output_shapes(d_sae, self.n_logits, self.n_nb, n_nb_units, step)
-        return {name: make(name, shape, dtype) for name, (shape, dtype) in shapes.items()}
 
     @property
     def units_total(self) -> int:
         return len(self._units.units)
+
+    @property
+    def units_in_background(self) -> int:
+        """Units the worker has reported complete (as read so far)."""
+        return len(self._done)
 
     # the background worker
 
@@ -295,28 +298,23 @@ class StaticFeatures:
             return
         import tempfile
 
+        folder = None
         try:
             folder = Path(tempfile.mkdtemp(prefix="saescope-static-"))
-        except OSError as exc:
-            sys.stderr.write(f"static features: no background worker ({exc}); the build "
-                             "computes them after its stream\n")
-            return
-        try:
-            arrays = {}
+            inputs = {}
             for name, arr in self._inputs.items():
                 np.save(folder / f"{name}.npy", arr)
                 # From now on read through the file (shared page cache, paged in only if this
                 # process runs units), not a private copy: ~190 MB less resident for a 16k SAE.
-                arrays[name] = np.load(folder / f"{name}.npy", mmap_mode="r")
+                inputs[name] = np.load(folder / f"{name}.npy", mmap_mode="r")
 
             def mapped(name, shape, dtype):
                 return np.lib.format.open_memmap(folder / f"{name}.npy", mode="w+",
                                                  dtype=dtype, shape=shape)
 
-            arrays.update(self._alloc_outputs(self._units.d_sae, mapped))
-            meta = {"n_logits": self.n_logits, "n_nb": self.n_nb,
-                    "budget_elems": self.budget_elems}
-            (folder / "meta.json").write_text(json.dumps(meta))
+            outputs = _Units(**self._units.meta)
+            outputs.attach(inputs, mapped)
+            (folder / "meta.json").write_text(json.dumps(self._units.meta))
             package_root = str(Path(__file__).resolve().parents[2])
             env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1",
                    "PYTHONPATH": os.pathsep.join(
@@ -327,18 +325,17 @@ class StaticFeatures:
                 # Its own session: a Ctrl-C in the terminal reaches the build, which stops the
                 # worker (or, if the build dies, the worker sees its input end and cleans up).
                 start_new_session=True)
-        except OSError as exc:  # no room for its files, or no process: only slower
-            shutil.rmtree(folder, ignore_errors=True)
-            self._worker = None
+        except BaseException as exc:
+            if folder is not None:
+                shutil.rmtree(folder, ignore_errors=True)
+            if not isinstance(exc, OSError):
+                raise
+            # No room for its files, or no process: the build is only slower.
             sys.stderr.write(f"static features: no background worker ({exc}); the build "
                              "computes them after its stream\n")
             return
-        except BaseException:
-            shutil.rmtree(folder, ignore_errors=True)
-            raise
         self._folder = folder
-        self._units = _Units(arrays, n_logits=self.n_logits, n_nb=self.n_nb,
-                             budget_elems=self.budget_elems)
+        self._units = outputs
         self._inputs = {}
 
     def _tell(self, word: str) -> None:
@@ -365,10 +362,8 @@ class StaticFeatures:
             chunk = os.read(fd, 1 << 16)
             if not chunk:
                 return False
-            self._pending += chunk
-            *lines, self._pending = self._pending.split(b"\n")
+            *lines, self._pending = (self._pending + chunk).split(b"\n")
             self._done.update(int(x) for x in lines if x.strip().isdigit())
-            self.units_in_background = len(self._done)
 
     def background_progress(self) -> int:
         """Units the worker has completed so far (without waiting)."""
@@ -417,8 +412,7 @@ class StaticFeatures:
         left = [i for i in range(self.units_total) if i not in self._done]
         threads = max(1, min(threads or os.cpu_count() or 1, len(left)))
         if left:
-            limit = _limit_blas()
-            try:
+            with _limit_blas():
                 todo = iter(left)
                 lock = threading.Lock()
                 errors: list[BaseException] = []
@@ -443,8 +437,6 @@ class StaticFeatures:
                     th.join()
                 if errors:
                     raise errors[0]
-            finally:
-                limit.restore_original_limits()
         t1 = time.perf_counter()
         idx, cos = self._units.merge_neighbours()
         a = self._units.a
@@ -463,9 +455,10 @@ class StaticFeatures:
 
 
 def _worker_main(folder: Path) -> None:
-    """The background worker: units in order until told to stop (or all done), each reported
-    on stdout once its outputs are written; "pause" / "resume" on stdin hold it between units.
-    The end of stdin (the build has gone) stops it too."""
+    """The background worker: units in order, each reported on stdout once its outputs are
+    written; "pause" / "resume" on stdin hold it between units. The build ends it with a kill
+    (``StaticFeatures._collect``); the end of stdin means the build is gone, and the worker
+    removes the files itself."""
     with contextlib.suppress(OSError):  # if not allowed, it simply competes
         os.setpriority(os.PRIO_PROCESS, 0, 19)
     if hasattr(os, "sched_setscheduler") and hasattr(os, "SCHED_IDLE"):
@@ -473,11 +466,9 @@ def _worker_main(folder: Path) -> None:
         # still takes a small share of a busy core).
         with contextlib.suppress(OSError):
             os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    meta = json.loads((folder / "meta.json").read_text())
-    arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in _Units.INPUTS}
-    arrays.update({name: np.load(folder / f"{name}.npy", mmap_mode="r+")
-                   for name in _Units.OUTPUTS})
-    units = _Units(arrays, **meta)
+    units = _Units(**json.loads((folder / "meta.json").read_text()))
+    units.attach({name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in _Units.INPUTS},
+                 lambda name, shape, dtype: np.load(folder / f"{name}.npy", mmap_mode="r+"))
     fd, pending, paused = sys.stdin.fileno(), b"", False
 
     def words(block: bool) -> list[str] | None:
@@ -491,14 +482,12 @@ def _worker_main(folder: Path) -> None:
         *lines, pending = (pending + chunk).split(b"\n")
         return [line.strip().decode() for line in lines]
 
-    with _limit_blas_ctx():
+    with _limit_blas():
         for i in range(len(units.units)):
             while True:
                 got = words(block=paused)
                 if got is None:  # the build is gone (killed): nobody else removes the files
                     shutil.rmtree(folder, ignore_errors=True)
-                    return
-                if "stop" in got:
                     return
                 for word in got:
                     if word in ("pause", "resume"):
@@ -511,22 +500,9 @@ def _worker_main(folder: Path) -> None:
             except OSError:  # the build is gone (its end of the pipe closed)
                 shutil.rmtree(folder, ignore_errors=True)
                 os._exit(0)  # not return: flushing stdout again at exit would fail the same way
-        while True:  # all done: wait to be collected
-            got = words(block=True)
-            if got is None:
-                shutil.rmtree(folder, ignore_errors=True)
-                return
-            if "stop" in got:
-                return
-
-
-@contextlib.contextmanager
-def _limit_blas_ctx() -> Iterator[None]:
-    limit = _limit_blas()
-    try:
-        yield
-    finally:
-        limit.restore_original_limits()
+        while words(block=True) is not None:  # all done: wait to be collected (killed)
+            pass
+        shutil.rmtree(folder, ignore_errors=True)  # or for the build to be gone
 
 
 # ------------------------------------------------------------------------- one-call entry points
