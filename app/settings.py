@@ -7,7 +7,8 @@ from pathlib import Path
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from app.resources import REPO_ROOT
+
 
 
 class Settings(BaseSettings):

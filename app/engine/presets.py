@@ -8,9 +8,8 @@ from functools import lru_cache
 from pathlib import Path
 
 from app.errors import ConfigError
-from app.settings import REPO_ROOT
+from app.resources import PRESETS_FILE
 
-PRESETS_FILE = REPO_ROOT / "models" / "presets.toml"
 SOURCE_KINDS = ("pip-gguf", "pip-gguf-assembled", "tiny")
 ARCHITECTURES = ("llama", "gemma3")
 

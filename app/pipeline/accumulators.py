@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from app.store.records import (
+from app.records import (
     INTERVAL_FINE_BINS,
     WINDOW_KIND_INTERVAL,
     WINDOW_KIND_TOP,

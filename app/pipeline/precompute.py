@@ -28,7 +28,7 @@ import torch
 from app.errors import ConfigError
 from app.pipeline.accumulators import FeatureAccumulators, FeatureStatsResult
 from app.pipeline.corpus import DEFAULT_CORPUS, TokenizedCorpus, corpus_fingerprint
-from app.store.records import (
+from app.records import (
     INTERVAL_FINE_BINS,
     FeatureArrays,
     ModelRecord,

@@ -14,11 +14,9 @@ from sqlalchemy.exc import ArgumentError
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.errors import ConfigError
+from app.resources import MIGRATIONS_DIR
 
 log = logging.getLogger(__name__)
-
-REPO_ROOT = Path(__file__).resolve().parent.parent.parent
-MIGRATIONS_DIR = REPO_ROOT / "migrations"
 
 # Readers wait this long for a writer (a precompute swap holds the write lock for seconds).
 SQLITE_BUSY_TIMEOUT_MS = 30_000

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from app.store.records import (
+from app.records import (
     WINDOW_KIND_INTERVAL,
     WINDOW_KIND_TOP,
     FeatureArrays,

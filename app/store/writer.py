@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 from app.errors import ConfigError, ConflictError
 from app.store import codec
 from app.store.db import write_session
-from app.store.records import (
+from app.records import (
     WINDOW_KIND_TOP,
     FeatureArrays,
     ModelRecord,

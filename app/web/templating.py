@@ -18,10 +18,8 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoes
 from markupsafe import Markup, escape
 from starlette.templating import Jinja2Templates
 
-from app.settings import REPO_ROOT
+from app.resources import STATIC_DIR, TEMPLATES_DIR
 
-TEMPLATES_DIR = REPO_ROOT / "frontend" / "templates"
-STATIC_DIR = REPO_ROOT / "frontend" / "static"
 STATIC_PREFIX = "/static"
 PLOTLY_VERSION = plotly.__version__
 

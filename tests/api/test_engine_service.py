@@ -14,7 +14,7 @@ from app.engine.sae import SAE, SAEConfig
 from app.main import create_app
 from app.settings import Settings
 from app.store.db import make_engine, upgrade
-from app.store.records import ModelRecord, SAERecord
+from app.records import ModelRecord, SAERecord
 from app.store.writer import register_sae
 
 SAE_ID = "2-res-topk-48"

@@ -9,7 +9,7 @@ import pytest
 from pydantic import BaseModel
 
 from app.api.schemas import FeatureOut
-from app.store.records import WINDOW_KIND_TOP
+from app.records import WINDOW_KIND_TOP
 
 SAE_ID = "1-res-topk-64"
 NEURONPEDIA_KEYS = {

@@ -16,7 +16,7 @@ from app.pipeline.accumulators import (
     sparse_records,
     sparsify,
 )
-from app.store.records import WINDOW_KIND_INTERVAL, WINDOW_KIND_TOP
+from app.records import WINDOW_KIND_INTERVAL, WINDOW_KIND_TOP
 
 N_SEQ, CTX, D_SAE, WIN, K, BANDS, PER_BAND = 40, 16, 48, 8, 5, 10, 3
 BATCH_SIZES = (7, 3, 12, 8, 10)

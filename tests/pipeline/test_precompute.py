@@ -22,7 +22,7 @@ from app.engine.sae import SAE, SAEConfig
 from app.pipeline.accumulators import default_hist_edges
 from app.pipeline.precompute import BuildOptions, compute_records
 from app.pipeline.static_features import decoder_neighbours, logit_effects
-from app.store.records import WINDOW_KIND_INTERVAL, WINDOW_KIND_TOP, band_edge_values
+from app.records import WINDOW_KIND_INTERVAL, WINDOW_KIND_TOP, band_edge_values
 
 REPO = Path(__file__).resolve().parents[2]
 CTX, BATCH, N_SEQ, D_SAE, WIN = 32, 4, 40, 96, 12
