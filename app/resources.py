@@ -1,4 +1,4 @@
-"""Where the files shipped beside the code live: model presets, templates, static assets, migrations.
+"""Where the files shipped beside the code live: presets, templates, static assets, migrations.
 
 The one module that knows the repository layout (`models/`, `frontend/`, `migrations/` at the top
 level), so a change to how they are packaged touches only this file. It imports nothing from the

@@ -10,7 +10,6 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from app.resources import REPO_ROOT
 
 
-
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SAESCOPE_", extra="ignore")
 

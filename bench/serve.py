@@ -60,8 +60,8 @@ def percentile(values: list[float], q: float) -> float:
 def build_demo_db(path: Path, *, d_sae: int, lm) -> str:  # noqa: ANN001
     """A synthetic run of the pipeline's default shapes for a random SAE saved on disk."""
     from app.engine.sae import SAE, SAEConfig
-    from app.store.db import make_engine, upgrade
     from app.records import ModelRecord, SAERecord
+    from app.store.db import make_engine, upgrade
     from app.store.synthetic import synthetic_run
     from app.store.writer import write_run
 

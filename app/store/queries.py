@@ -12,8 +12,8 @@ from sqlalchemy import Text, and_, bindparam, cast, func, or_, select
 from sqlalchemy.orm import Session
 
 from app.errors import ConfigError, NotFoundError
-from app.store import codec
 from app.records import WINDOW_KIND_TOP, band_edge_values
+from app.store import codec
 from app.store.tables import SAE, Feature, FeatureToken, Label, Model, Run, Sequence, Window
 
 # A feature firing on more than this fraction of tokens counts as dense (SAELens' dashboards and

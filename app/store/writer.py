@@ -12,8 +12,6 @@ from sqlalchemy import Engine, delete, insert, select, update
 from sqlalchemy.orm import Session
 
 from app.errors import ConfigError, ConflictError
-from app.store import codec
-from app.store.db import write_session
 from app.records import (
     WINDOW_KIND_TOP,
     FeatureArrays,
@@ -23,6 +21,8 @@ from app.records import (
     SequenceArrays,
     WindowArrays,
 )
+from app.store import codec
+from app.store.db import write_session
 from app.store.tables import (
     RUN_STATUS_ACTIVE,
     RUN_STATUS_WRITING,

@@ -12,9 +12,9 @@ from fastapi.testclient import TestClient
 from app.engine.lm import load_model
 from app.engine.sae import SAE, SAEConfig
 from app.main import create_app
+from app.records import ModelRecord, SAERecord
 from app.settings import Settings
 from app.store.db import make_engine, upgrade
-from app.records import ModelRecord, SAERecord
 from app.store.writer import register_sae
 
 SAE_ID = "2-res-topk-48"

@@ -7,8 +7,8 @@ import pytest
 from sqlalchemy.orm import Session
 
 from app.errors import ConfigError, NotFoundError
-from app.store import queries
 from app.records import WINDOW_KIND_TOP
+from app.store import queries
 from app.store.synthetic import synthetic_run
 from app.store.writer import write_label, write_run
 
