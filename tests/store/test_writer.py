@@ -83,7 +83,7 @@ def test_bands_show_the_edges_the_samples_were_drawn_with(engine):
             assert [b.hi for b in got.bands] == pytest.approx(nominal[1:])
         session.get(Run, run_id).config = {**rec.run.config, "interval_fine_bins": 128}
         session.commit()
-    queries._RUN_CACHE.clear()
+    queries.runs._RUN_CACHE.clear()
     snapped_differs = 0
     with Session(engine) as session:
         for index in range(12):

@@ -1,0 +1,126 @@
+"""One feature, everything its page shows: statistics, bands, windows, logit effects, neighbours."""
+
+from __future__ import annotations
+
+import numpy as np
+from sqlalchemy import and_, bindparam, select
+from sqlalchemy.orm import Session
+
+from app.errors import NotFoundError
+from app.records import WINDOW_KIND_TOP, band_edge_values
+from app.store import codec
+from app.store.queries.labels import get_labels
+from app.store.queries.models import get_model_vocab, token_string
+from app.store.queries.runs import live_run
+from app.store.read_models import Band, FeatureDetail, SAEBrief, TokenValue, WindowInfo
+from app.store.tables import SAE, Feature, Model, Run, Sequence, Window
+
+# Statements built once: the feature read is the explorer's hottest, and building and coercing
+# SQLAlchemy constructs per request costs more than SQLite answering them.
+_sae_t, _run_t, _model_t = SAE.__table__, Run.__table__, Model.__table__
+_feature_t, _window_t, _seq_t = Feature.__table__, Window.__table__, Sequence.__table__
+# A feature read starts with one row saying which run is live and which vocabulary to use.
+_FEATURE_HEAD = (
+    select(_sae_t.c.id, _sae_t.c.model_id, _sae_t.c.d_sae, _sae_t.c.path,
+           _sae_t.c.active_run_id, _run_t.c.created_at, _model_t.c.token_strings_sha)
+    .select_from(
+        _sae_t.outerjoin(_run_t, _run_t.c.id == _sae_t.c.active_run_id)
+        .outerjoin(_model_t, _model_t.c.id == _sae_t.c.model_id)
+    )
+    .where(_sae_t.c.id == bindparam("sae_id"))
+)
+_FEATURE_ROW = select(_feature_t).where(
+    _feature_t.c.run_id == bindparam("run_id"), _feature_t.c.index == bindparam("index")
+)
+# Windows with their sequence's tokens in one query (a sequence's tokens may come twice when two
+# windows share it; cheaper than a second round trip).
+_WINDOWS = (
+    select(_window_t.c.kind, _window_t.c.band, _window_t.c.rank, _window_t.c.seq_index,
+           _window_t.c.start, _window_t.c.length, _window_t.c.max_value, _window_t.c.max_pos,
+           _window_t.c["values"], _seq_t.c.doc_index, _seq_t.c.tokens)
+    .select_from(_window_t.join(_seq_t, and_(_seq_t.c.run_id == _window_t.c.run_id,
+                                             _seq_t.c.seq_index == _window_t.c.seq_index)))
+    .where(_window_t.c.run_id == bindparam("run_id"), _window_t.c.feature == bindparam("index"))
+    .order_by(_window_t.c.kind, _window_t.c.band.desc(), _window_t.c.rank)
+)
+
+
+def get_feature(*, session: Session, sae_id: str, index: int) -> FeatureDetail:
+    """Everything a feature page shows, from one run's rows and blobs.
+
+    Four indexed queries on one connection (SAE + run + vocabulary hash; the feature row; its
+    windows joined to their sequences; the labels of the feature and its neighbours).
+    """
+    conn = session.connection()
+    head = conn.execute(_FEATURE_HEAD, {"sae_id": sae_id}).one_or_none()
+    if head is None:
+        raise NotFoundError(f"no SAE {sae_id!r} in this database; see /api/v1/saes")
+    sae = SAEBrief(*head[:5])
+    if not 0 <= index < sae.d_sae:
+        raise NotFoundError(
+            f"SAE {sae_id!r} has features 0..{sae.d_sae - 1}; there is no feature {index}"
+        )
+    run = live_run(session, sae, created=head.created_at)
+    feat = conn.execute(_FEATURE_ROW, {"run_id": run.id, "index": index}).one_or_none()
+    if feat is None:
+        raise NotFoundError(f"feature {index} of {sae_id!r} is missing from run {run.id}")
+    vocab = (codec.cached_vocab(head.token_strings_sha) if head.token_strings_sha else None) \
+        or get_model_vocab(session=session, model_id=sae.model_id)
+    n_vocab = len(vocab)
+
+    def strings(ids: list[int]) -> list[str]:
+        if ids and (min(ids) < 0 or max(ids) >= n_vocab):
+            return [token_string(vocab, t) for t in ids]
+        return [vocab[t] for t in ids]
+
+    doc_names = run.doc_names
+    n_docs = len(doc_names)
+    window_infos = []
+    rows = conn.execute(_WINDOWS, {"run_id": run.id, "index": index}).all()
+    for (kind, band, rank, seq_index, start, length, max_value, max_pos, values_blob, doc_index,
+         tokens_blob) in rows:
+        ids = np.frombuffer(tokens_blob, dtype=codec.INT32, count=length, offset=4 * start).tolist()
+        f16 = np.frombuffer(values_blob, dtype=codec.FLOAT16)
+        window_infos.append(WindowInfo(
+            "top" if kind == WINDOW_KIND_TOP else "interval", band, rank, ids, strings(ids),
+            f16.astype(np.float32).tolist(), max_value, max_pos, seq_index, start,
+            doc_names[doc_index] if 0 <= doc_index < n_docs else None, f16,
+        ))
+
+    share = codec.from_blob(feat.band_share, codec.FLOAT32).tolist()
+    band_count = codec.from_blob(feat.band_count, codec.INT64).tolist()
+    # Interval bands split [0, max_act] into equal widths, each edge snapped to the run's fine
+    # grid (records.band_edge_bins): the edges the samples were drawn with. Runs without a
+    # recorded grid show the nominal edges.
+    if run.interval_fine_bins and run.n_bands:
+        edges = band_edge_values(feat.max_act, n_bands=run.n_bands,
+                                 n_fine=run.interval_fine_bins)
+    else:
+        width = feat.max_act / run.n_bands if run.n_bands else 0.0
+        edges = [b * width for b in range(run.n_bands + 1)]
+    bands = [Band(band=b, lo=edges[b], hi=edges[b + 1], share=share[b], count=band_count[b])
+             for b in range(len(share))]
+
+    def token_values(ids_blob: bytes, values_blob: bytes) -> list[TokenValue]:
+        ids = codec.from_blob(ids_blob, codec.INT32).tolist()
+        vals = codec.from_blob(values_blob, codec.FLOAT32).tolist()
+        return [TokenValue(t, s, v) for t, s, v in zip(ids, strings(ids), vals, strict=True)]
+
+    neighbour_ids = codec.from_blob(feat.neighbour_idx, codec.INT32).tolist()
+    neighbour_cos = codec.from_blob(feat.neighbour_cos, codec.FLOAT32).tolist()
+    neighbours = list(zip(neighbour_ids, neighbour_cos, strict=True))
+    labels = get_labels(session=session, sae_id=sae_id, indices=[index, *neighbour_ids])
+    own_label = labels.pop(index, None)
+    return FeatureDetail(
+        sae_id=sae.id, model_id=sae.model_id, index=index, d_sae=sae.d_sae, count=feat.count,
+        act_sum=feat.act_sum, mean_act=feat.mean_act, max_act=feat.max_act,
+        frac_nonzero=feat.frac_nonzero, n_tokens_counted=run.n_tokens_counted,
+        hist_edges=run.hist_edges,
+        hist_counts=codec.from_blob(feat.hist_counts, codec.INT64).tolist(),
+        bands=bands,
+        logits_pos=token_values(feat.logit_pos_ids, feat.logit_pos_values),
+        logits_neg=token_values(feat.logit_neg_ids, feat.logit_neg_values),
+        neighbours=neighbours, windows=window_infos, label=own_label,
+        run_id=run.id, corpus=run.corpus, dense_threshold=run.dense_threshold,
+        neighbour_labels=labels, vocab=vocab,
+    )

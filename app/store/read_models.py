@@ -1,0 +1,162 @@
+"""Read models: the plain, frozen records the store's queries return to the API and pages."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal
+
+import numpy as np
+
+# A feature firing on more than this fraction of tokens counts as dense (SAELens' dashboards and
+# Neuronpedia use the same 10% line), unless the run recorded its own threshold.
+DEFAULT_DENSE_THRESHOLD = 0.1
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    id: str
+    source: str
+    architecture: str
+    d_model: int
+    n_layers: int
+    vocab_size: int
+    bos_token_id: int | None
+    has_chat_template: bool
+    sae_ids: list[str]
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    id: int
+    corpus: str
+    n_tokens: int
+    n_tokens_counted: int
+    context_size: int
+    window_len: int
+    n_top: int
+    n_bands: int
+    config: dict[str, Any]
+    sae_stats: dict[str, Any]
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class SAEInfo:
+    id: str
+    model_id: str
+    hook_name: str
+    architecture: str
+    d_in: int
+    d_sae: int
+    path: str
+    cfg: dict[str, Any]
+    train_metrics: dict[str, Any] | None
+    run: RunInfo | None
+    n_labeled: int
+
+
+@dataclass(frozen=True)
+class SAEBrief:
+    """The few SAE columns hot paths check first (no JSON columns to decode)."""
+
+    id: str
+    model_id: str
+    d_sae: int
+    path: str
+    active_run_id: int | None
+
+
+@dataclass(frozen=True)
+class LabelInfo:
+    description: str
+    tags: list[str]
+    status: str
+    author: str
+    version: int
+    updated_at: datetime
+
+
+@dataclass(frozen=True)
+class FeatureRow:
+    """One row of the feature table."""
+
+    index: int
+    count: int
+    frac_nonzero: float
+    max_act: float
+    mean_act: float
+    label: LabelInfo | None
+    top_tokens: list[str]
+
+
+@dataclass(frozen=True)
+class FeaturePage:
+    items: list[FeatureRow]
+    total: int
+    page: int
+    per_page: int
+
+
+@dataclass(frozen=True)
+class Band:
+    band: int
+    lo: float
+    hi: float
+    share: float
+    count: int
+
+
+# Not frozen: a feature read builds dozens of these, and a frozen dataclass's init is slower.
+@dataclass(slots=True)
+class WindowInfo:
+    kind: Literal["top", "interval"]
+    band: int
+    rank: int
+    token_ids: list[int]
+    tokens: list[str]
+    values: list[float]
+    max_value: float
+    max_pos: int
+    seq_index: int
+    start: int
+    doc_name: str | None
+    # The stored float16 values themselves, for renderers that work on arrays (not compared).
+    values_f16: np.ndarray | None = field(default=None, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class TokenValue:
+    token_id: int
+    token: str
+    value: float
+
+
+@dataclass(frozen=True)
+class FeatureDetail:
+    sae_id: str
+    model_id: str
+    index: int
+    d_sae: int
+    count: int
+    act_sum: float
+    mean_act: float
+    max_act: float
+    frac_nonzero: float
+    n_tokens_counted: int
+    hist_edges: list[float]
+    hist_counts: list[int]
+    bands: list[Band]
+    logits_pos: list[TokenValue]
+    logits_neg: list[TokenValue]
+    neighbours: list[tuple[int, float]]
+    windows: list[WindowInfo]
+    label: LabelInfo | None
+    run_id: int
+    corpus: str
+    dense_threshold: float = DEFAULT_DENSE_THRESHOLD
+    # Labels of the neighbour features that have one, read in the same query as the feature's own.
+    neighbour_labels: dict[int, LabelInfo] = field(default_factory=dict)
+    # The model's display strings by token id (the cached list; renderers index it by id).
+    vocab: list[str] = field(default_factory=list, compare=False, repr=False)
+    extra: dict[str, Any] = field(default_factory=dict)
