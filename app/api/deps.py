@@ -49,8 +49,8 @@ async def run_read(request: Request, fn: Callable[[Session], T]) -> T:
 
     The feature JSON and feature page use this instead of SessionDep: one thread hop per request
     instead of three (a sync dependency enters and exits on the threadpool too), and a pool of
-    a few threads instead of forty keeps eight concurrent readers from time-slicing the GIL,
-    which stretched every one of them (p99 ~2x the FIFO figure in bench/serve.py).
+    a few threads, not the threadpool's forty, keeps concurrent readers from time-slicing the
+    GIL, which stretches every one of them (measured in bench/serve.py).
     """
     engine = request.app.state.db_engine
 

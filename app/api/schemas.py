@@ -1,7 +1,8 @@
 """Wire schemas of the JSON API (pydantic), built from the store's read models, never from ORM rows.
 
 Feature JSON uses Neuronpedia's key names where one exists (camelCase included) so their
-consumers can read ours; everything else is snake_case.
+consumers can read ours; everything else is snake_case. The feature route serializes through
+app/api/feature_json.py; FeatureOut here documents that shape.
 """
 
 from __future__ import annotations
@@ -9,11 +10,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-import numpy as np
-import orjson
 from pydantic import BaseModel, Field
 
-from app.store import queries
+from app.store.read_models import FeaturePage, LabelInfo, ModelInfo, SAEInfo
 
 # --- errors ---------------------------------------------------------------------------------------
 
@@ -54,7 +53,7 @@ class ModelOut(BaseModel):
     sae_ids: list[str]
 
     @classmethod
-    def of(cls, m: queries.ModelInfo) -> ModelOut:
+    def of(cls, m: ModelInfo) -> ModelOut:
         return cls(id=m.id, source=m.source, architecture=m.architecture, d_model=m.d_model,
                    n_layers=m.n_layers, vocab_size=m.vocab_size, bos_token_id=m.bos_token_id,
                    has_chat_template=m.has_chat_template, sae_ids=m.sae_ids)
@@ -98,7 +97,7 @@ class SAEOut(BaseModel):
     n_labeled: int
 
     @classmethod
-    def of(cls, s: queries.SAEInfo) -> SAEOut:
+    def of(cls, s: SAEInfo) -> SAEOut:
         stats = s.run.sae_stats if s.run else {}
         metrics = s.train_metrics or {}
 
@@ -131,7 +130,7 @@ class SAEDetail(SAEOut):
     stats: dict[str, Any] = Field(description="Per-SAE statistics of the active precompute run")
 
     @classmethod
-    def of(cls, s: queries.SAEInfo) -> SAEDetail:  # type: ignore[override]
+    def of(cls, s: SAEInfo) -> SAEDetail:  # type: ignore[override]
         base = SAEOut.of(s).model_dump()
         run = None
         if s.run is not None:
@@ -156,7 +155,7 @@ class LabelOut(BaseModel):
     updated_at: datetime
 
     @classmethod
-    def of(cls, label: queries.LabelInfo | None) -> LabelOut | None:
+    def of(cls, label: LabelInfo | None) -> LabelOut | None:
         if label is None:
             return None
         return cls(description=label.description, tags=label.tags, status=label.status,
@@ -181,7 +180,7 @@ class FeatureList(BaseModel):
     per_page: int
 
     @classmethod
-    def of(cls, page: queries.FeaturePage) -> FeatureList:
+    def of(cls, page: FeaturePage) -> FeatureList:
         rows = [
             FeatureRowOut(index=r.index, label=LabelOut.of(r.label), frac_nonzero=r.frac_nonzero,
                           density=r.frac_nonzero, max_act=r.max_act, mean_act=r.mean_act,
@@ -265,68 +264,6 @@ class FeatureOut(BaseModel):
     corpus: str
     prev_index: int | None
     next_index: int | None
-
-
-def _label_json(label: queries.LabelInfo | None) -> dict[str, Any] | None:
-    if label is None:
-        return None
-    return {"description": label.description, "tags": label.tags, "status": label.status,
-            "author": label.author, "version": label.version,
-            "updated_at": label.updated_at.isoformat()}
-
-
-def feature_json(f: queries.FeatureDetail) -> bytes:
-    """One feature as FeatureOut's JSON, built from plain dicts.
-
-    The feature route is the API's hottest: building ~60 pydantic models per request and
-    serializing them cost more than reading the feature, and the stdlib encoder spends ~1 ms on
-    the window values' float reprs where orjson takes ~0.1 ms for the whole body. Window values
-    go out as float32 arrays (shortest float32 repr; inf/NaN become null). tests/api checks
-    that every response validates against FeatureOut (the schema /docs shows) with exactly its
-    keys.
-    """
-    bands = {b.band: b for b in f.bands}
-    activations = []
-    for w in f.windows:
-        band = bands.get(w.band) if w.kind == "interval" else None
-        activations.append({
-            "tokens": w.tokens, "token_ids": w.token_ids,
-            "values": w.values if w.values_f16 is None else w.values_f16.astype(np.float32),
-            "maxValue": w.max_value, "maxValueTokenIndex": w.max_pos,
-            "binMin": band.lo if band else -1.0, "binMax": band.hi if band else -1.0,
-            "binContains": band.share if band else -1.0,
-            "kind": w.kind, "band": w.band, "rank": w.rank, "doc_name": w.doc_name,
-            "seq_index": w.seq_index, "start": w.start,
-        })
-    edges = f.hist_edges
-    centers = [(lo + hi) / 2 for lo, hi in zip(edges[:-1], edges[1:], strict=True)]
-    described = {i: label.description for i, label in f.neighbour_labels.items()
-                 if label.description}
-    body = {
-        "modelId": f.model_id, "layer": f.sae_id, "index": f.index,
-        "frac_nonzero": f.frac_nonzero, "maxActApprox": f.max_act,
-        "pos_str": [t.token for t in f.logits_pos], "pos_values": [t.value for t in f.logits_pos],
-        "neg_str": [t.token for t in f.logits_neg], "neg_values": [t.value for t in f.logits_neg],
-        "freq_hist_data_bar_heights": f.hist_counts, "freq_hist_data_bar_values": centers,
-        "topkCosSimIndices": [i for i, _ in f.neighbours],
-        "topkCosSimValues": [c for _, c in f.neighbours],
-        "activations": activations,
-        "sae_id": f.sae_id, "model_id": f.model_id, "d_sae": f.d_sae,
-        "label": _label_json(f.label),
-        "density": f.frac_nonzero, "count": f.count, "mean_act": f.mean_act,
-        "max_act": f.max_act, "dense": f.frac_nonzero > f.dense_threshold,
-        "pos_ids": [t.token_id for t in f.logits_pos],
-        "neg_ids": [t.token_id for t in f.logits_neg],
-        "hist": {"edges": edges, "counts": f.hist_counts},
-        "bands": [{"band": b.band, "min": b.lo, "max": b.hi, "share": b.share, "count": b.count}
-                  for b in f.bands],
-        "neighbours": [{"index": i, "cos": c, "label": described.get(i)}
-                       for i, c in f.neighbours],
-        "n_tokens_counted": f.n_tokens_counted, "corpus": f.corpus,
-        "prev_index": f.index - 1 if f.index > 0 else None,
-        "next_index": f.index + 1 if f.index + 1 < f.d_sae else None,
-    }
-    return orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
 class RandomFeatureOut(BaseModel):

@@ -44,8 +44,8 @@ def cached_vocab(sha: str) -> list[str] | None:
 
 
 def decode_vocab(blob: bytes, sha: str) -> list[str]:
-    """Decoded vocabulary, kept for the last few models: decoding 262k strings takes ~50 ms, a
-    feature page must not pay that per request."""
+    """Decoded vocabulary, kept for the last few models: decoding a vocabulary of a few hundred
+    thousand strings is too slow for a feature page to pay per request."""
     with _VOCAB_LOCK:
         cached = _VOCAB_CACHE.get(sha)
         if cached is not None:

@@ -227,8 +227,8 @@ def _jsonable(value: Any) -> Any:
 def _bulk_insert(conn: Any, table: type, columns: list[str], rows: Iterator[tuple]) -> None:
     """Insert many rows fast, inside the caller's transaction.
 
-    SQLAlchemy's executemany costs ~4 us of Python per row (dicts, bind processors); at half a
-    million windows that is most of the write. So SQLite gets the driver's executemany on tuples
+    SQLAlchemy's executemany spends Python time on every row (dicts, bind processors); at half
+    a million windows that is most of the write. So SQLite gets the driver's executemany on tuples
     and PostgreSQL gets COPY; any other backend goes through SQLAlchemy Core.
     """
     name = table.__table__.name

@@ -8,13 +8,8 @@ from fastapi import APIRouter, Path, Query, Request, Response
 from sqlalchemy.orm import Session
 
 from app.api.deps import SessionDep, run_read
-from app.api.schemas import (
-    ERROR_RESPONSES,
-    FeatureList,
-    FeatureOut,
-    RandomFeatureOut,
-    feature_json,
-)
+from app.api.feature_json import feature_json
+from app.api.schemas import ERROR_RESPONSES, FeatureList, FeatureOut, RandomFeatureOut
 from app.store import queries
 
 router = APIRouter(prefix="/api/v1/saes/{sae_id}/features", tags=["features"])
@@ -53,7 +48,7 @@ def random_feature(session: SessionDep, sae_id: str) -> RandomFeatureOut:
 @router.get("/{index}", response_model=FeatureOut, responses=ERROR_RESPONSES)
 async def get_feature(request: Request, sae_id: str, index: IndexPath) -> Response:
     def read(session: Session) -> bytes:
-        # Serialized directly (see schemas.feature_json); FeatureOut documents the shape.
+        # Serialized directly (app/api/feature_json.py); FeatureOut documents the shape.
         return feature_json(queries.get_feature(session=session, sae_id=sae_id, index=index))
 
     return Response(content=await run_read(request, read), media_type="application/json")

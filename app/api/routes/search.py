@@ -2,7 +2,7 @@
 
 Both run on the model worker (bounded queue, one thread) and never on the event loop. Each is one
 job there: the SAE check, the tokenizer, the model and the label lookup, in one read session, so
-a request crosses threads once (each crossing costs a thread wake-up, ~1 ms on a busy machine).
+a request crosses threads once (each crossing costs a thread wake-up).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from app.api.schemas import (
 from app.errors import ConfigError, NotFoundError
 from app.store import queries
 from app.store.db import read_session
+from app.store.read_models import LabelInfo
 
 router = APIRouter(prefix="/api/v1/saes/{sae_id}", tags=["search"])
 T = TypeVar("T")
@@ -112,11 +113,11 @@ async def search_text(
                     media_type="application/json")
 
 
-def _search_json(result: dict[str, Any], labels: dict[int, queries.LabelInfo], *, sae_id: str,
+def _search_json(result: dict[str, Any], labels: dict[int, LabelInfo], *, sae_id: str,
                  model_id: str) -> bytes:
-    """SearchOut's JSON from the service's plain dicts, without a pydantic model per feature
-    (~350 of them for 64 tokens: they cost more than the rest of the route), dumped by orjson
-    (~10x json's time on the ~350 floats). tests/api validates the output against SearchOut."""
+    """SearchOut's JSON from the service's plain dicts, dumped by orjson: a pydantic model per
+    listed feature would cost more than the rest of the route. tests/api validates the output
+    against SearchOut."""
     names = {i: found.description for i, found in labels.items() if found.description}
     out = {
         "sae_id": sae_id, "model_id": model_id, "tokens": result["tokens"],

@@ -1,0 +1,74 @@
+"""The feature JSON builder: one FeatureDetail as the body of GET .../features/{index}.
+
+Its shape is app.api.schemas.FeatureOut (Neuronpedia's keys, then saescope's own); tests/api
+checks that every response validates against that schema with exactly its keys.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import orjson
+
+from app.store.read_models import FeatureDetail, LabelInfo
+
+
+def _label_json(label: LabelInfo | None) -> dict[str, Any] | None:
+    if label is None:
+        return None
+    return {"description": label.description, "tags": label.tags, "status": label.status,
+            "author": label.author, "version": label.version,
+            "updated_at": label.updated_at.isoformat()}
+
+
+def feature_json(f: FeatureDetail) -> bytes:
+    """One feature as FeatureOut's JSON, built from plain dicts and dumped by orjson.
+
+    No pydantic model per window: on the API's hottest route, building and serializing them, and
+    the stdlib encoder's float reprs, cost more than reading the feature (measured in
+    bench/serve.py). Window values go out as float32 arrays (shortest float32 repr; inf/NaN
+    become null).
+    """
+    bands = {b.band: b for b in f.bands}
+    activations = []
+    for w in f.windows:
+        band = bands.get(w.band) if w.kind == "interval" else None
+        activations.append({
+            "tokens": w.tokens, "token_ids": w.token_ids,
+            "values": w.values if w.values_f16 is None else w.values_f16.astype(np.float32),
+            "maxValue": w.max_value, "maxValueTokenIndex": w.max_pos,
+            "binMin": band.lo if band else -1.0, "binMax": band.hi if band else -1.0,
+            "binContains": band.share if band else -1.0,
+            "kind": w.kind, "band": w.band, "rank": w.rank, "doc_name": w.doc_name,
+            "seq_index": w.seq_index, "start": w.start,
+        })
+    edges = f.hist_edges
+    centers = [(lo + hi) / 2 for lo, hi in zip(edges[:-1], edges[1:], strict=True)]
+    described = {i: label.description for i, label in f.neighbour_labels.items()
+                 if label.description}
+    body = {
+        "modelId": f.model_id, "layer": f.sae_id, "index": f.index,
+        "frac_nonzero": f.frac_nonzero, "maxActApprox": f.max_act,
+        "pos_str": [t.token for t in f.logits_pos], "pos_values": [t.value for t in f.logits_pos],
+        "neg_str": [t.token for t in f.logits_neg], "neg_values": [t.value for t in f.logits_neg],
+        "freq_hist_data_bar_heights": f.hist_counts, "freq_hist_data_bar_values": centers,
+        "topkCosSimIndices": [i for i, _ in f.neighbours],
+        "topkCosSimValues": [c for _, c in f.neighbours],
+        "activations": activations,
+        "sae_id": f.sae_id, "model_id": f.model_id, "d_sae": f.d_sae,
+        "label": _label_json(f.label),
+        "density": f.frac_nonzero, "count": f.count, "mean_act": f.mean_act,
+        "max_act": f.max_act, "dense": f.frac_nonzero > f.dense_threshold,
+        "pos_ids": [t.token_id for t in f.logits_pos],
+        "neg_ids": [t.token_id for t in f.logits_neg],
+        "hist": {"edges": edges, "counts": f.hist_counts},
+        "bands": [{"band": b.band, "min": b.lo, "max": b.hi, "share": b.share, "count": b.count}
+                  for b in f.bands],
+        "neighbours": [{"index": i, "cos": c, "label": described.get(i)}
+                       for i, c in f.neighbours],
+        "n_tokens_counted": f.n_tokens_counted, "corpus": f.corpus,
+        "prev_index": f.index - 1 if f.index > 0 else None,
+        "next_index": f.index + 1 if f.index + 1 < f.d_sae else None,
+    }
+    return orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
