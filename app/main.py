@@ -97,15 +97,10 @@ def _mount_web(app: FastAPI) -> None:
         raise
     from fastapi.staticfiles import StaticFiles
 
+    from app.web.error_pages import render_html_error
     from app.web.templating import STATIC_DIR, STATIC_PREFIX
 
-    def html_errors(request, status_code, message, headers):  # noqa: ANN001, ANN202
-        if pages.wants_html(request):
-            return pages.error_page(request, status_code=status_code, message=message,
-                                    headers=headers)
-        return None
-
-    app.state.html_error_renderer = html_errors
+    app.state.html_error_renderer = render_html_error
     if STATIC_DIR.is_dir():
         app.mount(STATIC_PREFIX, StaticFiles(directory=STATIC_DIR), name="static")
     app.include_router(pages.router)

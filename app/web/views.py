@@ -1,0 +1,200 @@
+"""View models of the explorer's pages: the store's read models -> what the templates loop over."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from markupsafe import Markup, escape
+
+from app.store.read_models import FeatureDetail, FeaturePage, ModelInfo, SAEInfo, WindowInfo
+from app.web.templating import fmt_num, span_table, token_run_html, token_runs_html
+
+# The feature table: its filters, columns (key, heading, sortable) and sortable keys.
+FILTERS = (
+    ("all", "all"),
+    ("alive", "alive"),
+    ("dead", "dead"),
+    ("dense", "dense"),
+    ("labeled", "labeled"),
+    ("unlabeled", "unlabeled"),
+)
+COLUMNS = (
+    ("index", "#", True),
+    ("label", "label", False),
+    ("frac_nonzero", "density", True),
+    ("max_act", "max act", True),
+    ("mean_act", "mean act", True),
+    ("top_tokens", "top tokens", False),
+)
+SORTABLE = ("index", "frac_nonzero", "max_act", "mean_act")
+
+
+def windows_html(windows: list[WindowInfo], *, vocab: list[str], max_act: float) -> list[Markup]:
+    """Each window as the page shows it: max value, shaded tokens, document name.
+
+    Assembled in Python rather than by a Jinja loop (over a page's dozens of windows, the loop's
+    attribute lookups and filters cost more than the strings), all of a page's windows in one
+    call so numpy's per-call overhead is paid once. Document names are escaped.
+    """
+    table = span_table(vocab)
+    runs: list[Markup | None] = [None] * len(windows)
+    batch, where = [], []
+    for n, w in enumerate(windows):
+        values = w.values if w.values_f16 is None else w.values_f16
+        max_pos = min(max(int(w.max_pos), 0), max(len(w.tokens) - 1, 0))
+        if table.covers(w.token_ids):
+            batch.append((w.token_ids, values, max_pos))
+            where.append(n)
+        else:  # ids the stored vocabulary lacks: shown by their "<id>" strings
+            runs[n] = token_run_html(w.tokens, values, max_value=max_act, max_pos=max_pos)
+    for n, html in zip(where, token_runs_html(batch, table=table, max_value=max_act),
+                       strict=True):
+        runs[n] = html
+    out = []
+    for w, tokens in zip(windows, runs, strict=True):
+        doc = f'<span class="win-doc">{escape(w.doc_name)}</span>' if w.doc_name else ""
+        out.append(Markup(
+            '<div class="win centred" tabindex="0" data-win><span class="win-max" '
+            f'title="max activation in this window">{escape(fmt_num(w.max_value))}</span>'
+            f'<span class="toks">{tokens}</span>{doc}</div>'
+        ))
+    return out
+
+
+def feature_view(detail: FeatureDetail) -> dict[str, Any]:
+    """Template context of a feature page from queries.get_feature's FeatureDetail."""
+    scale = detail.max_act or 1.0
+    html = windows_html(detail.windows, vocab=detail.vocab, max_act=scale)
+    top: list[Markup] = []
+    by_band: dict[int, list[Markup]] = {}
+    for w, w_html in zip(detail.windows, html, strict=True):
+        if w.kind == "top":
+            top.append(w_html)
+        else:
+            by_band.setdefault(w.band, []).append(w_html)
+    n_bands = len(detail.bands)
+    # Highest band first: it reads like a continuation of the top activations.
+    bands = [
+        {
+            "band": b.band,
+            "lo": b.lo,
+            "hi": b.hi,
+            "share": b.share,
+            "count": b.count,
+            "shade": f"{0.25 + 0.75 * (b.band + 1) / max(n_bands, 1):.2f}",
+            "n_windows": len(by_band.get(b.band, [])),
+            "windows_html": Markup("").join(by_band.get(b.band, [])),
+        }
+        for b in sorted(detail.bands, key=lambda b: -b.band)
+    ]
+    band_edges = [detail.bands[0].lo, *(b.hi for b in detail.bands)] if detail.bands else []
+    base = f"/{detail.model_id}/{detail.sae_id}"
+    return {
+        "model_id": detail.model_id,
+        "sae_id": detail.sae_id,
+        "index": detail.index,
+        "d_sae": detail.d_sae,
+        "label": detail.label,
+        "frac_nonzero": detail.frac_nonzero,
+        "max_act": detail.max_act,
+        "mean_act": detail.mean_act,
+        "count": detail.count,
+        "n_tokens": detail.n_tokens_counted,
+        "dead": detail.count == 0,
+        "n_top": len(top),
+        "top_html": Markup("").join(top),
+        "bands": bands,
+        "hist": {
+            "edges": detail.hist_edges,
+            "counts": detail.hist_counts,
+            "band_edges": band_edges,
+        },
+        "logits_pos": [(t.token, t.value) for t in detail.logits_pos],
+        "logits_neg": [(t.token, t.value) for t in detail.logits_neg],
+        "neighbours": [
+            {"index": i, "cos": c, "label": detail.neighbour_labels.get(i)}
+            for i, c in detail.neighbours
+        ],
+        "prev_url": f"{base}/{detail.index - 1}" if detail.index > 0 else None,
+        "next_url": f"{base}/{detail.index + 1}" if detail.index + 1 < detail.d_sae else None,
+    }
+
+
+def sae_view(sae: SAEInfo) -> dict[str, Any]:
+    """Header, statistics and histograms of an SAE (home rows and the overview page)."""
+    run = sae.run
+    stats = (run.sae_stats if run else {}) or {}
+    metrics = sae.train_metrics or {}
+
+    def stat(key: str) -> Any:
+        value = stats.get(key)
+        return metrics.get(key) if value is None else value
+
+    return {
+        "model_id": sae.model_id,
+        "sae_id": sae.id,
+        "id": sae.id,
+        "hook_name": sae.hook_name,
+        "architecture": sae.architecture,
+        "k": (sae.cfg or {}).get("k"),
+        "d_sae": sae.d_sae,
+        "corpus": run.corpus if run else None,
+        "n_tokens": run.n_tokens if run else None,
+        "n_dead": stats.get("n_dead"),
+        "n_dense": stats.get("n_dense"),
+        "mean_l0": stat("mean_l0"),
+        "explained_variance": stat("explained_variance"),
+        "ce_loss_recovered": stat("ce_loss_recovered"),
+        "n_labeled": sae.n_labeled,
+        "has_run": run is not None,
+        "density_hist": _hist(stats.get("density_hist")),
+        "l0_hist": _hist(stats.get("l0_hist")),
+    }
+
+
+def _hist(data: Any) -> dict[str, list[float]]:
+    if not isinstance(data, dict):
+        return {"edges": [], "counts": []}
+    return {"edges": list(data.get("edges", [])), "counts": list(data.get("counts", []))}
+
+
+def home_models(models: list[ModelInfo], saes: list[SAEInfo]) -> list[dict[str, Any]]:
+    """The home page's models, each with the rows of its SAEs."""
+    return [
+        {
+            "id": model.id,
+            "architecture": model.architecture,
+            "n_layers": model.n_layers,
+            "d_model": model.d_model,
+            "vocab_size": model.vocab_size,
+            "saes": [sae_view(s) for s in saes if s.model_id == model.id],
+        }
+        for model in models
+    ]
+
+
+def feature_table_view(
+    table: FeaturePage, *, per_page: int, sort: str, order: str, filter: str,  # noqa: A002
+    q: str, token: str, tag: str, page: int,
+) -> dict[str, Any]:
+    """The feature table of an SAE page: rows, paging, the query that keeps filters in links."""
+    n_pages = max((table.total + per_page - 1) // per_page, 1)
+    query = {"sort": sort if sort != "index" else None, "order": order if sort != "index"
+             or order != "asc" else None, "filter": filter if filter != "all" else None,
+             "q": q, "token": token, "tag": tag, "page": page if page > 1 else None}
+    note = []
+    if token:
+        note.append(f"whose top windows peak on a token matching “{token}”")
+    if q:
+        note.append(f"with “{q}” in the label")
+    if tag:
+        note.append(f"tagged {tag}")
+    return {
+        "rows": table.items,
+        "total": table.total,
+        "page": table.page,
+        "n_pages": n_pages,
+        "filter": filter,
+        "query": {**query, "sort": sort, "order": order},
+        "note": ", ".join(note),
+    }
