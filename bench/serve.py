@@ -7,7 +7,7 @@ Without --db it writes (once, then reuses) data/bench-serve-{features}-v2.db: a 
 with the pipeline's default shapes (20 top windows, 10 bands x 3 samples, 32-token windows,
 128-token sequences) for a RANDOM TopK SAE of that width on smollm2-135m at
 blocks.15.hook_resid_post, saved as a real SAELens folder so the server loads it for text search.
-Feature contents are made up (app/store/synthetic.py) but shaped like the demo run's, measured on
+Feature contents are made up (tests/factories.py) but shaped like the demo run's, measured on
 data/saescope.db: windows of 28-32 tokens, 8% of window tokens active, token ids with Zipf
 frequencies. (A page's cost depends on these: an active token's span is built per request, an
 inactive one is a cached string.) `--db sqlite:///data/saescope.db` measures the demo run itself.
@@ -61,9 +61,7 @@ def build_demo_db(path: Path, *, d_sae: int, lm) -> str:  # noqa: ANN001
     """A synthetic run of the pipeline's default shapes for a random SAE saved on disk."""
     from app.engine.sae import SAE, SAEConfig
     from app.records import ModelRecord, SAERecord
-    from app.store.db import make_engine, upgrade
-    from app.store.synthetic import synthetic_run
-    from app.store.writer import write_run
+    from tests.factories import synthetic_database, synthetic_run
 
     sae_id = f"15-res-topk-{d_sae // 1024}k"
     folder = path.parent / f"bench-serve-sae-{d_sae}"
@@ -90,10 +88,7 @@ def build_demo_db(path: Path, *, d_sae: int, lm) -> str:  # noqa: ANN001
                         cfg={"architecture": "topk", "k": K, "d_in": lm.d_model, "d_sae": d_sae})
     tmp = path.with_suffix(".tmp.db")
     tmp.unlink(missing_ok=True)
-    upgrade(f"sqlite:///{tmp}")
-    engine = make_engine(f"sqlite:///{tmp}")
-    write_run(engine_or_session=engine, **rec.as_kwargs())
-    engine.dispose()
+    synthetic_database(f"sqlite:///{tmp}", rec)
     tmp.rename(path)
     print(f"wrote {path} ({path.stat().st_size / 2**20:.0f} MiB) in "
           f"{time.perf_counter() - t0:.0f} s")

@@ -5,9 +5,8 @@ from __future__ import annotations
 from typer.testing import CliRunner
 
 from app.cli import _has_run, app
-from app.store.db import make_engine, upgrade
-from app.store.synthetic import synthetic_run
-from app.store.writer import write_run
+from app.store.db import upgrade
+from tests.factories import synthetic_database, synthetic_run
 
 
 def test_help_lists_every_command() -> None:
@@ -24,12 +23,7 @@ def test_has_run_matches_sae_and_token_count(tmp_path) -> None:
     upgrade(url)
     assert not _has_run(url, sae_id="1-res-topk-64", n_tokens=1)  # schema, but no such SAE
     rec = synthetic_run(sae_id="1-res-topk-64")
-    engine = make_engine(url)
-    try:
-        write_run(engine_or_session=engine, model=rec.model, sae=rec.sae, run=rec.run,
-                  sequences=rec.sequences, features=rec.features, windows=rec.windows)
-    finally:
-        engine.dispose()
+    synthetic_database(url, rec, migrate=False)
     assert _has_run(url, sae_id="1-res-topk-64", n_tokens=rec.run.n_tokens)
     assert not _has_run(url, sae_id="1-res-topk-64", n_tokens=rec.run.n_tokens + 1)
     assert not _has_run(url, sae_id="other-sae", n_tokens=rec.run.n_tokens)

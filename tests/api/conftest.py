@@ -9,9 +9,7 @@ from fastapi.testclient import TestClient
 
 from app.main import create_app
 from app.settings import Settings
-from app.store.db import make_engine, upgrade
-from app.store.synthetic import SyntheticRun, synthetic_run
-from app.store.writer import write_label, write_run
+from tests.factories import SyntheticRun, synthetic_database, synthetic_run
 
 SAE_ID = "1-res-topk-64"
 
@@ -23,14 +21,11 @@ def db_url(tmp_path) -> str:
 
 @pytest.fixture
 def records(db_url) -> SyntheticRun:
-    upgrade(db_url)
-    engine = make_engine(db_url)
     rec = synthetic_run(d_sae=32, n_dead=2, seed=5)
-    write_run(engine_or_session=engine, **rec.as_kwargs())
-    write_label(engine_or_session=engine, sae_id=SAE_ID, index=4, description="digits",
-                tags=["numbers"])
-    write_label(engine_or_session=engine, sae_id=SAE_ID, index=6, description="commas")
-    engine.dispose()
+    synthetic_database(db_url, rec, labels=[
+        {"sae_id": SAE_ID, "index": 4, "description": "digits", "tags": ["numbers"]},
+        {"sae_id": SAE_ID, "index": 6, "description": "commas"},
+    ])
     return rec
 
 

@@ -11,9 +11,7 @@ import time
 import httpx
 import pytest
 
-from app.store.db import make_engine
-from app.store.synthetic import synthetic_run
-from app.store.writer import write_run
+from tests.factories import synthetic_database, synthetic_run
 
 CLI = [sys.executable, "-c", "from app.cli import app; app()"]
 
@@ -34,9 +32,7 @@ def test_db_upgrade_then_serve(tmp_path, workers):
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "revision 0001" in done.stdout
-    engine = make_engine(url)
-    write_run(engine_or_session=engine, **synthetic_run(d_sae=16).as_kwargs())
-    engine.dispose()
+    synthetic_database(url, synthetic_run(d_sae=16), migrate=False)  # the CLI migrated it
 
     port = _free_port()
     server = subprocess.Popen(

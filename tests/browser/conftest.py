@@ -108,15 +108,8 @@ def _build_database(root: Path) -> str:
     if done.returncode != 0:
         raise RuntimeError(f"saescope build failed:\n{done.stdout}\n{done.stderr}")
 
-    from app.store.db import make_engine
-    from app.store.synthetic import synthetic_run
-    from app.store.writer import write_label, write_run
+    from tests.factories import synthetic_database, synthetic_run
 
-    engine = make_engine(db_url)
-    write_label(engine_or_session=engine, sae_id=SAE_ID, index=3, description=f"{XSS} label",
-                tags=["xss-check"])
-    write_label(engine_or_session=engine, sae_id=SAE_ID, index=4,
-                description="story words: fox, dog", tags=["story"])
     vocab = [f"w{i}" for i in range(60)]
     vocab[XSS_TOKEN_ID] = XSS
     vocab[6] = "\n"
@@ -127,10 +120,12 @@ def _build_database(root: Path) -> str:
     run.sequences.tokens[:, 1::3] = XSS_TOKEN_ID
     run.features.logit_pos_ids[:, 0] = XSS_TOKEN_ID
     run.features.logit_neg_ids[:, 0] = XSS_TOKEN_ID
-    write_run(engine_or_session=engine, **run.as_kwargs())
-    write_label(engine_or_session=engine, sae_id=XSS_SAE_ID, index=2, description=XSS,
-                tags=["xss-check"])
-    engine.dispose()
+    synthetic_database(db_url, run, migrate=False, labels=[  # the build migrated it
+        {"sae_id": SAE_ID, "index": 3, "description": f"{XSS} label", "tags": ["xss-check"]},
+        {"sae_id": SAE_ID, "index": 4, "description": "story words: fox, dog",
+         "tags": ["story"]},
+        {"sae_id": XSS_SAE_ID, "index": 2, "description": XSS, "tags": ["xss-check"]},
+    ])
     return db_url
 
 

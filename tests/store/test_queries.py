@@ -9,8 +9,8 @@ from sqlalchemy.orm import Session
 from app.errors import ConfigError, NotFoundError
 from app.records import WINDOW_KIND_TOP
 from app.store import queries
-from app.store.synthetic import synthetic_run
-from app.store.writer import write_label, write_run
+from app.store.writer import write_run
+from tests.factories import synthetic_run, write_records
 
 SAE_ID = "1-res-topk-64"
 
@@ -23,13 +23,13 @@ def loaded(engine):
     rec = synthetic_run(d_sae=40, n_dead=4, seed=11, token_strings=vocab, n_seq=30)
     # Ties in max_act so the index tie-break is exercised.
     rec.features.max_act[10] = rec.features.max_act[20] = rec.features.max_act[30]
-    write_run(engine_or_session=engine, **rec.as_kwargs())
-    write_label(engine_or_session=engine, sae_id=SAE_ID, index=5, description="Python keywords",
-                tags=["code", "syntax"])
-    write_label(engine_or_session=engine, sae_id=SAE_ID, index=9, description="the word 'the'",
-                tags=["english"])
-    write_label(engine_or_session=engine, sae_id=SAE_ID, index=12, description="",
-                tags=["code_like"])  # an emptied label does not count as labeled
+    write_records(engine, rec, labels=[
+        {"sae_id": SAE_ID, "index": 5, "description": "Python keywords",
+         "tags": ["code", "syntax"]},
+        {"sae_id": SAE_ID, "index": 9, "description": "the word 'the'", "tags": ["english"]},
+        # An emptied label does not count as labeled.
+        {"sae_id": SAE_ID, "index": 12, "description": "", "tags": ["code_like"]},
+    ])
     return rec
 
 

@@ -13,9 +13,9 @@ from app.errors import ConfigError, ConflictError, NotFoundError
 from app.records import WINDOW_KIND_TOP, band_edge_values
 from app.store import queries
 from app.store.db import read_session
-from app.store.synthetic import synthetic_run
 from app.store.tables import SAE, Feature, FeatureToken, Label, LabelHistory, Run, Sequence, Window
 from app.store.writer import register_sae, write_label, write_run
+from tests.factories import synthetic_run
 
 
 def _rows(session: Session, table, run_id: int) -> int:

@@ -17,12 +17,10 @@ from fastapi.testclient import TestClient
 
 from app.main import create_app
 from app.settings import Settings
-from app.store.db import make_engine, upgrade
-from app.store.queries import WindowInfo
-from app.store.synthetic import SyntheticRun, synthetic_run
-from app.store.writer import write_label, write_run
-from app.web.pages import windows_html
+from app.store.read_models import WindowInfo
 from app.web.templating import PLOTLY_VERSION, token_run_html
+from app.web.views import windows_html
+from tests.factories import SyntheticRun, synthetic_database, synthetic_run
 
 XSS = "</script><img src=x onerror=alert(1)>"
 MODEL_ID = "tiny-llama"
@@ -33,18 +31,15 @@ HTML = {"Accept": "text/html,application/xhtml+xml"}
 @pytest.fixture
 def records(tmp_path) -> tuple[str, SyntheticRun]:
     db_url = f"sqlite:///{tmp_path / 'pages.db'}"
-    upgrade(db_url)
-    engine = make_engine(db_url)
     vocab = [f"t{i}" for i in range(100)]
     vocab[5] = XSS
     vocab[6] = "\n"
     rec = synthetic_run(d_sae=32, n_dead=2, seed=3, token_strings=vocab)
     rec.sequences.tokens[:, 2::4] = 5  # the hostile token in every window
     rec.features.logit_pos_ids[:, 0] = 5
-    write_run(engine_or_session=engine, **rec.as_kwargs())
-    write_label(engine_or_session=engine, sae_id=SAE_ID, index=4, description=XSS,
-                tags=["html"])
-    engine.dispose()
+    synthetic_database(db_url, rec, labels=[
+        {"sae_id": SAE_ID, "index": 4, "description": XSS, "tags": ["html"]},
+    ])
     return db_url, rec
 
 

@@ -1,14 +1,19 @@
-"""Random but self-consistent precompute records, for store/API tests and serving benchmarks.
+"""Test and benchmark data: synthetic precompute records, and databases written from them.
 
-Like the engine's tiny presets: real records with made-up numbers, built so that every invariant
-the pipeline guarantees holds (window maxima match their values, top windows sorted, etc.).
+The one place tests and bench/serve.py build a database without running the pipeline
+(`from tests.factories import synthetic_run, synthetic_database`). The records are like the
+engine's tiny presets: real records with made-up numbers, built so that every invariant the
+pipeline guarantees holds (window maxima match their values, top windows sorted, etc.).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+from sqlalchemy import Engine
 
 from app.records import (
     WINDOW_KIND_INTERVAL,
@@ -20,6 +25,8 @@ from app.records import (
     SequenceArrays,
     WindowArrays,
 )
+from app.store.db import make_engine, upgrade
+from app.store.writer import write_label, write_run
 
 
 @dataclass
@@ -64,8 +71,8 @@ def synthetic_run(
     By default every token of a window is active and lengths run from window_len/2: tests want
     many values to check. `active_frac` (the share of a window's other tokens that are active),
     `min_window_len` and `zipf_tokens` (token ids drawn with frequency ~ 1/rank, as text has)
-    let a benchmark match what a real run stores (the demo run: ~30 of 32 tokens per window,
-    ~8% of them active).
+    let a benchmark match what a real run stores (bench/serve.py sets them from the demo run's
+    windows).
     """
     rng = np.random.default_rng(seed)
     vocab = token_strings or [f"tok{i}" for i in range(vocab_size)]
@@ -151,3 +158,27 @@ def synthetic_run(
         },
     )
     return SyntheticRun(model, sae, run, sequences, features, windows)
+
+
+def write_records(
+    engine: Engine, *runs: SyntheticRun, labels: Iterable[dict[str, Any]] = ()
+) -> None:
+    """Write the runs, then the labels (each the keyword arguments of writer.write_label)."""
+    for run in runs:
+        write_run(engine_or_session=engine, **run.as_kwargs())
+    for label in labels:
+        write_label(engine_or_session=engine, **label)
+
+
+def synthetic_database(
+    db_url: str, *runs: SyntheticRun, labels: Iterable[dict[str, Any]] = (), migrate: bool = True
+) -> None:
+    """The database at `db_url`, migrated (unless `migrate` is False: the caller did it), holding
+    the runs and labels."""
+    if migrate:
+        upgrade(db_url)
+    engine = make_engine(db_url)
+    try:
+        write_records(engine, *runs, labels=labels)
+    finally:
+        engine.dispose()
