@@ -2,8 +2,8 @@
 
 Precomputed rows (sequences, features, feature_tokens, windows) belong to one run and are replaced
 as a whole when a new run is swapped in. Their tables are WITHOUT ROWID on SQLite: rows are stored
-once, clustered on the (run_id, ...) primary key, which makes bulk inserts and range deletes of a
-run about a third faster than a rowid table plus its primary-key index.
+once, clustered on the (run_id, ...) primary key, so bulk inserts and range deletes of a run
+write one b-tree instead of a rowid table plus its primary-key index.
 
 Human data (labels, label_history) is keyed by the SAE's id string and the feature index, never by
 a run, so it survives any rebuild.

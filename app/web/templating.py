@@ -115,7 +115,7 @@ _ALPHAS = tuple(f"{i / 100:.2f}" for i in range(101))
 
 @lru_cache(maxsize=1)
 def _f16_texts() -> tuple[str, ...]:
-    """The tooltip text of every float16 value, indexed by its bit pattern (built once, ~40 ms).
+    """The tooltip text of every float16 value, indexed by its bit pattern (built on first use).
 
     Window values are stored as float16, so a page never formats a number: it looks one up.
     """

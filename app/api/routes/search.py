@@ -27,7 +27,7 @@ from app.api.schemas import (
 from app.errors import ConfigError, NotFoundError
 from app.store import queries
 from app.store.db import read_session
-from app.store.read_models import LabelInfo
+from app.store.read_models import LabelInfo, SAEBrief
 
 router = APIRouter(prefix="/api/v1/saes/{sae_id}", tags=["search"])
 T = TypeVar("T")
@@ -52,7 +52,7 @@ def _tokenize_capped(service, *, sae_id: str, text: str, max_tokens: int) -> lis
     return ids
 
 
-def _check_sae(session: Session, sae_id: str, index: int | None = None):  # noqa: ANN202
+def _check_sae(session: Session, sae_id: str, index: int | None = None) -> SAEBrief:
     """The SAE's brief row (model_id, d_sae); NotFoundError for an unknown SAE or index."""
     sae = queries.get_sae_brief(session=session, sae_id=sae_id)
     if index is not None and index >= sae.d_sae:
