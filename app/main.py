@@ -7,18 +7,33 @@ import logging
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
 from app.api.errors import install_error_handlers
-from app.api.model_worker import EngineState, ModelWorker
+from app.api.model_service import EngineState
+from app.api.model_worker import ModelWorker
 from app.api.routes import features, models, saes, search
 from app.errors import SaescopeError
 from app.settings import Settings, get_settings
-from app.store.db import make_engine, upgrade
+from app.store import queries
+from app.store.db import make_engine, read_session, upgrade
 
 log = logging.getLogger(__name__)
+
+
+def _sae_specs(app: FastAPI) -> list[Any]:
+    """The SAEs the database lists, as the engine's plain specs: precomputed ones first (the
+    first one's model is the default), then by id."""
+    from app.engine.service import SAESpec
+
+    with read_session(app.state.db_engine) as session:
+        sources = {m.id: m.source for m in queries.list_models(session=session)}
+        saes = sorted(queries.list_saes(session=session), key=lambda s: (s.run is None, s.id))
+    return [SAESpec(sae_id=s.id, model_id=s.model_id, hook_name=s.hook_name, path=s.path,
+                    model_source=sources.get(s.model_id)) for s in saes]
 
 
 def _load_engine_service(app: FastAPI) -> None:
@@ -28,7 +43,7 @@ def _load_engine_service(app: FastAPI) -> None:
     try:
         from app.engine.service import EngineService
 
-        service = EngineService.load(db_engine=app.state.db_engine, model=settings.model)
+        service = EngineService.load(saes=_sae_specs(app), model=settings.model)
     except SaescopeError as exc:
         state.message = str(exc)
         state.status = "failed"

@@ -9,7 +9,8 @@ from typing import Annotated, TypeVar
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
-from app.api.model_worker import EngineState, ModelWorker
+from app.api.model_service import EngineState
+from app.api.model_worker import ModelWorker
 from app.settings import Settings
 from app.store.db import read_session
 

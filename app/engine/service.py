@@ -1,30 +1,39 @@
 """The model side of the server: one language model and its SAEs, answering plain-Python calls.
 
 The API never imports torch; it holds this object (built in the app's lifespan, on the model
-worker thread) and calls its methods through the bounded model queue. Every method takes and
-returns plain Python (lists, dicts, floats).
+worker thread) through the `ModelService` protocol and calls its methods through the bounded
+model queue. Every method takes and returns plain Python (lists, dicts, floats). What to load
+comes in as plain `SAESpec` records: the app reads them from the store, the engine never does.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from sqlalchemy import Engine, select
-from sqlalchemy.orm import Session
 
 from app.engine.lm import LanguageModel, load_model
 from app.engine.presets import find_preset
 from app.engine.sae import SAE
 from app.errors import ConfigError, NotFoundError
-from app.store.tables import SAE as SAERow
-from app.store.tables import Model as ModelRow
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SAESpec:
+    """One SAE the database lists: where its weights are and which model it reads."""
+
+    sae_id: str
+    model_id: str
+    hook_name: str
+    path: str
+    model_source: str | None = None  # the stored model's source (a path for local models)
 
 
 @dataclass
@@ -34,7 +43,7 @@ class LoadedSAE:
     sae: SAE
 
 
-def _model_spec(model_id: str, source: str | None) -> str:
+def model_spec(model_id: str, source: str | None) -> str:
     """What load_model needs to load a stored model: presets by name (their stored source is a
     description), local files and folders by the path they were loaded from."""
     if find_preset(model_id) is not None or not source:
@@ -54,44 +63,39 @@ class EngineService:
         return self.lm.model_id
 
     @classmethod
-    def load(cls, *, db_engine: Engine, model: str = "", device: str = "cpu") -> EngineService:
-        """Load `model` (empty: the model of the first SAE with precomputed features) and every
-        SAE of that model listed in the database, from the folders the saes table names."""
-        with Session(db_engine) as session:
-            rows = session.scalars(
-                select(SAERow).order_by(SAERow.active_run_id.is_(None), SAERow.id)
-            ).all()
-            sources = dict(session.execute(select(ModelRow.id, ModelRow.source)).all())
-            sae_rows = [(r.id, r.model_id, r.hook_name, r.path) for r in rows]
+    def load(cls, *, saes: Sequence[SAESpec], model: str = "", device: str = "cpu"
+             ) -> EngineService:
+        """Load `model` (empty: the model of the first SAE in `saes`, which the app orders with
+        precomputed SAEs first) and every SAE of that model from its folder."""
         if not model:
-            if not sae_rows:
+            if not saes:
                 raise ConfigError(
                     "the database lists no SAE, so no model to load; build one with "
                     "`saescope build` (or set SAESCOPE_MODEL)"
                 )
-            model = _model_spec(sae_rows[0][1], sources.get(sae_rows[0][1]))
+            model = model_spec(saes[0].model_id, saes[0].model_source)
         lm = load_model(model, device=device)
-        saes: dict[str, LoadedSAE] = {}
+        loaded: dict[str, LoadedSAE] = {}
         skipped: dict[str, str] = {}
-        for sae_id, model_id, hook_name, path in sae_rows:
-            if model_id != lm.model_id:
-                skipped[sae_id] = f"it belongs to model {model_id!r}; the server loaded " \
-                                  f"{lm.model_id!r} (SAESCOPE_MODEL)"
+        for spec in saes:
+            if spec.model_id != lm.model_id:
+                skipped[spec.sae_id] = f"it belongs to model {spec.model_id!r}; the server " \
+                                       f"loaded {lm.model_id!r} (SAESCOPE_MODEL)"
                 continue
-            if not Path(path).exists():
-                skipped[sae_id] = f"its folder {path} does not exist"
+            if not Path(spec.path).exists():
+                skipped[spec.sae_id] = f"its folder {spec.path} does not exist"
                 continue
             try:
-                sae = SAE.load(path, device=device, hook_name=hook_name)
-                sae.check_compatible(d_model=lm.d_model, hook_name=hook_name)
+                sae = SAE.load(spec.path, device=device, hook_name=spec.hook_name)
+                sae.check_compatible(d_model=lm.d_model, hook_name=spec.hook_name)
             except Exception as exc:  # noqa: BLE001 - one bad SAE must not stop the others
-                skipped[sae_id] = f"loading {path} failed: {exc}"
+                skipped[spec.sae_id] = f"loading {spec.path} failed: {exc}"
                 continue
-            saes[sae_id] = LoadedSAE(sae_id=sae_id, hook_name=hook_name,
-                                     sae=sae.eval().store_encoder_transposed())
+            loaded[spec.sae_id] = LoadedSAE(sae_id=spec.sae_id, hook_name=spec.hook_name,
+                                            sae=sae.eval().store_encoder_transposed())
         for sae_id, why in skipped.items():
             log.warning("SAE %s is not available for text search: %s", sae_id, why)
-        service = cls(lm, saes, skipped)
+        service = cls(lm, loaded, skipped)
         service.warm_up()
         return service
 

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from app.api.deps import get_engine_state
-from app.api.model_worker import EngineState
+from app.api.model_service import EngineState
 from app.main import create_app
 
 SAE_ID = "1-res-topk-64"

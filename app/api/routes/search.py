@@ -15,7 +15,8 @@ from fastapi import APIRouter, Path, Request, Response
 from sqlalchemy.orm import Session
 
 from app.api.deps import EngineStateDep, ModelWorkerDep, SettingsDep, run_read
-from app.api.model_worker import EngineState, ModelWorker
+from app.api.model_service import EngineState, ModelService
+from app.api.model_worker import ModelWorker
 from app.api.schemas import (
     MAX_TEXT_CHARS_PER_TOKEN,
     MODEL_CALL_RESPONSES,
@@ -42,7 +43,7 @@ def _check_chars(text: str, max_tokens: int) -> None:
         )
 
 
-def _tokenize_capped(service, *, sae_id: str, text: str, max_tokens: int) -> list[int]:
+def _tokenize_capped(service: ModelService, *, sae_id: str, text: str, max_tokens: int) -> list[int]:
     ids = service.tokenize(sae_id=sae_id, text=text)
     if len(ids) > max_tokens:
         raise ConfigError(
@@ -64,7 +65,7 @@ def _check_sae(session: Session, sae_id: str, index: int | None = None) -> SAEBr
 
 async def _model_call(
     request: Request, *, engine_state: EngineState, worker: ModelWorker, sae_id: str,
-    index: int | None, fn: Callable[[Any, Session, Any], T],
+    index: int | None, fn: Callable[[ModelService, Session, Any], T],
 ) -> T:
     """fn(service, session, sae) on the model worker, after the SAE check in the same session.
 
@@ -96,7 +97,7 @@ async def search_text(
     """Tokens of the text, the top features on each token, and the features firing most."""
     _check_chars(body.text, settings.max_text_tokens)
 
-    def search(service: Any, session: Session, sae: Any) -> tuple[dict, dict, str]:
+    def search(service: ModelService, session: Session, sae: Any) -> tuple[dict, dict, str]:
         ids = _tokenize_capped(service, sae_id=sae_id, text=body.text,
                                max_tokens=settings.max_text_tokens)
         result = service.search(sae_id=sae_id, ids=ids, top_k=body.top_k,
@@ -143,7 +144,7 @@ async def feature_activations(
     """One feature's activation on every token of the text."""
     _check_chars(body.text, settings.max_text_tokens)
 
-    def activations(service: Any, session: Session, sae: Any) -> tuple[dict, str]:
+    def activations(service: ModelService, session: Session, sae: Any) -> tuple[dict, str]:
         ids = _tokenize_capped(service, sae_id=sae_id, text=body.text,
                                max_tokens=settings.max_text_tokens)
         return service.feature_activations(sae_id=sae_id, ids=ids, index=index), sae.model_id

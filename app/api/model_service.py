@@ -1,0 +1,48 @@
+"""What the API knows of the model side: the `ModelService` protocol and where the model stands.
+
+The API never imports the engine (nor torch); the app's lifespan builds the real service
+(`app.engine.service.EngineService`) and hands it over through `EngineState`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+from app.errors import UnavailableError
+
+
+class ModelService(Protocol):
+    """The calls the API makes on the model thread; plain Python in and out."""
+
+    @property
+    def model_id(self) -> str: ...
+
+    saes: Mapping[str, Any]  # sae_id -> the loaded SAE (opaque here)
+    skipped: Mapping[str, str]  # sae_id -> why it was not loaded
+
+    def tokenize(self, *, sae_id: str, text: str) -> list[int]: ...
+
+    def search(self, *, sae_id: str, ids: list[int], top_k: int,
+               n_features: int) -> dict[str, Any]: ...
+
+    def feature_activations(self, *, sae_id: str, ids: list[int],
+                            index: int) -> dict[str, Any]: ...
+
+
+@dataclass
+class EngineState:
+    """Where the model stands: disabled, loading, ready (with its service) or failed."""
+
+    status: Literal["disabled", "loading", "ready", "failed"] = "disabled"
+    message: str = "the server runs without a model (SAESCOPE_LOAD_MODEL=false)"
+    service: ModelService | None = None
+
+    def require(self) -> ModelService:
+        if self.status == "ready" and self.service is not None:
+            return self.service
+        if self.status == "loading":
+            raise UnavailableError("the model is still loading; retry in a few seconds",
+                                   retry_after=5)
+        raise UnavailableError(f"text search needs a model: {self.message}")
