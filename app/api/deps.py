@@ -18,7 +18,7 @@ T = TypeVar("T")
 
 
 # The plain accessors are async so FastAPI calls them inline: a sync dependency runs on the
-# threadpool, one thread hop (~0.1-1 ms) per dependency per request.
+# threadpool, one thread hop per dependency per request.
 async def get_app_settings(request: Request) -> Settings:
     return request.app.state.settings
 

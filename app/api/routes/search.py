@@ -43,7 +43,8 @@ def _check_chars(text: str, max_tokens: int) -> None:
         )
 
 
-def _tokenize_capped(service: ModelService, *, sae_id: str, text: str, max_tokens: int) -> list[int]:
+def _tokenize_capped(service: ModelService, *, sae_id: str, text: str,
+                     max_tokens: int) -> list[int]:
     ids = service.tokenize(sae_id=sae_id, text=text)
     if len(ids) > max_tokens:
         raise ConfigError(
