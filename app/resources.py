@@ -1,17 +1,19 @@
 """Where the files shipped beside the code live: presets, templates, static assets, migrations.
 
 The one module that knows the repository layout (`models/`, `frontend/`, `migrations/` at the top
-level), so a change to how they are packaged touches only this file. It imports nothing from the
-app, so every layer may use it.
+level). In a checkout or an editable install they are read in place; a wheel carries copies under
+`app/_shipped/` (see setup.py). It imports nothing from the app, so every layer may use it.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+_PACKAGE_DIR = Path(__file__).resolve().parent
+_WHEEL_DIR = _PACKAGE_DIR / "_shipped"
+SHIPPED_ROOT = _WHEEL_DIR if _WHEEL_DIR.is_dir() else _PACKAGE_DIR.parent
 
-PRESETS_FILE = REPO_ROOT / "models" / "presets.toml"
-TEMPLATES_DIR = REPO_ROOT / "frontend" / "templates"
-STATIC_DIR = REPO_ROOT / "frontend" / "static"
-MIGRATIONS_DIR = REPO_ROOT / "migrations"
+PRESETS_FILE = SHIPPED_ROOT / "models" / "presets.toml"
+TEMPLATES_DIR = SHIPPED_ROOT / "frontend" / "templates"
+STATIC_DIR = SHIPPED_ROOT / "frontend" / "static"
+MIGRATIONS_DIR = SHIPPED_ROOT / "migrations"

@@ -5,18 +5,19 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
+from pydantic import field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
-
-from app.resources import REPO_ROOT
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SAESCOPE_", extra="ignore")
 
-    # Where databases, activation caches and dequantized-model caches live.
-    home: Path = REPO_ROOT / "data"
-    # Trained SAEs are written under models/saes/{model_id}/{sae_id} (weights are gitignored).
-    saes_dir: Path = REPO_ROOT / "models" / "saes"
+    # The data folder rule: databases, activation caches and dequantized-model caches live in
+    # ./data under the folder a command runs from, trained SAEs in ./models/saes/{model}/{sae}
+    # (gitignored in a checkout), unless SAESCOPE_HOME / SAESCOPE_SAES_DIR say otherwise.
+    # Relative paths are resolved once, when the settings are read.
+    home: Path = Path("data")
+    saes_dir: Path = Path("models") / "saes"
     # SQLAlchemy URL; empty means sqlite file {home}/saescope.db.
     database_url: str = ""
     # Model the server loads for text search and steering; empty: the model of the first SAE.
@@ -37,6 +38,11 @@ class Settings(BaseSettings):
     access_log: bool = False
     # Set false to serve only precomputed data (no model in memory; text search answers 503).
     load_model: bool = True
+
+    @field_validator("home", "saes_dir")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        return (Path.cwd() / value.expanduser()).resolve()
 
     @property
     def cache_dir(self) -> Path:
