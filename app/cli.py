@@ -203,7 +203,7 @@ def serve_command(
 ) -> None:
     """Serve the explorer and the JSON API (docs at /docs); the schema is upgraded on start."""
     from app.settings import get_settings
-    from app.store.db import upgrade
+    from app.store.db import display_url, upgrade
 
     updates: dict[str, Any] = {}
     if db:
@@ -220,7 +220,7 @@ def serve_command(
     # Upgrade here too, so a bad URL or an unreachable database fails as one line, not a trace
     # from inside the server's startup.
     _upgrade_or_explain(upgrade, settings.db_url)
-    typer.echo(f"serving {settings.db_url} on http://{settings.host}:{settings.port}/ "
+    typer.echo(f"serving {display_url(settings.db_url)} on http://{settings.host}:{settings.port}/ "
                "(API docs at /docs; Ctrl+C stops)")
     _serve(settings)
 
@@ -233,13 +233,13 @@ def db_upgrade_command(
 ) -> None:
     """Create or migrate the database schema to the latest revision."""
     from app.settings import get_settings
-    from app.store.db import current_revision, make_engine, upgrade
+    from app.store.db import current_revision, display_url, make_engine, upgrade
 
     url = db or get_settings().db_url
     _upgrade_or_explain(upgrade, url)
     engine = make_engine(url)
     try:
-        typer.echo(f"{url}: schema at revision {current_revision(engine)}")
+        typer.echo(f"{display_url(url)}: schema at revision {current_revision(engine)}")
     finally:
         engine.dispose()
 
@@ -248,9 +248,10 @@ def _upgrade_or_explain(upgrade: Callable[[str], None], url: str) -> None:
     from sqlalchemy.exc import OperationalError
 
     from app.errors import ConfigError
+    from app.store.db import display_url
 
     try:
         upgrade(url)
     except OperationalError as exc:
         reason = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
-        raise ConfigError(f"cannot open the database {url}: {reason}") from None
+        raise ConfigError(f"cannot open the database {display_url(url)}: {reason}") from None

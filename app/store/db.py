@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.errors import ConfigError
@@ -33,21 +34,38 @@ SQLITE_MMAP_BYTES = 1 << 30  # address space, not memory: pages load on first to
 SQLITE_CACHE_KIB = 32 * 1024
 
 
+_URL_EXAMPLES = "use e.g. sqlite:///data/saescope.db or postgresql+psycopg://user:pass@host/db"
+
+
+def display_url(url: str) -> str:
+    """`url` with its password masked: the form every message and log line shows."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
+
+
 def make_engine(url: str, **kwargs: Any) -> Engine:
     """An engine for `url` with the store's pragmas (SQLite) or pool settings (PostgreSQL)."""
     try:
         parsed = make_url(url)
     except ArgumentError:
-        raise ConfigError(
-            f"not a database URL: {url!r}; use e.g. sqlite:///data/saescope.db or "
-            "postgresql+psycopg://user:pass@host/db"
-        ) from None
+        raise ConfigError(f"not a database URL: {display_url(url)!r}; {_URL_EXAMPLES}") from None
     if parsed.get_backend_name() == "postgresql" and parsed.drivername == "postgresql":
         # psycopg 3 is the driver we depend on; plain postgresql:// would ask for psycopg2.
         parsed = parsed.set(drivername="postgresql+psycopg")
     if parsed.get_backend_name() != "sqlite":
         kwargs.setdefault("pool_pre_ping", True)
-        return create_engine(parsed, **kwargs)
+        try:
+            return create_engine(parsed, **kwargs)
+        except NoSuchModuleError:
+            raise ConfigError(f"unknown database backend {parsed.drivername!r} in "
+                              f"{display_url(url)}; {_URL_EXAMPLES}") from None
+        except ModuleNotFoundError as exc:
+            extra = " (pip install 'saescope[postgres]')" if parsed.get_backend_name() == \
+                "postgresql" else ""
+            raise ConfigError(f"the driver for {display_url(url)} is not installed: "
+                              f"no module {exc.name!r}{extra}") from None
 
     if parsed.database and parsed.database != ":memory:":
         Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
