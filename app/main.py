@@ -43,7 +43,8 @@ def _load_engine_service(app: FastAPI) -> None:
     try:
         from app.engine.service import EngineService
 
-        service = EngineService.load(saes=_sae_specs(app), model=settings.model)
+        service = EngineService.load(saes=_sae_specs(app), model=settings.model,
+                                     cache_dir=settings.cache_dir)
     except SaescopeError as exc:
         state.message = str(exc)
         state.status = "failed"

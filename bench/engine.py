@@ -18,7 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from app.engine.lm import load_model  # noqa: E402
+from app.engine.loading import load_model  # noqa: E402
+from app.settings import get_settings  # noqa: E402
 
 
 def sample_batch(lm, *, batch: int, ctx: int) -> torch.Tensor:
@@ -44,7 +45,7 @@ def main() -> None:
     args = parser.parse_args()
 
     start = time.perf_counter()
-    lm = load_model(args.model)
+    lm = load_model(args.model, cache_dir=get_settings().cache_dir)
     print(
         f"load_model({args.model!r}): {time.perf_counter() - start:.1f} s "
         f"(after imports; {lm.n_layers} layers, torch threads {torch.get_num_threads()})"

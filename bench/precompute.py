@@ -91,10 +91,11 @@ def child(args: argparse.Namespace) -> None:
 
 def speed(args: argparse.Namespace, sae_dir: Path, work: Path) -> dict:
     import app.pipeline.precompute as pc
-    from app.engine.lm import load_model
+    from app.engine.loading import load_model
     from app.engine.sae import SAE
+    from app.settings import get_settings
 
-    lm = load_model(MODEL)
+    lm = load_model(MODEL, cache_dir=get_settings().cache_dir)
     sae = SAE.load(sae_dir).eval()
     extra = {"hook": 0.0, "hook_encode": 0.0, "dense": 0.0, "sparse": 0.0}
     jobs = []

@@ -197,10 +197,11 @@ def main() -> None:
                         help="run only the text-search part (no load test)")
     args = parser.parse_args()
 
-    from app.engine.lm import load_model
+    from app.engine.loading import load_model
+    from app.settings import get_settings
 
     t0 = time.perf_counter()
-    lm = load_model(MODEL)
+    lm = load_model(MODEL, cache_dir=get_settings().cache_dir)
     print(f"model {MODEL} loaded in {time.perf_counter() - t0:.0f} s")
     data_dir = REPO / "data"
     data_dir.mkdir(exist_ok=True)

@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from app.engine.lm import LanguageModel, load_model
+from app.engine.lm import LanguageModel
+from app.engine.loading import load_model
 from app.engine.presets import find_preset
 from app.engine.sae import SAE
 from app.errors import ConfigError, NotFoundError
@@ -63,10 +64,11 @@ class EngineService:
         return self.lm.model_id
 
     @classmethod
-    def load(cls, *, saes: Sequence[SAESpec], model: str = "", device: str = "cpu"
-             ) -> EngineService:
+    def load(cls, *, saes: Sequence[SAESpec], model: str = "", device: str = "cpu",
+             cache_dir: Path) -> EngineService:
         """Load `model` (empty: the model of the first SAE in `saes`, which the app orders with
-        precomputed SAEs first) and every SAE of that model from its folder."""
+        precomputed SAEs first) and every SAE of that model from its folder; ``cache_dir`` holds
+        the dequantized model cache (see app/engine/loading.py)."""
         if not model:
             if not saes:
                 raise ConfigError(
@@ -74,7 +76,7 @@ class EngineService:
                     "`saescope build` (or set SAESCOPE_MODEL)"
                 )
             model = model_spec(saes[0].model_id, saes[0].model_source)
-        lm = load_model(model, device=device)
+        lm = load_model(model, device=device, cache_dir=cache_dir)
         loaded: dict[str, LoadedSAE] = {}
         skipped: dict[str, str] = {}
         for spec in saes:

@@ -11,6 +11,7 @@ from functools import lru_cache
 
 import torch
 
+from app.engine.lm import LanguageModel
 from app.errors import ConfigError
 
 TINY_PRESETS = ("tiny-llama", "tiny-gemma3")
@@ -105,11 +106,9 @@ def _config(name: str, vocab_size: int):
     )
 
 
-def build_tiny(name: str, *, seed: int = 0):
+def build_tiny(name: str, *, seed: int = 0) -> LanguageModel:
     """A LanguageModel with seeded random weights (the same for the same name and seed)."""
     from transformers import AutoModelForCausalLM
-
-    from app.engine.lm import LanguageModel
 
     if name not in TINY_PRESETS:
         raise ConfigError(f"unknown tiny model {name!r}; tiny models: {', '.join(TINY_PRESETS)}")

@@ -515,10 +515,10 @@ def train_sae(
         raise ConfigError(f"--tokens and the held-out budget must each be at least one sequence "
                           f"({context_size} tokens)")
     if lm is None:
-        from app.engine.lm import load_model
+        from app.engine.loading import load_model
 
         log(f"loading {model} ...")
-        lm = load_model(model)
+        lm = load_model(model, cache_dir=cache_dir or get_settings().cache_dir)
     hook_name = lm.hook_point(hook_name).name  # ConfigError listing valid names
     sae_id = sae_id or default_sae_id(hook_name, d_sae=d_sae)
     out = Path(out) if out is not None else sae_folder(lm.model_id, sae_id)

@@ -220,8 +220,9 @@ def _tokenize(lm: Any, opts: BuildOptions, ctx: int, n_tokens: int
     return corpus, eval_tokens, eval_special, held_out
 
 
-def _load_inputs(opts: BuildOptions, log: Log) -> tuple[Any, Any, str, str, int]:
-    from app.engine.lm import load_model
+def _load_inputs(opts: BuildOptions, log: Log, *, cache_dir: Path
+                 ) -> tuple[Any, Any, str, str, int]:
+    from app.engine.loading import load_model
     from app.engine.sae import SAE
 
     sae_path = Path(opts.sae_path).expanduser()
@@ -234,7 +235,7 @@ def _load_inputs(opts: BuildOptions, log: Log) -> tuple[Any, Any, str, str, int]
     if not model_spec:
         raise ConfigError(f"SAE {sae_path} does not name its model; pass --model")
     log(f"loading model {model_spec}")
-    lm = load_model(model_spec)
+    lm = load_model(model_spec, cache_dir=cache_dir)
     hook = opts.hook_name or sae.cfg.hook_name
     if not hook:
         raise ConfigError(f"SAE {sae_path} does not name its hook; pass --hook "
@@ -463,7 +464,7 @@ def _evaluate(p: _Prepared, opts: BuildOptions, *, train_evals: dict[str, Any] |
 
 def _prepare(opts: BuildOptions, *, log: Log, lm: Any, sae: Any, cache_dir: Path) -> _Prepared:
     if lm is None or sae is None:
-        lm, sae, hook, sae_id, ctx = _load_inputs(opts, log)
+        lm, sae, hook, sae_id, ctx = _load_inputs(opts, log, cache_dir=cache_dir)
     else:
         hook = lm.hook_point(opts.hook_name or sae.cfg.hook_name).name
         sae_id = opts.sae_id or Path(opts.sae_path).resolve().name

@@ -9,8 +9,8 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from app.engine.lm import load_model
 from app.engine.sae import SAE, SAEConfig
+from app.engine.tiny import build_tiny
 from app.main import create_app
 from app.records import ModelRecord, SAERecord
 from app.settings import Settings
@@ -24,7 +24,7 @@ TEXT = "def add(a, b):\n    return a + b  # sum"
 
 @pytest.fixture(scope="module")
 def lm():
-    return load_model("tiny-llama")
+    return build_tiny("tiny-llama")
 
 
 @pytest.fixture

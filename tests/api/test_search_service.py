@@ -16,9 +16,9 @@ import torch
 
 from app.api.routes.search import _search_json
 from app.api.schemas import SearchOut
-from app.engine.lm import load_model
 from app.engine.sae import _TRANSPOSED_MAX_ROWS, SAE, SAEConfig
 from app.engine.service import EngineService, LoadedSAE
+from app.engine.tiny import build_tiny
 from app.errors import NotFoundError
 from app.store.queries import LabelInfo
 
@@ -29,7 +29,7 @@ WHEN = datetime(2025, 1, 2, tzinfo=UTC)
 
 @pytest.fixture(scope="module")
 def lm():
-    return load_model("tiny-llama")
+    return build_tiny("tiny-llama")
 
 
 def _sae(lm, architecture: str, *, seed: int) -> SAE:

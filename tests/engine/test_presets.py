@@ -6,7 +6,7 @@ import pytest
 from typer.testing import CliRunner
 
 from app.engine.hooks import parse_hook_name
-from app.engine.lm import load_model
+from app.engine.loading import load_model
 from app.engine.presets import (
     PRESETS_FILE,
     _load_presets,
@@ -34,9 +34,9 @@ def test_registry_holds_the_four_presets():
 
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-gemma3"])
-def test_tiny_presets_match_their_models(name):
+def test_tiny_presets_match_their_models(name, tmp_path):
     preset = get_preset(name)
-    lm = load_model(name)
+    lm = load_model(name, cache_dir=tmp_path)
     assert lm.architecture == preset.architecture
     assert lm.has_chat_template == preset.has_chat_template
     assert parse_hook_name(preset.default_hook, n_layers=lm.n_layers).name == preset.default_hook

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from app.engine.lm import load_model
+from app.engine.tiny import build_tiny
 
 TEXTS = ["def add(a, b):\n    return a + b  # sum", "The quick brown fox jumps over the lazy dog",
          "print(range(10))"]
@@ -24,7 +24,7 @@ def batch(lm):
 
 @pytest.fixture(scope="module", params=["tiny-llama", "tiny-gemma3"])
 def lm(request):
-    return load_model(request.param)
+    return build_tiny(request.param)
 
 
 def hooks_to_try(lm):
@@ -59,7 +59,7 @@ def test_run_from_hook_equals_a_full_forward_with_a_replacing_hook(lm, with_mask
 
 
 def test_run_from_hook_applies_logit_soft_capping():
-    lm = load_model("tiny-gemma3")
+    lm = build_tiny("tiny-gemma3")
     lm.hf_model.config.final_logit_softcapping = 2.0  # read by the CausalLM head at forward
     ids, mask = batch(lm)
     hook = "blocks.1.hook_resid_post"
@@ -72,7 +72,7 @@ def test_run_from_hook_applies_logit_soft_capping():
 
 
 def test_later_active_hooks_run_and_shape_is_checked():
-    lm = load_model("tiny-llama")
+    lm = build_tiny("tiny-llama")
     ids, _ = batch(lm)
     _, resume = lm.logits_and_resume(ids, "blocks.0.hook_resid_post")
     later = "blocks.2.hook_mlp_out"

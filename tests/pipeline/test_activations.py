@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from app.engine.lm import load_model
+from app.engine.tiny import build_tiny
 from app.errors import ConfigError
 from app.pipeline.activations import get_activations, open_cache
 from app.pipeline.corpus import load_corpus
@@ -18,7 +18,7 @@ BUDGET = 40 * CTX
 
 @pytest.fixture(scope="module")
 def lm():
-    return load_model("tiny-llama")
+    return build_tiny("tiny-llama")
 
 
 @pytest.fixture

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from app.engine.lm import load_model
 from app.engine.sae import SAE, SAEConfig
+from app.engine.tiny import build_tiny
 from app.pipeline.accumulators import default_hist_edges
 from app.pipeline.precompute import BuildOptions, compute_records
 from app.pipeline.static_features import decoder_neighbours, logit_effects
@@ -47,7 +47,7 @@ def setup(tmp_path_factory):
         sae.b_enc.copy_(torch.linspace(-0.5, 0.5, D_SAE))
     sae.save(root / "sae")
     sae = SAE.load(root / "sae")
-    lm = load_model("tiny-llama")
+    lm = build_tiny("tiny-llama")
     opts = BuildOptions(sae_path=root / "sae", corpus=str(corpus), n_tokens=N_SEQ * CTX,
                         batch_size=BATCH, window_len=WIN, n_top=6, n_bands=5, per_band=2,
                         eval_tokens=2 * CTX, checkpoint_every=2, progress=False,

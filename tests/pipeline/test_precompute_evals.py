@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from app.engine.evals import REUSED_KEYS
-from app.engine.lm import load_model
+from app.engine.tiny import build_tiny
 from app.engine.train import train_sae
 from app.pipeline.precompute import BuildOptions, compute_records
 
@@ -25,7 +25,7 @@ def trained(tmp_path_factory):
         (corpus / f"{i}.md").write_text(
             f"# Note {i}\nThe quick brown fox jumps over the lazy dog. def f(a): return a\n"
             * (15 + 4 * i), encoding="utf-8")
-    lm = load_model("tiny-llama")
+    lm = build_tiny("tiny-llama")
     out = train_sae(model="tiny-llama", hook_name=HOOK, d_sae=32, k=4, corpus=str(corpus),
                     tokens=TOKENS, eval_tokens=EVAL_TOKENS, epochs=1, context_size=CTX, lm=lm,
                     out=root / "sae", cache_dir=root / "cache", progress=False,
