@@ -18,11 +18,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
+from app.engine.lm import LanguageModel  # noqa: E402
 from app.engine.loading import load_model  # noqa: E402
 from app.settings import get_settings  # noqa: E402
 
 
-def sample_batch(lm, *, batch: int, ctx: int) -> torch.Tensor:
+def sample_batch(lm: LanguageModel, *, batch: int, ctx: int) -> torch.Tensor:
     """Real text (the pydoc topics that ship with Python) cut into BOS-prefixed rows."""
     from pydoc_data.topics import topics
 

@@ -13,7 +13,10 @@ before adding it to the residual stream, so its attn_out / mlp_out sites are tho
 in Llama they are the outputs of self_attn and mlp themselves.
 
 A hook function receives the activation tensor [batch, pos, d_model] and returns None (observe)
-or a tensor of the same shape that replaces the activation downstream (intervene).
+or a tensor of the same shape that replaces the activation downstream (intervene). A positional
+hook function also receives the PositionContext of the forward pass that runs it: which
+positions its tokens hold and whether each is a prompt token or a generated one, so an
+intervention can be scoped to the prompt, the generated tokens, or both.
 """
 
 from __future__ import annotations
@@ -21,14 +24,17 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
+import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from app.errors import ConfigError
 
 HookFn = Callable[[Tensor], Tensor | None]
+Scope = Literal["all", "prompt", "generated"]
+SCOPES: tuple[str, ...] = get_args(Scope)
 
 HOOK_KINDS = ("hook_resid_pre", "hook_attn_out", "hook_mlp_out", "hook_resid_post")
 # Order of the sites inside one layer; the forward reaches them in this order.
@@ -122,6 +128,47 @@ def parse_hook_name(name: str, *, n_layers: int) -> HookPoint:
         )
     layer, kind = int(match.group(1)), match.group(2)
     return HookPoint(layer=layer, stage=_KIND_STAGE[kind], kind=kind, name=f"blocks.{layer}.{kind}")
+
+
+@dataclass(frozen=True)
+class PositionContext:
+    """The tokens of one forward pass, as a positional hook sees them.
+
+    Every stream of a batch holds its tokens at the same positions, so one row describes them
+    all: ``positions`` [pos] are the absolute positions of this forward's tokens (0 is the first
+    prompt token); those before ``prompt_len`` are prompt tokens, the rest were generated.
+    ``step`` is 0 for a forward over the prompt (a plain forward, or the prefill of a cached
+    generation) and k for the k-th decoding step after it.
+    """
+
+    positions: Tensor
+    prompt_len: int
+    step: int = 0
+
+    @classmethod
+    def prompt(cls, n_tokens: int, *, device: torch.device | str = "cpu") -> PositionContext:
+        """A forward over a whole prompt of n_tokens (what every plain forward pass is)."""
+        return cls(positions=torch.arange(n_tokens, device=device), prompt_len=n_tokens, step=0)
+
+    @property
+    def generated(self) -> Tensor:
+        """[pos] bool: True where the token was generated, False for prompt tokens."""
+        return self.positions >= self.prompt_len
+
+    def mask(self, scope: Scope) -> Tensor:
+        """[pos, 1] bool selecting the positions of a scope; broadcasts over [batch, pos, d]."""
+        if scope == "all":
+            selected = torch.ones_like(self.positions, dtype=torch.bool)
+        elif scope == "prompt":
+            selected = ~self.generated
+        elif scope == "generated":
+            selected = self.generated
+        else:
+            raise ConfigError(f"unknown position scope {scope!r}; scopes: {', '.join(SCOPES)}")
+        return selected.unsqueeze(-1)
+
+
+PositionalHookFn = Callable[[Tensor, PositionContext], Tensor | None]
 
 
 def find_module(root: nn.Module, paths: tuple[str, ...]) -> nn.Module:

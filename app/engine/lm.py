@@ -1,5 +1,6 @@
 """The language model: TransformerLens-named hook points over a Hugging Face causal LM, forward
-passes to a hook or to the logits, and its tokenizer. Loading one lives in app/engine/loading.py.
+passes to a hook, to the logits or one cached step at a time, and its tokenizer. Loading one
+lives in app/engine/loading.py; the decoding loop in app/engine/generate.py.
 
 Hook names follow TransformerLens (see app/engine/hooks.py). `blocks.{L}.hook_resid_post` of the
 last layer is the residual stream *before* the final norm, as in TransformerLens; Hugging Face's
@@ -11,14 +12,19 @@ every other layer and hidden_states[L] equals resid_pre L for every layer.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from app.engine import hooks as hk
 from app.errors import ConfigError
+
+if TYPE_CHECKING:
+    from transformers import Cache, PreTrainedTokenizerBase
 
 TokenIds = Tensor | Sequence[int] | Sequence[Sequence[int]]
 
@@ -48,7 +54,7 @@ class LanguageModel:
         model_id: str,
         source: str,
         hf_model: torch.nn.Module,
-        tokenizer,
+        tokenizer: PreTrainedTokenizerBase,
         has_chat_template: bool | None = None,
     ) -> None:
         self.model_id = model_id
@@ -69,10 +75,19 @@ class LanguageModel:
         bos = tokenizer.bos_token_id
         self.bos_token_id = int(bos if bos is not None else text_config.bos_token_id)
         self.special_token_ids = _special_ids(tokenizer) | {self.bos_token_id}
+        self.eos_token_ids = _eos_ids(tokenizer, hf_model)
+        # Positions the model was trained for (0: unknown); a generation may not run past it.
+        self.n_ctx = int(getattr(text_config, "max_position_embeddings", 0) or 0)
         if has_chat_template is None:
             has_chat_template = bool(getattr(tokenizer, "chat_template", None))
         self.has_chat_template = has_chat_template
         self._token_strings: list[str] | None = None
+        # Where the forward running now sits in its sequences (set by cached_logits); positional
+        # hooks read it, and a plain forward leaves it None (a whole prompt from position 0).
+        self._positions: hk.PositionContext | None = None
+        # transformers renamed forward's `past_key_values` to `cache`; pass whichever it takes.
+        params = inspect.signature(hf_model.forward).parameters
+        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
 
     def __repr__(self) -> str:
         return (
@@ -94,13 +109,22 @@ class LanguageModel:
         return hk.parse_hook_name(name, n_layers=self.n_layers)
 
     @contextlib.contextmanager
-    def hooks(self, fns: Mapping[str, hk.HookFn]) -> Iterator[None]:
+    def hooks(
+        self, fns: Mapping[str, hk.HookFn] | Mapping[str, hk.PositionalHookFn], *,
+        positional: bool = False,
+    ) -> Iterator[None]:
         """Attach hook functions by name for the duration of the block; always removed.
 
         fn(activation) returning None observes; returning a tensor replaces the activation, so
         the same mechanism serves capture and interventions. Hooks on the same site run in the
         order attached (an outer `hooks` block's functions run before an inner block's).
+
+        With ``positional=True`` each function is called as fn(activation, positions), with the
+        ``hk.PositionContext`` of the forward that runs it: a cached generation step says which
+        positions it runs and that they were generated; any other forward is a whole prompt.
         """
+        if positional:
+            fns = {name: self._with_positions(fn) for name, fn in fns.items()}
         points = [(self.hook_point(name), fn) for name, fn in fns.items()]
         handles = []
         try:
@@ -111,6 +135,15 @@ class LanguageModel:
         finally:
             for handle in handles:
                 handle.remove()
+
+    def _with_positions(self, fn: hk.PositionalHookFn) -> hk.HookFn:
+        def bound(t: Tensor) -> Tensor | None:
+            positions = self._positions
+            if positions is None:
+                positions = hk.PositionContext.prompt(t.shape[1], device=t.device)
+            return fn(t, positions)
+
+        return bound
 
     # ----- forward passes --------------------------------------------------------------------
 
@@ -157,6 +190,41 @@ class LanguageModel:
         with torch.no_grad():
             out = self.hf_model(input_ids=input_ids, attention_mask=mask, use_cache=False)
         return out.logits
+
+    def new_cache(self) -> Cache:
+        """An empty KV cache for ``cached_logits``, laid out for this model's attention layers
+        (sliding-window layers keep only their window)."""
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.hf_model.config)
+
+    def cached_logits(
+        self, ids: TokenIds, *, cache: Cache, positions: hk.PositionContext
+    ) -> Tensor:
+        """Logits [batch, vocab] after the last of ``ids``, running only ``ids`` on top of
+        ``cache``, which holds the keys and values of every earlier position and grows by them.
+
+        ``positions`` says where ids sit in their sequences (positions.positions [pos] must be
+        the cache's length onwards); positional hooks receive it. Honours active hooks.
+        """
+        input_ids = self._as_ids(ids)
+        where = positions.positions.to(input_ids.device)
+        if where.shape != (input_ids.shape[1],):
+            raise ValueError(f"positions {tuple(where.shape)} for token ids "
+                             f"{tuple(input_ids.shape)}")
+        previous, self._positions = self._positions, positions
+        try:
+            with torch.no_grad():
+                out = self.hf_model(
+                    input_ids=input_ids,
+                    position_ids=where.unsqueeze(0).expand(input_ids.shape[0], -1),
+                    use_cache=True,
+                    logits_to_keep=1,
+                    **{self._cache_kwarg: cache},
+                )
+        finally:
+            self._positions = previous
+        return out.logits[:, -1]
 
     def logits_and_resume(
         self, ids: TokenIds, hook_name: str, *, attention_mask: Tensor | None = None
@@ -280,8 +348,22 @@ class LanguageModel:
         return t.to(device=self.device, dtype=torch.long)
 
 
-def _special_ids(tokenizer) -> frozenset[int]:
+def _special_ids(tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
     ids = set(getattr(tokenizer, "all_special_ids", []) or [])
     decoder = getattr(tokenizer, "added_tokens_decoder", {}) or {}
     ids.update(i for i, tok in decoder.items() if getattr(tok, "special", False))
     return frozenset(int(i) for i in ids)
+
+
+def _eos_ids(tokenizer: PreTrainedTokenizerBase, hf_model: torch.nn.Module) -> frozenset[int]:
+    """Every id the tokenizer, the config or the generation config calls end-of-sequence."""
+    config = hf_model.config
+    text_config = getattr(config, "text_config", None) or config
+    generation = getattr(hf_model, "generation_config", None)
+    found: set[int] = set()
+    for value in (tokenizer.eos_token_id, getattr(text_config, "eos_token_id", None),
+                  getattr(generation, "eos_token_id", None)):
+        if value is None:
+            continue
+        found.update(int(v) for v in (value if isinstance(value, list | tuple) else [value]))
+    return frozenset(found)

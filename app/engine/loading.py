@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -25,6 +26,9 @@ from app.engine.lm import LanguageModel
 from app.engine.presets import Preset, default_model, find_preset, preset_names
 from app.engine.tiny import build_tiny
 from app.errors import ConfigError, OfflineError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +219,8 @@ def _read_stamp(folder: Path) -> dict | None:
         return None
 
 
-def _write_cache(folder: Path, *, model, tokenizer, fingerprint: dict) -> None:
+def _write_cache(folder: Path, *, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                 fingerprint: dict) -> None:
     """Write the dequantized model as an HF folder atomically: build aside, then rename."""
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     old = folder.with_name(f".{folder.name}.old-{os.getpid()}")

@@ -8,11 +8,15 @@ trained on the built-in text below, so every build is identical.
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import torch
 
 from app.engine.lm import LanguageModel
 from app.errors import ConfigError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
 
 TINY_PRESETS = ("tiny-llama", "tiny-gemma3")
 D_MODEL = 64
@@ -49,7 +53,7 @@ tried its best, and every test that called it finished in the blink of an eye.
 
 
 @lru_cache
-def tiny_tokenizer():
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer (about 512 tokens) with BOS `<bos>` = 1, built in milliseconds."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
