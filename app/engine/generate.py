@@ -43,16 +43,17 @@ class KVDecoder:
         self.length = 0  # positions in the cache, per stream
         self.step = 0  # forwards after the prefill
 
-    def prefill(self, ids: TokenIds) -> Tensor:
+    def prefill(self, ids: TokenIds, *, reserve: int = 0) -> Tensor:
         """Run the prompts ([batch, pos], or [pos] for one stream); logits [batch, vocab] after
-        the last prompt token."""
+        the last prompt token. ``reserve`` tokens to be fed later must fit in the model's
+        positions too (checked now, before any forward)."""
         if self._cache is not None:
             raise RuntimeError("this decoder is already prefilled; make a new one per generation")
         input_ids = _prompt_ids(ids)
         self.batch, self.prompt_len = input_ids.shape
         if self.prompt_len < 1:
             raise ConfigError("the prompt is empty; give at least one token")
-        self._check_room(self.prompt_len)
+        self._check_room(self.prompt_len + reserve)
         self._cache = self.lm.new_cache()
         positions = PositionContext.prompt(self.prompt_len, device=self.lm.device)
         logits = self._forward(input_ids, positions)
@@ -123,9 +124,8 @@ class Generation:
 
     def prefill(self, ids: TokenIds) -> list[int | None]:
         """Run the prompts and choose each stream's first new token."""
-        input_ids = _prompt_ids(ids)
-        self.decoder._check_room(input_ids.shape[1] + self.max_new_tokens - 1)
-        logits = self.decoder.prefill(input_ids)
+        # The last new token is chosen but never fed.
+        logits = self.decoder.prefill(ids, reserve=self.max_new_tokens - 1)
         batch = logits.shape[0]
         self._generators = [torch.Generator().manual_seed(self.seed) for _ in range(batch)]
         self.tokens = [[] for _ in range(batch)]
