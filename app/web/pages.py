@@ -121,8 +121,8 @@ def sae_page(
     q: str = "",
     token: str = "",
     tag: str = "",
-    page: int = Query(1, ge=1),
-    jump: int | None = None,
+    page: int = Query(1, ge=1, le=queries.MAX_PAGE),
+    jump: int | None = Query(None, ge=0, le=queries.MAX_ID),
 ) -> Response:
     """Overview of one SAE with its feature table; ?jump=N goes straight to feature N."""
     sae = _sae_for_page(session, model_id=model_id, sae_id=sae_id)

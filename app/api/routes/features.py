@@ -14,7 +14,7 @@ from app.store import queries
 
 router = APIRouter(prefix="/api/v1/saes/{sae_id}/features", tags=["features"])
 
-IndexPath = Annotated[int, Path(ge=0, description="Feature index, 0..d_sae-1")]
+IndexPath = Annotated[int, Path(ge=0, le=queries.MAX_ID, description="Feature index, 0..d_sae-1")]
 
 
 @router.get("", response_model=FeatureList, responses=ERROR_RESPONSES)
@@ -30,7 +30,7 @@ def list_features(
         str | None,
         Query(max_length=200, description="Token string or id under a top window's max"),
     ] = None,
-    page: Annotated[int, Query(ge=1)] = 1,
+    page: Annotated[int, Query(ge=1, le=queries.MAX_PAGE)] = 1,
     per_page: Annotated[int, Query(ge=1, le=queries.MAX_PER_PAGE)] = 50,
 ) -> FeatureList:
     return FeatureList.of(queries.list_features(

@@ -136,7 +136,7 @@ def _search_json(result: dict[str, Any], labels: dict[int, LabelInfo], *, sae_id
 async def feature_activations(
     body: TextIn,
     sae_id: str,
-    index: Annotated[int, Path(ge=0)],
+    index: Annotated[int, Path(ge=0, le=queries.MAX_ID)],
     request: Request,
     settings: SettingsDep,
     worker: ModelWorkerDep,

@@ -8,6 +8,8 @@ are defined in app/store/read_models.py and re-exported here, so callers write
 
 from app.store.queries.feature_detail import get_feature
 from app.store.queries.feature_table import (
+    MAX_ID,
+    MAX_PAGE,
     MAX_PER_PAGE,
     SORT_COLUMNS,
     TOP_TOKENS_PER_FEATURE,
@@ -37,7 +39,8 @@ from app.store.read_models import (
 )
 
 __all__ = [
-    "DEFAULT_DENSE_THRESHOLD", "MAX_PER_PAGE", "SORT_COLUMNS", "TOP_TOKENS_PER_FEATURE",
+    "DEFAULT_DENSE_THRESHOLD", "MAX_ID", "MAX_PAGE", "MAX_PER_PAGE", "SORT_COLUMNS",
+    "TOP_TOKENS_PER_FEATURE",
     "Band", "FeatureDetail", "FeaturePage", "FeatureRow", "FilterKey", "LabelInfo", "ModelInfo",
     "RunInfo", "SAEBrief", "SAEInfo", "SortKey", "TokenValue", "WindowInfo",
     "dense_threshold", "get_feature", "get_labels", "get_model_vocab", "get_sae",

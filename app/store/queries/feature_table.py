@@ -17,6 +17,10 @@ from app.store.read_models import FeaturePage, FeatureRow
 from app.store.tables import Feature, FeatureToken, Label
 
 MAX_PER_PAGE = 500
+# Feature indices and token ids are 32-bit integer columns, so no page past this can hold a row,
+# and (page - 1) * per_page stays far inside the 64-bit OFFSET every database accepts.
+MAX_PAGE = 2**31 - 1
+MAX_ID = 2**31 - 1
 TOP_TOKENS_PER_FEATURE = 5
 
 SortKey = Literal["index", "frac_nonzero", "max_act", "mean_act"]
@@ -63,8 +67,8 @@ def list_features(
     """A page of the feature table with its total count; ties sort by index."""
     if sort not in SORT_COLUMNS:
         raise ConfigError(f"sort {sort!r}: use one of {', '.join(SORT_COLUMNS)}")
-    if not 1 <= per_page <= MAX_PER_PAGE or page < 1:
-        raise ConfigError(f"page must be >= 1 and per_page in [1, {MAX_PER_PAGE}]")
+    if not 1 <= per_page <= MAX_PER_PAGE or not 1 <= page <= MAX_PAGE:
+        raise ConfigError(f"page must be in [1, {MAX_PAGE}] and per_page in [1, {MAX_PER_PAGE}]")
     sae = get_sae_brief(session=session, sae_id=sae_id)
     run = live_run(session, sae)
     label_on = and_(Label.sae_id == sae_id, Label.feature_index == Feature.index)
@@ -130,11 +134,16 @@ def list_features(
 
 def token_ids_matching(*, vocab: list[str], token: str) -> list[int]:
     """Ids for a token query: a number is an id; text matches a display string exactly or up to
-    surrounding whitespace (so "the" finds " the" and "the")."""
+    surrounding whitespace (so "the" finds " the" and "the").
+
+    Only ASCII digits make an id ("²" and "①" are tokens to match as text), and a number past
+    the id column's range matches nothing.
+    """
     token = token.strip("\n") if token.strip() else token
-    if token.strip().isdigit():
-        return [int(token.strip())]
     wanted = token.strip()
+    if wanted.isascii() and wanted.isdigit():
+        number = int(wanted)
+        return [number] if number <= MAX_ID else []
     return [i for i, s in enumerate(vocab) if s == token or (wanted and s.strip() == wanted)]
 
 

@@ -8,7 +8,7 @@ from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
 from app.store.read_models import LabelInfo
-from app.store.tables import Label
+from app.store.tables import Label, as_utc
 
 _label_t = Label.__table__
 _LABELS = select(_label_t).where(
@@ -31,4 +31,4 @@ def label_info(label: Any) -> LabelInfo | None:
         return None
     return LabelInfo(description=label.description, tags=list(label.tags or []),
                      status=label.status, author=label.author, version=label.version,
-                     updated_at=label.updated_at)
+                     updated_at=as_utc(label.updated_at))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import PurePath
 
 from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
@@ -41,9 +42,10 @@ _RUN_CACHE_SIZE = 16
 def live_run(session: Session, sae: SAEBrief, created: datetime | None = None) -> RunBrief:
     """The live run of `sae`; `created` (its creation time) saves a query when the caller has it."""
     if sae.active_run_id is None:
+        # The folder's name only: this message reaches public API responses.
         raise NotFoundError(
             f"SAE {sae.id!r} has no precomputed features yet; run `saescope build --sae "
-            f"{sae.path}` first"
+            f"{PurePath(sae.path).name}` first"
         )
     if created is None:
         created = session.connection().execute(

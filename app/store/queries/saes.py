@@ -7,7 +7,7 @@ from sqlalchemy.orm import Session
 
 from app.errors import NotFoundError
 from app.store.read_models import RunInfo, SAEBrief, SAEInfo
-from app.store.tables import SAE, Label, Run
+from app.store.tables import SAE, Label, Run, as_utc
 
 _sae_t = SAE.__table__
 _SAE_BRIEF = select(
@@ -61,7 +61,8 @@ def _sae_info(sae: SAE, run: Run | None, n_labeled: int) -> SAEInfo:
             id=run.id, corpus=run.corpus, n_tokens=run.n_tokens,
             n_tokens_counted=run.n_tokens_counted, context_size=run.context_size,
             window_len=run.window_len, n_top=run.n_top, n_bands=run.n_bands,
-            config=run.config or {}, sae_stats=run.sae_stats or {}, created_at=run.created_at,
+            config=run.config or {}, sae_stats=run.sae_stats or {},
+            created_at=as_utc(run.created_at),
         )
     return SAEInfo(
         id=sae.id, model_id=sae.model_id, hook_name=sae.hook_name, architecture=sae.architecture,
