@@ -6,11 +6,13 @@ checks that every response validates against that schema with exactly its keys.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import orjson
 
+from app.api.public_paths import public_path
 from app.store.read_models import FeatureDetail, LabelInfo
 
 
@@ -22,8 +24,9 @@ def _label_json(label: LabelInfo | None) -> dict[str, Any] | None:
             "updated_at": label.updated_at.isoformat()}
 
 
-def feature_json(f: FeatureDetail) -> bytes:
-    """One feature as FeatureOut's JSON, built from plain dicts and dumped by orjson.
+def feature_json(f: FeatureDetail, *, home: Path) -> bytes:
+    """One feature as FeatureOut's JSON, built from plain dicts and dumped by orjson; a corpus
+    path shows relative to the data folder `home` (app/api/public_paths.py).
 
     No pydantic model per window: on the API's hottest route, building and serializing them, and
     the stdlib encoder's float reprs, cost more than reading the feature (measured in
@@ -67,7 +70,8 @@ def feature_json(f: FeatureDetail) -> bytes:
                   for b in f.bands],
         "neighbours": [{"index": i, "cos": c, "label": described.get(i)}
                        for i, c in f.neighbours],
-        "n_tokens_counted": f.n_tokens_counted, "corpus": f.corpus,
+        "n_tokens_counted": f.n_tokens_counted,
+        "corpus": public_path(f.corpus, home=home),
         "prev_index": f.index - 1 if f.index > 0 else None,
         "next_index": f.index + 1 if f.index + 1 < f.d_sae else None,
     }

@@ -8,10 +8,12 @@ app/api/feature_json.py; FeatureOut here documents that shape.
 from __future__ import annotations
 
 from datetime import datetime
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from app.api.public_paths import public_json, public_path
 from app.store.read_models import FeaturePage, LabelInfo, ModelInfo, SAEInfo
 
 # --- errors ---------------------------------------------------------------------------------------
@@ -32,8 +34,12 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     404: {"model": ErrorOut, "description": "Unknown model, SAE or feature"},
     422: {"model": ErrorOut, "description": "Invalid input"},
 }
+VALIDATION_RESPONSES: dict[int | str, dict[str, Any]] = {
+    422: {"model": ErrorOut, "description": "Invalid input"},
+}
 MODEL_CALL_RESPONSES: dict[int | str, dict[str, Any]] = {
     **ERROR_RESPONSES,
+    413: {"model": ErrorOut, "description": "Request body over this endpoint's limit"},
     503: {"model": ErrorOut, "description": "Model queue full or model not loaded (Retry-After)"},
 }
 
@@ -53,10 +59,12 @@ class ModelOut(BaseModel):
     sae_ids: list[str]
 
     @classmethod
-    def of(cls, m: ModelInfo) -> ModelOut:
-        return cls(id=m.id, source=m.source, architecture=m.architecture, d_model=m.d_model,
-                   n_layers=m.n_layers, vocab_size=m.vocab_size, bos_token_id=m.bos_token_id,
-                   has_chat_template=m.has_chat_template, sae_ids=m.sae_ids)
+    def of(cls, m: ModelInfo, *, home: Path) -> ModelOut:
+        """`home`: the data folder; paths in public fields are shown relative to it."""
+        return cls(id=m.id, source=public_path(m.source, home=home), architecture=m.architecture,
+                   d_model=m.d_model, n_layers=m.n_layers, vocab_size=m.vocab_size,
+                   bos_token_id=m.bos_token_id, has_chat_template=m.has_chat_template,
+                   sae_ids=m.sae_ids)
 
 
 class ModelList(BaseModel):
@@ -97,7 +105,8 @@ class SAEOut(BaseModel):
     n_labeled: int
 
     @classmethod
-    def of(cls, s: SAEInfo) -> SAEOut:
+    def of(cls, s: SAEInfo, *, home: Path) -> SAEOut:
+        """`home`: the data folder; paths in public fields are shown relative to it."""
         stats = s.run.sae_stats if s.run else {}
         metrics = s.train_metrics or {}
 
@@ -108,8 +117,10 @@ class SAEOut(BaseModel):
 
         return cls(
             id=s.id, model_id=s.model_id, hook_name=s.hook_name, architecture=s.architecture,
-            d_in=s.d_in, d_sae=s.d_sae, path=s.path, has_features=s.run is not None,
-            corpus=s.run.corpus if s.run else None, n_tokens=s.run.n_tokens if s.run else None,
+            d_in=s.d_in, d_sae=s.d_sae, path=public_path(s.path, home=home),
+            has_features=s.run is not None,
+            corpus=public_path(s.run.corpus, home=home) if s.run else None,
+            n_tokens=s.run.n_tokens if s.run else None,
             explained_variance=stat("explained_variance"),
             ce_loss_recovered=stat("ce_loss_recovered"),
             n_dead=stats.get("n_dead"), n_dense=stats.get("n_dense"), n_labeled=s.n_labeled,
@@ -130,17 +141,20 @@ class SAEDetail(SAEOut):
     stats: dict[str, Any] = Field(description="Per-SAE statistics of the active precompute run")
 
     @classmethod
-    def of(cls, s: SAEInfo) -> SAEDetail:  # type: ignore[override]
-        base = SAEOut.of(s).model_dump()
+    def of(cls, s: SAEInfo, *, home: Path) -> SAEDetail:  # type: ignore[override]
+        base = SAEOut.of(s, home=home).model_dump()
         run = None
         if s.run is not None:
             r = s.run
-            run = RunOut(id=r.id, corpus=r.corpus, n_tokens=r.n_tokens,
+            run = RunOut(id=r.id, corpus=public_path(r.corpus, home=home), n_tokens=r.n_tokens,
                          n_tokens_counted=r.n_tokens_counted, context_size=r.context_size,
                          window_len=r.window_len, n_top=r.n_top, n_bands=r.n_bands,
-                         config=r.config, created_at=r.created_at)
-        return cls(**base, cfg=s.cfg, train_metrics=s.train_metrics, run=run,
-                   stats=s.run.sae_stats if s.run else {})
+                         config=public_json(r.config, home=home), created_at=r.created_at)
+        # Paths inside these documents too (train_metrics.activation_cache,
+        # stats.eval.reused_from.file, a cfg's dataset path...).
+        return cls(**base, cfg=public_json(s.cfg, home=home),
+                   train_metrics=public_json(s.train_metrics, home=home), run=run,
+                   stats=public_json(s.run.sae_stats, home=home) if s.run else {})
 
 
 # --- features -------------------------------------------------------------------------------------

@@ -104,7 +104,8 @@ def _chrome(
 
 @router.get("/", response_class=HTMLResponse)
 def home_page(request: Request, session: SessionDep) -> HTMLResponse:
-    models = home_models(queries.list_models(session=session), queries.list_saes(session=session))
+    models = home_models(queries.list_models(session=session), queries.list_saes(session=session),
+                         home=request.app.state.settings.home)
     context = {"models": models, **_chrome(session, crumbs=[])}
     return templates.TemplateResponse(request, "pages/home.html", context)
 
@@ -136,7 +137,7 @@ def sae_page(
         per_page=FEATURE_TABLE_PER_PAGE,
     )
     context = {
-        "s": sae_view(sae),
+        "s": sae_view(sae, home=request.app.state.settings.home),
         "t": feature_table_view(table, per_page=FEATURE_TABLE_PER_PAGE, sort=sort, order=order,
                                 filter=filter, q=q, token=token, tag=tag, page=page),
         "filters": FILTERS,
@@ -166,7 +167,7 @@ def search_page(
     """Text search: the page runs POST /api/v1/saes/{sae_id}/search from the browser."""
     sae = _sae_for_page(session, model_id=model_id, sae_id=sae_id)
     context = {
-        "s": sae_view(sae),
+        "s": sae_view(sae, home=request.app.state.settings.home),
         "text": text,
         **_chrome(session, crumbs=[(model_id, None), (sae_id, sae_url(model_id, sae_id)),
                                    ("text search", None)], model_id=model_id, sae_id=sae_id),

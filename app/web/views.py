@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from markupsafe import Markup, escape
 
+from app.api.public_paths import public_path
 from app.store.read_models import FeatureDetail, FeaturePage, ModelInfo, SAEInfo, WindowInfo
 from app.web.templating import fmt_num, span_table, token_run_html, token_runs_html
 
@@ -120,8 +122,9 @@ def feature_view(detail: FeatureDetail) -> dict[str, Any]:
     }
 
 
-def sae_view(sae: SAEInfo) -> dict[str, Any]:
-    """Header, statistics and histograms of an SAE (home rows and the overview page)."""
+def sae_view(sae: SAEInfo, *, home: Path) -> dict[str, Any]:
+    """Header, statistics and histograms of an SAE (home rows and the overview page); a corpus
+    path shows relative to the data folder `home`."""
     run = sae.run
     stats = (run.sae_stats if run else {}) or {}
     metrics = sae.train_metrics or {}
@@ -138,7 +141,7 @@ def sae_view(sae: SAEInfo) -> dict[str, Any]:
         "architecture": sae.architecture,
         "k": (sae.cfg or {}).get("k"),
         "d_sae": sae.d_sae,
-        "corpus": run.corpus if run else None,
+        "corpus": public_path(run.corpus, home=home) if run else None,
         "n_tokens": run.n_tokens if run else None,
         "n_dead": stats.get("n_dead"),
         "n_dense": stats.get("n_dense"),
@@ -158,7 +161,8 @@ def _hist(data: Any) -> dict[str, list[float]]:
     return {"edges": list(data.get("edges", [])), "counts": list(data.get("counts", []))}
 
 
-def home_models(models: list[ModelInfo], saes: list[SAEInfo]) -> list[dict[str, Any]]:
+def home_models(models: list[ModelInfo], saes: list[SAEInfo], *,
+                home: Path) -> list[dict[str, Any]]:
     """The home page's models, each with the rows of its SAEs."""
     return [
         {
@@ -167,7 +171,7 @@ def home_models(models: list[ModelInfo], saes: list[SAEInfo]) -> list[dict[str, 
             "n_layers": model.n_layers,
             "d_model": model.d_model,
             "vocab_size": model.vocab_size,
-            "saes": [sae_view(s) for s in saes if s.model_id == model.id],
+            "saes": [sae_view(s, home=home) for s in saes if s.model_id == model.id],
         }
         for model in models
     ]

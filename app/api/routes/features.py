@@ -49,6 +49,7 @@ def random_feature(session: SessionDep, sae_id: str) -> RandomFeatureOut:
 async def get_feature(request: Request, sae_id: str, index: IndexPath) -> Response:
     def read(session: Session) -> bytes:
         # Serialized directly (app/api/feature_json.py); FeatureOut documents the shape.
-        return feature_json(queries.get_feature(session=session, sae_id=sae_id, index=index))
+        return feature_json(queries.get_feature(session=session, sae_id=sae_id, index=index),
+                            home=request.app.state.settings.home)
 
     return Response(content=await run_read(request, read), media_type="application/json")

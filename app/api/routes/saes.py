@@ -4,22 +4,24 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Query
 
-from app.api.deps import SessionDep
-from app.api.schemas import ERROR_RESPONSES, SAEDetail, SAEList, SAEOut
+from app.api.deps import SessionDep, SettingsDep
+from app.api.schemas import ERROR_RESPONSES, VALIDATION_RESPONSES, SAEDetail, SAEList, SAEOut
 from app.store import queries
 
 router = APIRouter(prefix="/api/v1/saes", tags=["saes"])
 
 
-@router.get("", response_model=SAEList)
+@router.get("", response_model=SAEList, responses=VALIDATION_RESPONSES)
 def list_saes(
     session: SessionDep,
+    settings: SettingsDep,
     model_id: str | None = Query(None, description="Only the SAEs of this model"),
 ) -> SAEList:
-    saes = [SAEOut.of(s) for s in queries.list_saes(session=session, model_id=model_id)]
+    found = queries.list_saes(session=session, model_id=model_id)
+    saes = [SAEOut.of(s, home=settings.home) for s in found]
     return SAEList(data=saes, count=len(saes))
 
 
 @router.get("/{sae_id}", response_model=SAEDetail, responses=ERROR_RESPONSES)
-def get_sae(session: SessionDep, sae_id: str) -> SAEDetail:
-    return SAEDetail.of(queries.get_sae(session=session, sae_id=sae_id))
+def get_sae(session: SessionDep, settings: SettingsDep, sae_id: str) -> SAEDetail:
+    return SAEDetail.of(queries.get_sae(session=session, sae_id=sae_id), home=settings.home)
