@@ -13,6 +13,7 @@ from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
 from app.api.errors import install_error_handlers
+from app.api.middleware import HttpEdge
 from app.api.model_service import EngineState
 from app.api.model_worker import ModelWorker
 from app.api.routes import features, models, saes, search
@@ -22,6 +23,9 @@ from app.store import queries
 from app.store.db import make_engine, read_session, upgrade
 
 log = logging.getLogger(__name__)
+
+# The body limit of routes whose router sets none (read routes take no body at all).
+DEFAULT_MAX_BODY_BYTES = 64 * 1024
 
 
 def _sae_specs(app: FastAPI) -> list[Any]:
@@ -86,6 +90,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Explore, label and search sparse-autoencoder features of language models.",
         version="0.1.0",
         lifespan=lifespan,
+        # /docs is the web layer's page (app/web/docs.py): Swagger UI from an installed package.
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.db_engine = make_engine(settings.db_url)  # connects lazily
@@ -97,8 +104,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     ) if settings.read_threads > 0 else None
     app.state.engine_state = EngineState()
     install_error_handlers(app)
-    for module in (models, saes, features, search):
-        app.include_router(module.router)
+    app.add_middleware(HttpEdge)
+    # Bodies are refused with 413 past a per-router limit, counted as they arrive (chunked or
+    # not) and before any parsing: model routes take one text; a router may set its own
+    # (APIRouter(max_body_size=...)) for larger uploads.
+    for module in (models, saes, features):
+        app.include_router(module.router, max_body_size=DEFAULT_MAX_BODY_BYTES)
+    app.include_router(search.router, max_body_size=search.max_body_bytes(settings))
     _mount_web(app)
     return app
 
@@ -113,10 +125,13 @@ def _mount_web(app: FastAPI) -> None:
         raise
     from fastapi.staticfiles import StaticFiles
 
+    from app.web import docs
     from app.web.error_pages import render_html_error
     from app.web.templating import STATIC_DIR, STATIC_PREFIX
 
     app.state.html_error_renderer = render_html_error
     if STATIC_DIR.is_dir():
         app.mount(STATIC_PREFIX, StaticFiles(directory=STATIC_DIR), name="static")
-    app.include_router(pages.router)
+    if docs.mount_swagger_assets(app):
+        app.include_router(docs.router, max_body_size=DEFAULT_MAX_BODY_BYTES)
+    app.include_router(pages.router, max_body_size=DEFAULT_MAX_BODY_BYTES)

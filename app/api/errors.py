@@ -9,6 +9,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.body_limit import MAX_BODY_SIZE_SCOPE_KEY
+from starlette.types import Scope
 
 from app.errors import SaescopeError
 
@@ -33,9 +35,22 @@ def error_response(
     )
 
 
+def body_limit_message(scope: Scope) -> str:
+    """The 413 message: the route's limit (FastAPI's max_body_size, set in app.main)."""
+    limit = scope.get(MAX_BODY_SIZE_SCOPE_KEY)
+    if limit is None:
+        return "request body too large"
+    return f"request body too large: this endpoint takes at most {limit:,} bytes"
+
+
 def _validation_message(exc: RequestValidationError) -> str:
     parts = []
     for err in exc.errors()[:5]:
+        if err.get("type") == "json_invalid":  # loc is ("body", character position)
+            position = err.get("loc", ("body", "?"))[-1]
+            reason = (err.get("ctx") or {}).get("error", "invalid")
+            parts.append(f"body: not valid JSON at character {position} ({reason})")
+            continue
         loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "request"
         parts.append(f"{loc}: {err.get('msg', 'invalid')}")
     return "; ".join(parts) or "invalid request"
@@ -53,9 +68,16 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> Response:
         message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
-        if exc.status_code == 404 and message == "Not Found":
+        status_code = exc.status_code
+        if status_code == 404 and message == "Not Found":
             message = f"no such page or endpoint: {request.url.path}"
-        return error_response(request, exc.status_code, message, getattr(exc, "headers", None))
+        elif status_code == 413:
+            message = body_limit_message(request.scope)
+        elif status_code == 400 and isinstance(exc.__cause__, ValueError):
+            # FastAPI's answer to a body that is not text (e.g. invalid UTF-8); other bad JSON
+            # is already a 422 validation error, so this one is too.
+            status_code, message = 422, f"body: not valid JSON ({exc.__cause__})"
+        return error_response(request, status_code, message, getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> Response:

@@ -23,11 +23,13 @@ ERROR_TITLES = {
 
 
 def wants_html(request: Request) -> bool:
-    """True for page requests: not under /api or /static, and the client takes HTML."""
+    """True for page paths (not /api, /static, /assets, /openapi.json), unless the client asks
+    for JSON and not HTML: a mistyped page URL gets a page with links, whoever asks."""
     path = request.url.path
-    if path.startswith(("/api/", "/static/", "/assets/")) or path in ("/docs", "/openapi.json"):
+    if path.startswith(("/api/", "/static/", "/assets/")) or path in ("/api", "/openapi.json"):
         return False
-    return "text/html" in request.headers.get("accept", "")
+    accept = request.headers.get("accept", "")
+    return "text/html" in accept or "application/json" not in accept
 
 
 def _known_saes(request: Request) -> list[SAEInfo]:

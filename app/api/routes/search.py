@@ -26,12 +26,19 @@ from app.api.schemas import (
     TextIn,
 )
 from app.errors import ConfigError, NotFoundError
+from app.settings import Settings
 from app.store import queries
 from app.store.db import read_session
 from app.store.read_models import LabelInfo, SAEBrief
 
 router = APIRouter(prefix="/api/v1/saes/{sae_id}", tags=["search"])
 T = TypeVar("T")
+
+
+def max_body_bytes(settings: Settings) -> int:
+    """The body limit of these routes (app.main): the largest text they take, at up to 6 bytes
+    a character (a JSON \\u escape), and room for the other fields."""
+    return settings.max_text_tokens * MAX_TEXT_CHARS_PER_TOKEN * 6 + 4096
 
 
 def _check_chars(text: str, max_tokens: int) -> None:
