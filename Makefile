@@ -26,7 +26,7 @@ test: $(STAMP) browser-deps
 	$(BIN)/python -m pytest -q
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not integration and not browser"
+	$(BIN)/python -m pytest -q -m "not integration and not browser and not fuzz"
 
 lint: $(STAMP)
 	$(BIN)/ruff check app tests bench

@@ -1,5 +1,5 @@
-"""Real-browser fixtures: a database built by `saescope build` over tiny-llama, a real uvicorn
-server on a free port (its log printed when a test fails), and Debian's Chromium via Playwright.
+"""Real-browser fixtures: Debian's Chromium via Playwright against the session's live server
+(tests/live_server.py: a database built by `saescope build` over tiny-llama, a real uvicorn).
 
 The database also holds hostile text: a label, and a second SAE written through the store's
 writer whose vocabulary contains an HTML-injection token, so every page can be checked for it.
@@ -7,29 +7,16 @@ writer whose vocabulary contains an HTML-injection token, so every page can be c
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.live_server import REPO, Server
+
 ARTIFACTS = REPO / "test-artifacts"
-XSS = "</script><img src=x onerror=alert(1)>"
-MODEL_ID = "tiny-llama"
-SAE_ID = "2-res-topk-128"
-XSS_MODEL_ID = "xss-lm"
-XSS_SAE_ID = "1-res-xss"
-XSS_TOKEN_ID = 5
 CHROMIUM_ARGS = [
     "--headless",
     "--no-sandbox",
@@ -39,151 +26,10 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 
-CORPUS = {
-    "story.txt": " ".join(
-        f"Once upon a time the quick brown fox number {i} jumped over the lazy dog, and the "
-        "little model watched it closely." for i in range(40)
-    ),
-    "code.py": "\n".join(
-        f"def scale_{i}(x, y):\n    \"\"\"Return x times {i} plus y.\"\"\"\n"
-        f"    return x * {i} + y\n\n\tprint('value', scale_{i}(1, 2))\n" for i in range(30)
-    ),
-    "notes.md": "\n".join(
-        f"# Section {i}\n\nPython is a programming language; the standard library has modules "
-        f"for files, numbers ({i}, {i * 3}) and text.\n" for i in range(30)
-    ),
-}
-
-
-@dataclass
-class Server:
-    url: str
-    log_path: Path
-    db_url: str
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def get_json(self, path: str) -> dict:
-        with urllib.request.urlopen(self.url + path, timeout=30) as resp:
-            return json.loads(resp.read())
-
-    def post_json(self, path: str, body: dict) -> tuple[int, dict]:
-        req = urllib.request.Request(
-            self.url + path, data=json.dumps(body).encode(), method="POST",
-            headers={"Content-Type": "application/json"},
-        )
-        try:
-            with urllib.request.urlopen(req, timeout=60) as resp:
-                return resp.status, json.loads(resp.read())
-        except urllib.error.HTTPError as exc:
-            return exc.code, json.loads(exc.read() or b"{}")
-
-
-def _env(home: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", SAESCOPE_HOME=str(home),
-               TOKENIZERS_PARALLELISM="false")
-    return env
-
-
-def _build_database(root: Path) -> str:
-    """The real pipeline (`saescope build`) over tiny-llama, then hostile text via the writer."""
-    from app.engine.sae import SAE, SAEConfig
-
-    corpus = root / "corpus"
-    corpus.mkdir()
-    for name, text in CORPUS.items():
-        (corpus / name).write_text(text, encoding="utf-8")
-    sae_dir = root / "sae"
-    cfg = SAEConfig(architecture="topk", d_in=64, d_sae=128, k=8,
-                    hook_name="blocks.2.hook_resid_post", model_name=MODEL_ID)
-    SAE.from_config(cfg, seed=0).save(sae_dir)
-    db_url = f"sqlite:///{root / 'explorer.db'}"
-    cmd = [str(Path(sys.executable).parent / "saescope"), "build", "--sae", str(sae_dir),
-           "--model", MODEL_ID, "--corpus", str(corpus), "--tokens", "3072", "--db", db_url,
-           "--context-size", "32", "--eval-tokens", "256", "--sae-id", SAE_ID]
-    done = subprocess.run(cmd, env=_env(root / "home"), capture_output=True, text=True,
-                          timeout=600)
-    if done.returncode != 0:
-        raise RuntimeError(f"saescope build failed:\n{done.stdout}\n{done.stderr}")
-
-    from tests.factories import synthetic_database, synthetic_run
-
-    vocab = [f"w{i}" for i in range(60)]
-    vocab[XSS_TOKEN_ID] = XSS
-    vocab[6] = "\n"
-    vocab[7] = " the"
-    # Every top window of every alive feature holds the hostile token, and it is a logit effect.
-    run = synthetic_run(model_id=XSS_MODEL_ID, sae_id=XSS_SAE_ID, d_sae=16, n_dead=1,
-                        token_strings=vocab, seed=1)
-    run.sequences.tokens[:, 1::3] = XSS_TOKEN_ID
-    run.features.logit_pos_ids[:, 0] = XSS_TOKEN_ID
-    run.features.logit_neg_ids[:, 0] = XSS_TOKEN_ID
-    synthetic_database(db_url, run, migrate=False, labels=[  # the build migrated it
-        {"sae_id": SAE_ID, "index": 3, "description": f"{XSS} label", "tags": ["xss-check"]},
-        {"sae_id": SAE_ID, "index": 4, "description": "story words: fox, dog",
-         "tags": ["story"]},
-        {"sae_id": XSS_SAE_ID, "index": 2, "description": XSS, "tags": ["xss-check"]},
-    ])
-    return db_url
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_ready(server: Server, proc: subprocess.Popen, *, timeout: float = 180.0) -> None:
-    """Until the pages answer and the model has loaded (text search stops answering 503)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{server.log()}")
-        try:
-            status, _ = server.post_json(f"/api/v1/saes/{SAE_ID}/search", {"text": "hi"})
-            if status == 200:
-                return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"server not ready after {timeout:.0f} s:\n{server.log()}")
-
 
 @pytest.fixture(scope="session")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    root = tmp_path_factory.mktemp("explorer")
-    db_url = _build_database(root)
-    port = _free_port()
-    log_path = root / "server.log"
-    env = _env(root / "home")
-    env.update(SAESCOPE_DATABASE_URL=db_url, SAESCOPE_MODEL=MODEL_ID)
-    with log_path.open("w") as log_file:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory",
-             "--host", "127.0.0.1", "--port", str(port), "--log-level", "info"],
-            cwd=REPO, env=env, stdout=log_file, stderr=subprocess.STDOUT,
-        )
-    srv = Server(url=f"http://127.0.0.1:{port}", log_path=log_path, db_url=db_url)
-    try:
-        _wait_ready(srv, proc)
-        yield srv
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-
-
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):  # noqa: ANN201
-    report = yield
-    # A failing browser test shows what the server said.
-    if report.failed and "server" in getattr(item, "funcargs", {}):
-        report.sections.append(("server log", item.funcargs["server"].log()[-8000:]))
-    return report
+def server(live_server: Server) -> Server:
+    return live_server
 
 
 @pytest.fixture(scope="session")
