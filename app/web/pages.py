@@ -20,7 +20,8 @@ from app.api.deps import SessionDep, run_read
 from app.errors import NotFoundError
 from app.store import queries
 from app.store.read_models import SAEInfo
-from app.web.templating import PLOTLY_VERSION, feature_url, sae_url, templates
+from app.web.csp import PLOT_PAGE_HEADERS
+from app.web.templating import PLOTLY_VERSION, feature_url, plotly_bundle_js, sae_url, templates
 from app.web.views import (
     COLUMNS,
     FILTERS,
@@ -41,9 +42,7 @@ FEATURE_TABLE_PER_PAGE = 50
 
 @lru_cache(maxsize=1)
 def _plotly_bundle() -> tuple[bytes, bytes]:
-    from plotly.offline import get_plotlyjs
-
-    raw = get_plotlyjs().encode("utf-8")
+    raw = plotly_bundle_js()
     return raw, gzip.compress(raw, compresslevel=6, mtime=0)
 
 
@@ -146,7 +145,8 @@ def sae_page(
         **_chrome(session, crumbs=[(model_id, None), (sae_id, None)], model_id=model_id,
                   sae_id=sae_id),
     }
-    return templates.TemplateResponse(request, "pages/sae.html", context)
+    return templates.TemplateResponse(request, "pages/sae.html", context,
+                                      headers=PLOT_PAGE_HEADERS)
 
 
 @router.get("/{model_id}/{sae_id}/random")
@@ -172,7 +172,8 @@ def search_page(
         **_chrome(session, crumbs=[(model_id, None), (sae_id, sae_url(model_id, sae_id)),
                                    ("text search", None)], model_id=model_id, sae_id=sae_id),
     }
-    return templates.TemplateResponse(request, "pages/search.html", context)
+    return templates.TemplateResponse(request, "pages/search.html", context,
+                                      headers=PLOT_PAGE_HEADERS)
 
 
 def feature_template() -> Template:
@@ -193,6 +194,6 @@ async def feature_page(request: Request, model_id: str, sae_id: str, index: int)
         # Rendered on the read thread too: it is most of the page's cost.
         return feature_template().render(request=request, **context)
 
-    return HTMLResponse(await run_read(request, render))
+    return HTMLResponse(await run_read(request, render), headers=PLOT_PAGE_HEADERS)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 from functools import lru_cache
 from pathlib import Path
 from urllib.parse import quote, urlencode
@@ -94,7 +95,7 @@ def fmt_count(value: int | float | None) -> str:
 
 
 def shade(value: float | None, max_value: float | None) -> str:
-    """Opacity of a token's activation shading in [0, 1], two decimals (a CSS custom property)."""
+    """Opacity of a token's activation shading in [0, 1], two decimals."""
     if not value or not max_value or value <= 0 or max_value <= 0:
         return "0"
     return f"{min(value / max_value, 1.0):.2f}"
@@ -109,8 +110,14 @@ def _token_parts(token: str) -> tuple[str, str]:
     return str(escape(shown)), attr
 
 
-# Shading opacities in steps of 0.01, formatted once.
-_ALPHAS = tuple(f"{i / 100:.2f}" for i in range(101))
+# Shading in steps of 0.01 as classes sh0..sh100, each setting --a in app.css: a class, not a
+# style attribute, so pages pass a Content-Security-Policy without 'unsafe-inline' styles.
+_SHADES = tuple(f"sh{i}" for i in range(101))
+
+
+def shade_class(alpha: float) -> str:
+    """The shading class of an opacity in [0, 1] (see _SHADES)."""
+    return _SHADES[min(max(round(alpha * 100), 0), 100)]
 
 
 @lru_cache(maxsize=1)
@@ -196,7 +203,7 @@ def token_runs_html(
     steps_all = np.minimum(np.maximum(np.floor(wide * scale + 0.5), 0), 100).astype(np.intp)
     steps_all, codes_all = steps_all.tolist(), half.view(np.uint16).tolist()
     active_all = (wide > 0).tolist()
-    texts, alphas = _f16_texts(), _ALPHAS
+    texts, shades = _f16_texts(), _SHADES
     out = []
     at = 0
     for ids, _, max_pos in runs:
@@ -206,7 +213,7 @@ def token_runs_html(
         active, steps, codes = active_all[at:end], steps_all[at:end], codes_all[at:end]
         at = end
         spans = [
-            '<span class="t on" style="--a:' + alphas[step] + '" data-v="' + texts[code] + tail[i]
+            '<span class="t on ' + shades[step] + '" data-v="' + texts[code] + tail[i]
             if on else inactive[i]
             for i, on, step, code in zip(ids, active, steps, codes, strict=True)
         ]
@@ -214,7 +221,7 @@ def token_runs_html(
             # The max token, once per window: the same span with the "max" class.
             i = ids[max_pos]
             if active[max_pos]:
-                spans[max_pos] = ('<span class="t on max" style="--a:' + alphas[steps[max_pos]]
+                spans[max_pos] = ('<span class="t on max ' + shades[steps[max_pos]]
                                   + '" data-v="' + texts[codes[max_pos]] + tail[i])
             else:
                 spans[max_pos] = '<span class="t max' + inactive[i][len('<span class="t'):]
@@ -264,6 +271,28 @@ def plotly_url() -> str:
     return f"/assets/plotly-{PLOTLY_VERSION}.min.js"
 
 
+@lru_cache(maxsize=1)
+def plotly_bundle_js() -> bytes:
+    """The Plotly bundle of the installed `plotly` package."""
+    from plotly.offline import get_plotlyjs
+
+    return get_plotlyjs().encode("utf-8")
+
+
+# The bundle adds stylesheets for trace types the explorer never draws (maplibre maps) as
+# <style> elements with content, each skipped when an element with its id exists.
+_PLOTLY_STYLE_GUARD = re.compile(
+    rb'if\(!document\.getElementById\("([0-9a-f]{16,64})"\)\)\{var \w+=document\.createElement'
+    rb'\("style"\)')
+
+
+@lru_cache(maxsize=1)
+def plotly_unused_style_ids() -> tuple[str, ...]:
+    """Ids of those stylesheets: a page that loads Plotly holds an element with each id, so
+    nothing needs an inline-style exception in its Content-Security-Policy."""
+    return tuple(m.decode() for m in _PLOTLY_STYLE_GUARD.findall(plotly_bundle_js()))
+
+
 @lru_cache(maxsize=256)
 def _static_digest(path: str, mtime_ns: int) -> str:
     return hashlib.sha256((STATIC_DIR / path).read_bytes()).hexdigest()[:10]
@@ -311,6 +340,7 @@ def make_environment(templates_dir: Path = TEMPLATES_DIR) -> Environment:
         search_url=search_url,
         api_url=api_url,
         plotly_url=plotly_url,
+        plotly_unused_style_ids=plotly_unused_style_ids,
         static_url=static_url,
         page_query=page_query,
     )

@@ -9,7 +9,13 @@ from markupsafe import Markup, escape
 
 from app.api.public_paths import public_path
 from app.store.read_models import FeatureDetail, FeaturePage, ModelInfo, SAEInfo, WindowInfo
-from app.web.templating import fmt_num, span_table, token_run_html, token_runs_html
+from app.web.templating import (
+    fmt_num,
+    shade_class,
+    span_table,
+    token_run_html,
+    token_runs_html,
+)
 
 # The feature table: its filters, columns (key, heading, sortable) and sortable keys.
 FILTERS = (
@@ -83,7 +89,7 @@ def feature_view(detail: FeatureDetail) -> dict[str, Any]:
             "hi": b.hi,
             "share": b.share,
             "count": b.count,
-            "shade": f"{0.25 + 0.75 * (b.band + 1) / max(n_bands, 1):.2f}",
+            "shade": shade_class(0.25 + 0.75 * (b.band + 1) / max(n_bands, 1)),
             "n_windows": len(by_band.get(b.band, [])),
             "windows_html": Markup("").join(by_band.get(b.band, [])),
         }

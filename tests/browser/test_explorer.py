@@ -132,7 +132,7 @@ def test_feature_page_shows_shaded_windows_and_a_histogram(page, server, shot) -
             == act["maxValueTokenIndex"]
     # Shading: opacity is value / max activation, on the tokens that fired.
     alphas = windows.first.locator(".t.on").evaluate_all(
-        "ts => ts.map(t => Number(t.style.getPropertyValue('--a')))")
+        "ts => ts.map(t => Number(getComputedStyle(t).getPropertyValue('--a')))")
     assert alphas and max(alphas) > 0.5 and all(0 < a <= 1 for a in alphas)
 
     # Hovering a token shows its value.

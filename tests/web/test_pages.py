@@ -190,9 +190,9 @@ def test_token_run_html_escapes_shades_and_marks_the_max() -> None:
     _no_raw_payload(out)
     spans = re.findall(r"<span class=\"t[^\"]*\"[^>]*>[^<]*</span>", out)
     assert len(spans) == 4
-    assert 'class="t on max" style="--a:0.50" data-v="2"' in spans[1]
+    assert 'class="t on max sh50" data-v="2"' in spans[1]
     assert html.escape(XSS) in spans[1]
-    assert '--a:0.25' in spans[2] and ">↵<" in spans[2] and 'data-tok="“\\n”"' in spans[2]
+    assert '"t on sh25"' in spans[2] and ">↵<" in spans[2] and 'data-tok="“\\n”"' in spans[2]
     assert spans[0] == '<span class="t">a</span>'
     assert ">·<" in spans[3]
     # Centred layout: tokens before the max in .pre, after it in .post.
