@@ -16,6 +16,7 @@ from app.api.errors import install_error_handlers
 from app.api.middleware import HttpEdge
 from app.api.model_service import EngineState
 from app.api.model_worker import ModelWorker
+from app.api.public_paths import public_path
 from app.api.routes import features, models, saes, search
 from app.errors import SaescopeError
 from app.settings import Settings, get_settings
@@ -49,12 +50,15 @@ def _load_engine_service(app: FastAPI) -> None:
 
         service = EngineService.load(saes=_sae_specs(app), model=settings.model,
                                      cache_dir=settings.cache_dir)
+    # state.message reaches API clients (the 503 of model calls): paths shortened; the log keeps
+    # them whole.
     except SaescopeError as exc:
-        state.message = str(exc)
+        state.message = public_path(str(exc), home=settings.home)
         state.status = "failed"
         log.warning("text search is off: %s", exc)
     except Exception as exc:  # noqa: BLE001 - the server still serves precomputed data
-        state.message = f"loading the model failed ({type(exc).__name__}: {exc})"
+        state.message = public_path(
+            f"loading the model failed ({type(exc).__name__}: {exc})", home=settings.home)
         state.status = "failed"
         log.exception("loading the model failed; text search is off")
     else:

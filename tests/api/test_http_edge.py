@@ -226,3 +226,18 @@ def test_public_path_keeps_names_ids_and_urls() -> None:
         assert public_path(value, home=home) == value
     assert public_path("/srv/data/corpus/a.txt", home=home) == "corpus/a.txt"
     assert public_path("../up/corpus.txt", home=home) == "corpus.txt"
+
+
+def test_a_model_that_fails_to_load_is_named_without_its_path(records, db_url, tmp_path) -> None:
+    import time
+
+    settings = Settings(home=tmp_path, database_url=db_url, model="/srv/private/nosuch.gguf")
+    with TestClient(create_app(settings), raise_server_exceptions=False) as c:
+        state = c.app.state.engine_state
+        deadline = time.monotonic() + 60
+        while state.status not in ("failed", "ready") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert state.status == "failed"
+        response = c.post(SEARCH, json={"text": "hello"})
+        assert response.status_code == 503
+        assert "/srv/private" not in response.text and "nosuch.gguf" in response.text
