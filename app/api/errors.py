@@ -12,6 +12,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.body_limit import MAX_BODY_SIZE_SCOPE_KEY
 from starlette.types import Scope
 
+from app.api.security_headers import add_security_headers
 from app.errors import SaescopeError
 
 log = logging.getLogger(__name__)
@@ -86,4 +87,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(request, 500, "internal server error; the server log has details")
+        response = error_response(request, 500, "internal server error; the server log has details")
+        # This handler runs outside the app's middleware (Starlette's server-error layer).
+        add_security_headers(response.headers)
+        return response

@@ -1,5 +1,5 @@
 """ASGI middleware at the HTTP edge: HEAD answered as GET without a body, the body limit's 413 in
-the API's error shape, and the security headers every response carries."""
+the API's error shape, and the security headers (app/api/security_headers.py) on every response."""
 
 from __future__ import annotations
 
@@ -8,21 +8,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.errors import body_limit_message, error_response
-
-# Every response: no MIME sniffing, never inside a frame, no full URL to other sites.
-BASE_HEADERS = {
-    "X-Content-Type-Options": "nosniff",
-    "X-Frame-Options": "DENY",
-    "Referrer-Policy": "strict-origin-when-cross-origin",
-}
-# Pages: only this origin's scripts, styles, images and connections; no plugins, no <base>, no
-# framing. A page that needs more sets its own Content-Security-Policy (see app/web/csp.py).
-PAGE_CSP = (
-    "default-src 'self'; script-src 'self'; object-src 'none'; base-uri 'none'; "
-    "frame-ancestors 'none'; form-action 'self'"
-)
-# Anything that is not a page (JSON, scripts, images): nothing to run if opened as a document.
-NON_PAGE_CSP = "default-src 'none'; frame-ancestors 'none'; base-uri 'none'"
+from app.api.security_headers import add_security_headers
 
 
 class HttpEdge:
@@ -80,10 +66,5 @@ class _EdgeSend:
 
 def _add_headers(message: Message) -> None:
     headers = MutableHeaders(raw=list(message["headers"]))
+    add_security_headers(headers)
     message["headers"] = headers.raw
-    for name, value in BASE_HEADERS.items():
-        if name not in headers:
-            headers[name] = value
-    if "content-security-policy" not in headers:
-        is_page = headers.get("content-type", "").startswith("text/html")
-        headers["Content-Security-Policy"] = PAGE_CSP if is_page else NON_PAGE_CSP

@@ -1,9 +1,9 @@
 """Content-Security-Policy exceptions of the pages that need one; every other page gets the
-strict default (app/api/middleware.PAGE_CSP). Each exception is named in the README."""
+strict default (app/api/security_headers.PAGE_CSP). Each exception is named in the README."""
 
 from __future__ import annotations
 
-from app.api.middleware import PAGE_CSP
+from app.api.security_headers import PAGE_CSP
 
 # Plotly adds its stylesheet as an empty <style> element and fills it through the CSSOM
 # (insertRule), which CSP does not govern; the hash of the empty string admits that element and

@@ -241,3 +241,14 @@ def test_a_model_that_fails_to_load_is_named_without_its_path(records, db_url, t
         response = c.post(SEARCH, json={"text": "hello"})
         assert response.status_code == 503
         assert "/srv/private" not in response.text and "nosuch.gguf" in response.text
+
+
+def test_server_errors_carry_the_headers_too(client) -> None:
+    def boom() -> None:
+        raise RuntimeError("internals")
+
+    client.app.add_api_route("/api/v1/boom", boom)
+    response = client.get("/api/v1/boom")
+    assert_error(response, 500, "internal server error")
+    assert response.headers["x-content-type-options"] == "nosniff"
+    assert response.headers["content-security-policy"].startswith("default-src 'none'")
