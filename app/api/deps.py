@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Iterator
-from typing import Annotated, TypeVar
+from typing import Annotated, Any, TypeVar
 
-from fastapi import Depends, Request
+from fastapi import Depends, Path, Query, Request
 from sqlalchemy.orm import Session
 
 from app.api.model_service import EngineState
@@ -37,6 +37,18 @@ async def get_engine_state(request: Request) -> EngineState:
     """Where the model stands. Routes call `.require()` for the service (503 saying why not)
     after validating their input, so a bad request is a 422/404 whatever the model's state."""
     return request.app.state.engine_state
+
+
+# Strings that reach SQL: PostgreSQL refuses a NUL character in text, so it is a 422 here rather
+# than a database error there.
+NO_NUL = r"^[^\x00]*$"
+SaeIdPath = Annotated[str, Path(max_length=200, pattern=NO_NUL, description="SAE id")]
+ModelIdPath = Annotated[str, Path(max_length=200, pattern=NO_NUL, description="Model id")]
+
+
+def text_query(max_length: int, description: str = "") -> Any:
+    """A text query parameter that reaches SQL (see NO_NUL)."""
+    return Query(max_length=max_length, pattern=NO_NUL, description=description)
 
 
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import gzip
 from functools import lru_cache
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from jinja2 import Template
 from sqlalchemy.orm import Session
 
-from app.api.deps import SessionDep, run_read
+from app.api.deps import ModelIdPath, SaeIdPath, SessionDep, run_read, text_query
 from app.errors import NotFoundError
 from app.store import queries
 from app.store.read_models import SAEInfo
@@ -113,14 +113,14 @@ def home_page(request: Request, session: SessionDep) -> HTMLResponse:
 def sae_page(
     request: Request,
     session: SessionDep,
-    model_id: str,
-    sae_id: str,
+    model_id: ModelIdPath,
+    sae_id: SaeIdPath,
     sort: queries.SortKey = "index",
     order: str = "",
     filter: queries.FilterKey = "all",  # noqa: A002 - the query parameter's public name
-    q: str = "",
-    token: str = "",
-    tag: str = "",
+    q: Annotated[str, text_query(200)] = "",
+    token: Annotated[str, text_query(200)] = "",
+    tag: Annotated[str, text_query(64)] = "",
     page: int = Query(1, ge=1, le=queries.MAX_PAGE),
     jump: int | None = Query(None, ge=0, le=queries.MAX_ID),
 ) -> Response:
@@ -150,7 +150,8 @@ def sae_page(
 
 
 @router.get("/{model_id}/{sae_id}/random")
-def random_feature_page(session: SessionDep, model_id: str, sae_id: str) -> RedirectResponse:
+def random_feature_page(session: SessionDep, model_id: ModelIdPath,
+                        sae_id: SaeIdPath) -> RedirectResponse:
     _sae_for_page(session, model_id=model_id, sae_id=sae_id)
     index = queries.random_feature(session=session, sae_id=sae_id)
     # 303 + no-store: each press of "r" must land somewhere new, never a cached redirect.
@@ -162,7 +163,7 @@ def random_feature_page(session: SessionDep, model_id: str, sae_id: str) -> Redi
 
 @router.get("/{model_id}/{sae_id}/search", response_class=HTMLResponse)
 def search_page(
-    request: Request, session: SessionDep, model_id: str, sae_id: str, text: str = ""
+    request: Request, session: SessionDep, model_id: ModelIdPath, sae_id: SaeIdPath, text: str = ""
 ) -> HTMLResponse:
     """Text search: the page runs POST /api/v1/saes/{sae_id}/search from the browser."""
     sae = _sae_for_page(session, model_id=model_id, sae_id=sae_id)
@@ -181,7 +182,8 @@ def feature_template() -> Template:
 
 
 @router.get("/{model_id}/{sae_id}/{index:int}", response_class=HTMLResponse)
-async def feature_page(request: Request, model_id: str, sae_id: str, index: int) -> HTMLResponse:
+async def feature_page(request: Request, model_id: ModelIdPath, sae_id: SaeIdPath,
+                       index: int) -> HTMLResponse:
     def render(session: Session) -> str:
         detail = queries.get_feature(session=session, sae_id=sae_id, index=index)
         if detail.model_id != model_id:

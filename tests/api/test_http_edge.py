@@ -252,3 +252,14 @@ def test_server_errors_carry_the_headers_too(client) -> None:
     assert_error(response, 500, "internal server error")
     assert response.headers["x-content-type-options"] == "nosniff"
     assert response.headers["content-security-policy"].startswith("default-src 'none'")
+
+
+@pytest.mark.parametrize("url", [
+    "/api/v1/saes/a%00b", f"{FEATURES}?q=a%00", f"{FEATURES}?token=%00", f"{FEATURES}?tag=x%00",
+    "/api/v1/saes?model_id=%00", "/api/v1/saes/a%00/features/1",
+])
+def test_a_nul_character_is_a_422_before_sql(client, url) -> None:
+    # PostgreSQL refuses NUL in text; SQLite would only find nothing.
+    assert_error(client.get(url), 422)
+    page = client.get(f"/{MODEL_ID}/{SAE_ID}?q=a%00", headers=HTML)
+    assert page.status_code == 422 and page.headers["content-type"].startswith("text/html")

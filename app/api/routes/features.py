@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Path, Query, Request, Response
 from sqlalchemy.orm import Session
 
-from app.api.deps import SessionDep, run_read
+from app.api.deps import SaeIdPath, SessionDep, run_read, text_query
 from app.api.feature_json import feature_json
 from app.api.schemas import ERROR_RESPONSES, FeatureList, FeatureOut, RandomFeatureOut
 from app.store import queries
@@ -20,15 +20,14 @@ IndexPath = Annotated[int, Path(ge=0, le=queries.MAX_ID, description="Feature in
 @router.get("", response_model=FeatureList, responses=ERROR_RESPONSES)
 def list_features(
     session: SessionDep,
-    sae_id: str,
+    sae_id: SaeIdPath,
     sort: queries.SortKey = "index",
     order: Literal["asc", "desc"] = "asc",
     filter: queries.FilterKey = "all",  # noqa: A002 - the public parameter name
-    tag: Annotated[str | None, Query(max_length=64, description="Labels with this tag")] = None,
-    q: Annotated[str | None, Query(max_length=200, description="Label text contains")] = None,
+    tag: Annotated[str | None, text_query(64, "Labels with this tag")] = None,
+    q: Annotated[str | None, text_query(200, "Label text contains")] = None,
     token: Annotated[
-        str | None,
-        Query(max_length=200, description="Token string or id under a top window's max"),
+        str | None, text_query(200, "Token string or id under a top window's max"),
     ] = None,
     page: Annotated[int, Query(ge=1, le=queries.MAX_PAGE)] = 1,
     per_page: Annotated[int, Query(ge=1, le=queries.MAX_PER_PAGE)] = 50,
@@ -40,13 +39,13 @@ def list_features(
 
 
 @router.get("/random", response_model=RandomFeatureOut, responses=ERROR_RESPONSES)
-def random_feature(session: SessionDep, sae_id: str) -> RandomFeatureOut:
+def random_feature(session: SessionDep, sae_id: SaeIdPath) -> RandomFeatureOut:
     return RandomFeatureOut(sae_id=sae_id,
                             index=queries.random_feature(session=session, sae_id=sae_id))
 
 
 @router.get("/{index}", response_model=FeatureOut, responses=ERROR_RESPONSES)
-async def get_feature(request: Request, sae_id: str, index: IndexPath) -> Response:
+async def get_feature(request: Request, sae_id: SaeIdPath, index: IndexPath) -> Response:
     def read(session: Session) -> bytes:
         # Serialized directly (app/api/feature_json.py); FeatureOut documents the shape.
         return feature_json(queries.get_feature(session=session, sae_id=sae_id, index=index),

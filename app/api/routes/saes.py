@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Query
 
-from app.api.deps import SessionDep, SettingsDep
+from app.api.deps import NO_NUL, SaeIdPath, SessionDep, SettingsDep
 from app.api.schemas import ERROR_RESPONSES, VALIDATION_RESPONSES, SAEDetail, SAEList, SAEOut
 from app.store import queries
 
@@ -15,7 +15,8 @@ router = APIRouter(prefix="/api/v1/saes", tags=["saes"])
 def list_saes(
     session: SessionDep,
     settings: SettingsDep,
-    model_id: str | None = Query(None, description="Only the SAEs of this model"),
+    model_id: str | None = Query(None, max_length=200, pattern=NO_NUL,
+                                 description="Only the SAEs of this model"),
 ) -> SAEList:
     found = queries.list_saes(session=session, model_id=model_id)
     saes = [SAEOut.of(s, home=settings.home) for s in found]
@@ -23,5 +24,5 @@ def list_saes(
 
 
 @router.get("/{sae_id}", response_model=SAEDetail, responses=ERROR_RESPONSES)
-def get_sae(session: SessionDep, settings: SettingsDep, sae_id: str) -> SAEDetail:
+def get_sae(session: SessionDep, settings: SettingsDep, sae_id: SaeIdPath) -> SAEDetail:
     return SAEDetail.of(queries.get_sae(session=session, sae_id=sae_id), home=settings.home)

@@ -14,7 +14,7 @@ import orjson
 from fastapi import APIRouter, Path, Request, Response
 from sqlalchemy.orm import Session
 
-from app.api.deps import EngineStateDep, ModelWorkerDep, SettingsDep, run_read
+from app.api.deps import EngineStateDep, ModelWorkerDep, SaeIdPath, SettingsDep, run_read
 from app.api.model_service import EngineState, ModelService
 from app.api.model_worker import ModelWorker
 from app.api.schemas import (
@@ -96,7 +96,7 @@ async def _model_call(
 @router.post("/search", response_model=SearchOut, responses=MODEL_CALL_RESPONSES)
 async def search_text(
     body: SearchIn,
-    sae_id: str,
+    sae_id: SaeIdPath,
     request: Request,
     settings: SettingsDep,
     worker: ModelWorkerDep,
@@ -142,7 +142,7 @@ def _search_json(result: dict[str, Any], labels: dict[int, LabelInfo], *, sae_id
              responses=MODEL_CALL_RESPONSES)
 async def feature_activations(
     body: TextIn,
-    sae_id: str,
+    sae_id: SaeIdPath,
     index: Annotated[int, Path(ge=0, le=queries.MAX_ID)],
     request: Request,
     settings: SettingsDep,
