@@ -76,7 +76,7 @@ def _env(home: Path) -> dict[str, str]:
     return env
 
 
-def _build_database(root: Path) -> str:
+def _build_database(root: Path, db_url: str | None = None) -> str:
     """The real pipeline (`saescope build`) over tiny-llama, then hostile text via the writer."""
     from app.engine.sae import SAE, SAEConfig
 
@@ -88,7 +88,7 @@ def _build_database(root: Path) -> str:
     cfg = SAEConfig(architecture="topk", d_in=64, d_sae=128, k=8,
                     hook_name="blocks.2.hook_resid_post", model_name=MODEL_ID)
     SAE.from_config(cfg, seed=0).save(sae_dir)
-    db_url = f"sqlite:///{root / 'explorer.db'}"
+    db_url = db_url or f"sqlite:///{root / 'explorer.db'}"
     cmd = [str(Path(sys.executable).parent / "saescope"), "build", "--sae", str(sae_dir),
            "--model", MODEL_ID, "--corpus", str(corpus), "--tokens", "3072", "--db", db_url,
            "--context-size", "32", "--eval-tokens", "256", "--sae-id", SAE_ID]
@@ -141,9 +141,10 @@ def _wait_ready(server: Server, proc: subprocess.Popen, *, timeout: float = 180.
 
 
 @contextmanager
-def running_server(root: Path) -> Iterator[Server]:
-    """Build the database under `root`, start the server, and stop it on exit."""
-    db_url = _build_database(root)
+def running_server(root: Path, db_url: str | None = None) -> Iterator[Server]:
+    """Build the database (a SQLite file under `root` unless `db_url`), start the server, and
+    stop it on exit."""
+    db_url = _build_database(root, db_url)
     port = _free_port()
     log_path = root / "server.log"
     env = _env(root / "home")
