@@ -42,7 +42,11 @@ def _sae_specs(app: FastAPI) -> list[Any]:
 
 
 def _load_engine_service(app: FastAPI) -> None:
-    """Runs on the model thread: imports torch and loads the model, then flips the state."""
+    """Runs on the model thread: imports torch and loads the model, then flips the state.
+
+    state.message reaches API clients (the 503 of model calls), so paths in it are shortened
+    (app/api/public_paths.py); the log keeps them whole.
+    """
     state: EngineState = app.state.engine_state
     settings: Settings = app.state.settings
     try:
@@ -50,8 +54,6 @@ def _load_engine_service(app: FastAPI) -> None:
 
         service = EngineService.load(saes=_sae_specs(app), model=settings.model,
                                      cache_dir=settings.cache_dir)
-    # state.message reaches API clients (the 503 of model calls): paths shortened; the log keeps
-    # them whole.
     except SaescopeError as exc:
         state.message = public_path(str(exc), home=settings.home)
         state.status = "failed"
