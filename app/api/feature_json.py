@@ -40,7 +40,8 @@ def feature_json(f: FeatureDetail, *, home: Path) -> bytes:
         activations.append({
             "tokens": w.tokens, "token_ids": w.token_ids,
             "values": w.values if w.values_f16 is None else w.values_f16.astype(np.float32),
-            "maxValue": w.max_value, "maxValueTokenIndex": w.max_pos,
+            # float32 like the values, so the two print (and parse) as the same number.
+            "maxValue": np.float32(w.max_value), "maxValueTokenIndex": w.max_pos,
             "binMin": band.lo if band else -1.0, "binMax": band.hi if band else -1.0,
             "binContains": band.share if band else -1.0,
             "kind": w.kind, "band": w.band, "rank": w.rank, "doc_name": w.doc_name,

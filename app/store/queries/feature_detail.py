@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from sqlalchemy import and_, bindparam, select
 from sqlalchemy.orm import Session
@@ -81,9 +83,14 @@ def get_feature(*, session: Session, sae_id: str, index: int) -> FeatureDetail:
          tokens_blob) in rows:
         ids = np.frombuffer(tokens_blob, dtype=codec.INT32, count=length, offset=4 * start).tolist()
         f16 = np.frombuffer(values_blob, dtype=codec.FLOAT16)
+        wide = f16.astype(np.float32).tolist()
+        # The window's max as its values are stored (float16), so that it is exactly
+        # values[max_pos]; the float32 column keeps the finer figure for ordering.
+        if 0 <= max_pos < len(wide) and math.isfinite(wide[max_pos]):
+            max_value = wide[max_pos]
         window_infos.append(WindowInfo(
             "top" if kind == WINDOW_KIND_TOP else "interval", band, rank, ids, strings(ids),
-            f16.astype(np.float32).tolist(), max_value, max_pos, seq_index, start,
+            wide, max_value, max_pos, seq_index, start,
             doc_names[doc_index] if 0 <= doc_index < n_docs else None, f16,
         ))
 
