@@ -36,7 +36,9 @@ class EngineState:
     """Where the model stands: disabled, loading, ready (with its service) or failed."""
 
     status: Literal["disabled", "loading", "ready", "failed"] = "disabled"
-    message: str = "the server runs without a model (SAESCOPE_LOAD_MODEL=false)"
+    # Both ways a server is started without one: the serve flag and the environment variable.
+    message: str = ("the server was started without a model (`saescope serve --no-model` or "
+                    "SAESCOPE_LOAD_MODEL=false); restart it with `saescope serve --model`")
     service: ModelService | None = None
 
     def require(self) -> ModelService:

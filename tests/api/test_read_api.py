@@ -171,4 +171,5 @@ def test_openapi_docs(client):
 
 def test_model_calls_without_a_model_answer_503(client):
     response = client.post(f"/api/v1/saes/{SAE_ID}/search", json={"text": "hello"})
-    assert_error(response, 503, "SAESCOPE_LOAD_MODEL")
+    # The serve flag is named beside the variable, and how to turn the model back on.
+    assert_error(response, 503, "SAESCOPE_LOAD_MODEL", "--no-model", "saescope serve --model")
