@@ -153,7 +153,7 @@ function render(data, text) {
   spans = renderTokens(tokenBox, data.tokens, strongest, { maxIndex: strongest[best] > 0 ? best : -1 });
   spans.forEach((span, i) => {
     if (data.special[i]) span.classList.add("special");
-    span.tabIndex = 0;
+    // Reached with the arrow keys from the token box (app.js); Enter selects.
     span.addEventListener("click", () => selectToken(i));
     span.addEventListener("keydown", (ev) => {
       if (ev.key === "Enter") selectToken(i);
@@ -175,9 +175,21 @@ function render(data, text) {
     tr.addEventListener("click", (ev) => {
       if (!ev.target.closest("a")) showFeature(f, tr);
     });
-    // Hovering a feature points at the token where it peaks.
-    tr.addEventListener("mouseenter", () => spans[f.max_token_index]?.classList.add("peak"));
-    tr.addEventListener("mouseleave", () => spans[f.max_token_index]?.classList.remove("peak"));
+    // Keyboard: each row is a tab stop; Enter or Space shades the text by its feature.
+    tr.tabIndex = 0;
+    tr.title = "Enter: shade the text by this feature";
+    tr.addEventListener("keydown", (ev) => {
+      if ((ev.key === "Enter" || ev.key === " ") && ev.target === tr) {
+        ev.preventDefault();
+        showFeature(f, tr);
+      }
+    });
+    // Hovering or focusing a feature points at the token where it peaks.
+    const peak = (on) => spans[f.max_token_index]?.classList.toggle("peak", on);
+    tr.addEventListener("mouseenter", () => peak(true));
+    tr.addEventListener("mouseleave", () => peak(false));
+    tr.addEventListener("focus", () => peak(true));
+    tr.addEventListener("blur", () => peak(false));
     textTable.append(tr);
   }
   results.hidden = false;
