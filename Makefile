@@ -19,8 +19,15 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/saescope demo
 
+# axe-core for the accessibility tests, from the npm registry into an ignored folder (the version
+# is tests/browser/test_a11y.py's AXE_VERSION).
+AXE_CORE := axe-core@4.14.1
+AXE_JS := .cache/node/node_modules/axe-core/axe.min.js
+
 browser-deps:
 	@command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-dejavu-core)
+	@command -v npm >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq npm)
+	@test -f $(AXE_JS) || npm install --no-save --no-audit --no-fund --prefix .cache/node $(AXE_CORE)
 
 test: $(STAMP) browser-deps
 	$(BIN)/python -m pytest -q
