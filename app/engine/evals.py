@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from app.engine.sae_formats import SAELENS_CFG, SAELENS_WEIGHTS
+from app.engine.formats import SAELENS_CFG, SAELENS_WEIGHTS
 
 Encoder = Callable[[Tensor], Tensor]
 # Bumped whenever a definition above changes, so evals.json figures of an older evaluation are not

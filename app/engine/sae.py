@@ -1,4 +1,4 @@
-"""The SAE module: config, architecture registry (relu, topk, batchtopk, jumprelu), encode/decode.
+"""The SAE module: encode/decode with the architecture its SAEConfig names; load and save.
 
 Conventions follow SAELens (v6) so its users recognise them and its folders load unchanged:
 tensors ``W_enc`` [d_in, d_sae], ``b_enc`` [d_sae], ``W_dec`` [d_sae, d_in], ``b_dec`` [d_in],
@@ -8,202 +8,29 @@ Input processing, in order: cast to the SAE dtype; ``expected_average_only_in`` 
 ``norm_scaling_factor`` (when one is known); ``apply_b_dec_to_input`` subtracts ``b_dec``. Decoding
 undoes the scaling, so ``decode`` always answers in the model's own activation units.
 
-File formats (SAELens, Gemma Scope 1/2, Llama Scope) live in ``app.engine.sae_formats``.
+SAEConfig and the architecture registry live in ``app.engine.sae_config`` (SAEConfig and
+ARCHITECTURES are importable from here too); the file formats (SAELens, Gemma Scope 1/2, Llama
+Scope) in ``app.engine.formats``.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from app.engine.formats import read_sae_folder, write_saelens
+from app.engine.sae_config import ARCHITECTURES, Architecture, SAEConfig, dtype_name
 from app.errors import ConfigError
 
-NORMALIZATIONS = ("none", "expected_average_only_in")
 # Up to this many rows, hidden_pre with a column-major W_enc multiplies (W_enc.T @ x.T).T: for a
-# few tokens the BLAS runs that shape (d_sae rows) ~25% faster than x @ W_enc (measured on CPU,
-# 16384 x 576, 16-256 tokens); beyond it the strided result costs more than the product saves.
+# few tokens the BLAS runs that shape (d_sae rows) faster than x @ W_enc; beyond it the strided
+# result costs more than the product saves.
 _TRANSPOSED_MAX_ROWS = 256
-DTYPES = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float64": torch.float64,
-}
-
-
-# --- architecture registry -------------------------------------------------------------------
-# Each architecture is only an activation function over the pre-activations plus the tensors it
-# needs; everything else (input processing, decoder) is shared. Adding one is one entry here.
-
-ActivationFn = Callable[["SAE", Tensor], Tensor]
-
-
-def _relu(sae: SAE, pre: Tensor) -> Tensor:
-    return torch.relu(pre)
-
-
-def _topk(sae: SAE, pre: Tensor) -> Tensor:
-    # As SAELens: pick the k largest pre-activations, then ReLU only those (a latent in the top k
-    # with a negative pre-activation stays 0). torch.topk breaks ties the same way in both.
-    k = int(sae.cfg.k)  # type: ignore[arg-type]
-    values, indices = torch.topk(pre, k=k, dim=-1, sorted=False)
-    return torch.zeros_like(pre).scatter_(-1, indices, values.relu())
-
-
-def _jumprelu(sae: SAE, pre: Tensor) -> Tensor:
-    # Strict comparison, as in Gemma Scope and SAELens: a latent fires when pre > threshold. The
-    # ReLU matters only for negative thresholds, where SAELens still zeroes negative values.
-    return torch.relu(pre) * (pre > sae.threshold).to(pre.dtype)
-
-
-def _batchtopk(sae: SAE, pre: Tensor) -> Tensor:
-    # Training keeps the k * n_tokens largest activations over the whole batch (Bussmann et al.
-    # 2024); inference must not depend on the batch, so it uses the threshold estimated during
-    # training, which is exactly a JumpReLU (SAELens saves these SAEs as "jumprelu" for that
-    # reason).
-    if not sae.training:
-        return _jumprelu(sae, pre)
-    acts = pre.relu()
-    flat = acts.reshape(-1)
-    n_keep = min(flat.numel(), int(round(float(sae.cfg.k) * acts.shape[:-1].numel())))  # type: ignore[arg-type]
-    values, indices = torch.topk(flat, n_keep, sorted=False)
-    return torch.zeros_like(flat).scatter_(-1, indices, values).reshape(acts.shape)
-
-
-@dataclass(frozen=True)
-class Architecture:
-    name: str
-    activation: ActivationFn
-    needs_threshold: bool
-    needs_k: bool
-    # the name written to cfg.json "architecture" so SAELens builds the matching class
-    saelens_name: str
-
-
-ARCHITECTURES: dict[str, Architecture] = {
-    "relu": Architecture(
-        "relu", _relu, needs_threshold=False, needs_k=False, saelens_name="standard"
-    ),
-    "topk": Architecture("topk", _topk, needs_threshold=False, needs_k=True, saelens_name="topk"),
-    "batchtopk": Architecture(
-        "batchtopk", _batchtopk, needs_threshold=True, needs_k=True, saelens_name="jumprelu"
-    ),
-    "jumprelu": Architecture(
-        "jumprelu", _jumprelu, needs_threshold=True, needs_k=False, saelens_name="jumprelu"
-    ),
-}
-# Names other tools use for the same maths.
-ARCHITECTURE_ALIASES = {"standard": "relu", "jump_relu": "jumprelu", "batch_topk": "batchtopk"}
-
-
-def canonical_architecture(name: str, *, source: str | None = None) -> str:
-    """Our name for an architecture name from any supported tool; unknown -> ConfigError."""
-    key = ARCHITECTURE_ALIASES.get(str(name).lower(), str(name).lower())
-    if key not in ARCHITECTURES:
-        where = f"{source}: " if source else ""
-        raise ConfigError(
-            f"{where}unknown SAE architecture {name!r}; allowed: {', '.join(ARCHITECTURES)}"
-            f" (also accepted: {', '.join(ARCHITECTURE_ALIASES)})"
-        )
-    return key
-
-
-# --- config ----------------------------------------------------------------------------------
-
-
-@dataclass
-class SAEConfig:
-    """What an SAE is and where it reads from. ``metadata`` keeps any extra keys a file carried."""
-
-    architecture: str
-    d_in: int
-    d_sae: int
-    k: int | float | None = None  # topk: latents per token; batchtopk: average per token
-    hook_name: str | None = None
-    model_name: str | None = None
-    apply_b_dec_to_input: bool = True
-    normalize_activations: str = "none"
-    # expected_average_only_in: inputs are multiplied by this (sqrt(d_in) / mean input norm) and
-    # outputs divided by it. None means it was already folded into the weights (what SAELens
-    # does on load and at the end of training), so nothing is applied at run time.
-    norm_scaling_factor: float | None = None
-    context_size: int | None = None
-    prepend_bos: bool = True
-    exclude_special_tokens: bool | list[int] = False
-    neuronpedia_id: str | None = None
-    dtype: str = "float32"
-    metadata: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self.architecture = canonical_architecture(self.architecture)
-        self.validate()
-
-    def validate(self, *, source: str | None = None) -> None:
-        """Raise ConfigError naming the bad field (and the file, when given)."""
-        where = f"{source}: " if source else ""
-        for name in ("d_in", "d_sae"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{where}{name} must be a positive integer (got {value!r})")
-        arch = ARCHITECTURES[self.architecture]
-        if arch.needs_k:
-            if self.k is None or isinstance(self.k, bool) or not isinstance(self.k, int | float):
-                raise ConfigError(
-                    f"{where}architecture {self.architecture} needs k (got {self.k!r})"
-                )
-            if self.architecture == "topk" and (
-                int(self.k) != self.k or not 1 <= self.k <= self.d_sae
-            ):
-                raise ConfigError(
-                    f"{where}topk k must be an integer between 1 and d_sae={self.d_sae} "
-                    f"(got {self.k!r})"
-                )
-            if self.architecture == "topk":
-                self.k = int(self.k)
-            if self.architecture == "batchtopk" and not 0 < self.k <= self.d_sae:
-                raise ConfigError(
-                    f"{where}batchtopk k must be in (0, d_sae={self.d_sae}] (got {self.k!r})"
-                )
-        if self.normalize_activations not in NORMALIZATIONS:
-            raise ConfigError(
-                f"{where}normalize_activations {self.normalize_activations!r} is not supported; "
-                f"allowed: {', '.join(NORMALIZATIONS)}"
-            )
-        if self.norm_scaling_factor is not None:
-            factor = self.norm_scaling_factor
-            if not (isinstance(factor, int | float) and math.isfinite(factor) and factor > 0):
-                raise ConfigError(
-                    f"{where}norm_scaling_factor must be a positive number (got {factor!r})"
-                )
-            if self.normalize_activations != "expected_average_only_in":
-                raise ConfigError(
-                    f"{where}norm_scaling_factor is set but normalize_activations is "
-                    f"{self.normalize_activations!r}; use 'expected_average_only_in'"
-                )
-        if self.dtype not in DTYPES:
-            raise ConfigError(
-                f"{where}dtype {self.dtype!r} not supported; allowed: {', '.join(DTYPES)}"
-            )
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    for name, value in DTYPES.items():
-        if value == dtype:
-            return name
-    raise ConfigError(f"dtype {dtype} not supported; allowed: {', '.join(DTYPES)}")
-
-
-# --- the module ------------------------------------------------------------------------------
 
 
 class SAE(nn.Module):
@@ -303,9 +130,7 @@ class SAE(nn.Module):
         ``hook_name`` / ``model_name`` fill in (or override) what the folder says, for formats
         such as Gemma Scope 1 whose files do not name their hook. Returns an eval-mode SAE with
         frozen parameters."""
-        from app.engine import sae_formats
-
-        cfg, tensors, source = sae_formats.read_sae_folder(path)
+        cfg, tensors, source = read_sae_folder(path)
         overrides: dict[str, Any] = {}
         if hook_name is not None:
             overrides["hook_name"] = hook_name
@@ -321,9 +146,8 @@ class SAE(nn.Module):
 
     def save(self, path: str | Path) -> Path:
         """Write the SAELens v6 layout (cfg.json + sae_weights.safetensors) into folder ``path``."""
-        from app.engine import sae_formats
-
-        return sae_formats.write_saelens(self, path)
+        tensors = {name: getattr(self, name) for name in self.expected_shapes()}
+        return write_saelens(self.cfg, tensors, path)
 
     # properties
 

@@ -17,8 +17,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from app.engine.formats import detect_format
+from app.engine.formats.gemma_scope_2 import hf_hook_to_hook_name
 from app.engine.sae import SAE
-from app.engine.sae_formats import detect_format, hf_hook_to_hook_name
 from app.errors import ConfigError
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "saelens"
