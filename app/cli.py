@@ -73,11 +73,14 @@ def train_sae_command(
     """Train a TopK SAE on cached activations, evaluate it on held-out tokens, and save it."""
     from pathlib import Path
 
-    from app.engine.train import train_sae
+    from app.pipeline.train_sae import train_sae
+    from app.settings import get_settings
 
+    settings = get_settings()
     train_sae(model=model, hook_name=hook, d_sae=d_sae, k=k, corpus=corpus, tokens=tokens,
               epochs=epochs, eval_tokens=eval_tokens, seed=seed, text_field=text_field,
-              out=Path(out) if out else None, sae_id=sae_id or None, log=typer.echo)
+              out=Path(out) if out else None, sae_id=sae_id or None,
+              saes_dir=settings.saes_dir, cache_dir=settings.cache_dir, log=typer.echo)
 
 
 @app.command("build")
@@ -132,23 +135,29 @@ def demo_command(
                                  "database already holds this SAE's features"),
 ) -> None:
     """Everything on the defaults: train the default SAE if absent, build, then serve."""
-    from app.engine import train
     from app.pipeline.precompute import BuildOptions, build
+    from app.pipeline.train_sae import (
+        DEFAULT_EVAL_TOKENS,
+        DEFAULT_HOOK,
+        DEFAULT_MODEL,
+        DEFAULT_SAE_ID,
+        DEFAULT_TOKENS,
+        ensure_sae,
+    )
     from app.settings import get_settings
 
     settings = get_settings()
-    typer.echo(f"[1/3] default SAE {train.DEFAULT_SAE_ID} on {train.DEFAULT_MODEL} "
-               f"({train.DEFAULT_HOOK})")
-    folder = train.ensure_sae(log=typer.echo)
+    typer.echo(f"[1/3] default SAE {DEFAULT_SAE_ID} on {DEFAULT_MODEL} ({DEFAULT_HOOK})")
+    folder = ensure_sae(saes_dir=settings.saes_dir, cache_dir=settings.cache_dir, log=typer.echo)
     typer.echo(f"      using {folder}")
-    n_tokens = tokens or train.DEFAULT_TOKENS
-    if not rebuild and _has_run(settings.db_url, sae_id=train.DEFAULT_SAE_ID, n_tokens=n_tokens):
-        typer.echo(f"[2/3] {settings.db_url} already holds {train.DEFAULT_SAE_ID} over "
+    n_tokens = tokens or DEFAULT_TOKENS
+    if not rebuild and _has_run(settings.db_url, sae_id=DEFAULT_SAE_ID, n_tokens=n_tokens):
+        typer.echo(f"[2/3] {settings.db_url} already holds {DEFAULT_SAE_ID} over "
                    f"{n_tokens} tokens; skipping the build (--rebuild forces it)")
     else:
         typer.echo(f"[2/3] precomputing features into {settings.db_url}")
-        build(BuildOptions(sae_path=folder, model=train.DEFAULT_MODEL, n_tokens=n_tokens,
-                           eval_tokens=train.DEFAULT_EVAL_TOKENS, sae_id=train.DEFAULT_SAE_ID),
+        build(BuildOptions(sae_path=folder, model=DEFAULT_MODEL, n_tokens=n_tokens,
+                           eval_tokens=DEFAULT_EVAL_TOKENS, sae_id=DEFAULT_SAE_ID),
               log=lambda msg: typer.echo(f"      {msg}"))
     if not serve:
         typer.echo("[3/3] skipped serving (--no-serve)")

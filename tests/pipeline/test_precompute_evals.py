@@ -9,8 +9,8 @@ import pytest
 
 from app.engine.evals import REUSED_KEYS
 from app.engine.tiny import build_tiny
-from app.engine.train import train_sae
 from app.pipeline.precompute import BuildOptions, compute_records
+from app.pipeline.train_sae import train_sae
 
 HOOK = "blocks.2.hook_resid_post"
 TOKENS, EVAL_TOKENS, CTX = 2048, 256, 64

@@ -1,0 +1,209 @@
+"""The train-sae job: corpus -> cached activations -> TopK SAE -> held-out evals -> SAE folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from app.engine.evals import (
+    evaluate_sae,
+    format_evals,
+    held_out_fingerprint,
+    sae_files_fingerprint,
+)
+from app.engine.formats import SAELENS_CFG, SAELENS_WEIGHTS
+from app.engine.sae import SAE, SAEConfig
+from app.engine.train import TrainConfig, train_topk
+from app.errors import ConfigError
+from app.pipeline.activations import cache_key, cache_key_parts, get_activations
+from app.pipeline.corpus import load_corpus
+
+try:
+    from app.engine.loading import load_model
+except ImportError:  # temporary: until app.engine.loading lands, the loader is in app.engine.lm
+    from app.engine.lm import load_model as _load_model_from_lm
+
+    def load_model(spec: str, *, device: str = "cpu", cache_dir: Path) -> LanguageModel:
+        return _load_model_from_lm(spec, device=device)
+
+if TYPE_CHECKING:
+    from app.engine.lm import LanguageModel
+
+DEFAULT_MODEL = "smollm2-135m"
+DEFAULT_HOOK = "blocks.15.hook_resid_post"
+DEFAULT_D_SAE = 4096
+DEFAULT_K = 32
+DEFAULT_TOKENS = 200_000
+DEFAULT_EPOCHS = 4
+DEFAULT_EVAL_TOKENS = 8192
+DEFAULT_SAE_ID = "15-res-topk-4k"
+_HOOK_SET = {"hook_resid_post": "res", "hook_resid_pre": "res-pre", "hook_mlp_out": "mlp",
+             "hook_attn_out": "att"}
+
+
+@dataclass
+class TrainedSAE:
+    path: Path
+    sae: SAE
+    evals: dict[str, Any]
+
+
+def default_sae_id(hook_name: str, *, d_sae: int, architecture: str = "topk") -> str:
+    """Neuronpedia-style "{layer}-{set}": (blocks.15.hook_resid_post, 4096) -> 15-res-topk-4k."""
+    parts = hook_name.strip().split(".")
+    if len(parts) != 3 or not parts[1].isdigit() or parts[2] not in _HOOK_SET:
+        raise ConfigError(f"cannot derive an SAE id from hook {hook_name!r}; pass --sae-id")
+    size = f"{d_sae // 1024}k" if d_sae % 1024 == 0 else str(d_sae)
+    return f"{parts[1]}-{_HOOK_SET[parts[2]]}-{architecture}-{size}"
+
+
+def sae_folder(saes_dir: Path, *, model_id: str, sae_id: str) -> Path:
+    """Where the SAE ``sae_id`` of ``model_id`` is kept: saes_dir/{model_id}/{sae_id}."""
+    return saes_dir / model_id / sae_id
+
+
+def train_sae(
+    *,
+    cache_dir: Path,
+    saes_dir: Path | None = None,
+    out: Path | None = None,
+    model: str = DEFAULT_MODEL,
+    hook_name: str = DEFAULT_HOOK,
+    d_sae: int = DEFAULT_D_SAE,
+    k: int = DEFAULT_K,
+    corpus: str = "python-docs",
+    tokens: int = DEFAULT_TOKENS,
+    epochs: int = DEFAULT_EPOCHS,
+    seed: int = 0,
+    sae_id: str | None = None,
+    eval_tokens: int = DEFAULT_EVAL_TOKENS,
+    context_size: int = 128,
+    text_field: str = "text",
+    lm: LanguageModel | None = None,
+    train_overrides: dict[str, Any] | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> TrainedSAE:
+    """Cache activations, train a TopK SAE, evaluate it on held-out tokens, save it with evals.json.
+
+    The first ``tokens`` of the corpus train the SAE; the next ``eval_tokens`` are held out for
+    the evaluation. Bad options raise ConfigError before anything is written. The SAE lands in
+    ``out``, else in ``sae_folder(saes_dir, ...)`` (SAELens layout + evals.json), written aside
+    and renamed into place. Activations and the training checkpoint live under ``cache_dir``.
+    """
+    if out is None and saes_dir is None:
+        raise ValueError("train_sae needs out or saes_dir to know where the SAE goes")
+    t_start = time.perf_counter()
+    cfg = TrainConfig(d_sae=d_sae, k=k, epochs=epochs, seed=seed, **(train_overrides or {}))
+    if tokens < context_size or eval_tokens < context_size:
+        raise ConfigError(f"--tokens and the held-out budget must each be at least one sequence "
+                          f"({context_size} tokens)")
+    if lm is None:
+        log(f"loading {model} ...")
+        lm = load_model(model, cache_dir=cache_dir)
+    hook_name = lm.hook_point(hook_name).name  # ConfigError listing valid names
+    sae_id = sae_id or default_sae_id(hook_name, d_sae=d_sae)
+    if out is None:
+        assert saes_dir is not None
+        out = sae_folder(saes_dir, model_id=lm.model_id, sae_id=sae_id)
+    out = Path(out)
+
+    n_train_seq = tokens // context_size
+    try:
+        windows = load_corpus(corpus, lm=lm, text_field=text_field, context_size=context_size,
+                              max_tokens=n_train_seq * context_size + eval_tokens)
+    except ConfigError as exc:
+        if "lower --tokens" not in str(exc):
+            raise
+        raise ConfigError(f"{exc} (the {eval_tokens} held-out tokens come after the training "
+                          "budget)") from None
+    train_windows = windows.select(slice(0, n_train_seq))
+    held_out = windows.select(slice(n_train_seq, windows.n_seq))
+
+    cache = get_activations(lm=lm, hook_name=hook_name, corpus=corpus, max_tokens=tokens,
+                            context_size=context_size, cache_dir=cache_dir,
+                            text_field=text_field, tokenized=train_windows, progress=progress)
+    t_acts = time.perf_counter()
+    data = cache.counted_activations()
+    log(f"training on {len(data)} tokens ({cache.n_seq * context_size - len(data)} BOS/special/"
+        f"padding positions left out), {epochs} epochs")
+
+    parts = cache_key_parts(lm=lm, hook_name=hook_name, corpus=corpus, text_field=text_field,
+                            max_tokens=tokens, context_size=context_size)
+    run_key = cache_key({**parts, "train": asdict(cfg)})
+    ckpt_dir = cache_dir / "train" / run_key
+    result = train_topk(data, cfg=cfg, checkpoint_dir=ckpt_dir, progress=progress)
+    del data
+    t_train = time.perf_counter()
+
+    w = result.weights
+    sae_cfg = SAEConfig(
+        architecture="topk", d_in=lm.d_model, d_sae=d_sae, k=k, hook_name=hook_name,
+        model_name=lm.model_id, apply_b_dec_to_input=True, normalize_activations="none",
+        context_size=context_size, prepend_bos=True, exclude_special_tokens=True,
+        neuronpedia_id=f"{lm.model_id}/{sae_id}",
+        metadata={"sae_id": sae_id, "dataset_path": corpus, "training_tokens": tokens,
+                  "training_epochs": epochs, "seed": seed, "trained_by": "saescope",
+                  "train_config": asdict(cfg), "input_scale_folded": result.scale},
+    )
+    sae = SAE.from_tensors(sae_cfg, {"W_enc": w.W_enc, "b_enc": w.b_enc, "W_dec": w.W_dec,
+                                     "b_dec": w.b_dec}, source="trained SAE")
+    log(f"evaluating on {held_out.n_seq * context_size} held-out tokens ...")
+    evals = evaluate_sae(sae, lm, held_out.tokens, held_out.special_mask, progress=progress)
+    t_eval = time.perf_counter()
+    evals.update({
+        "sae_id": sae_id, "model_id": lm.model_id, "corpus": corpus,
+        "train_tokens": tokens, "eval_tokens": held_out.n_seq * context_size, "epochs": epochs,
+        "seed": seed, "d_sae": d_sae, "k": k,
+        "train": result.summary,
+        "seconds": {"activations": t_acts - t_start, "train": t_train - t_acts,
+                    "eval": t_eval - t_train, "total": t_eval - t_start},
+        "activation_cache": str(cache.path),
+        # Lets `saescope build` reuse these figures when it evaluates the same thing.
+        "held_out_sha256": held_out_fingerprint(held_out.tokens),
+        "notes": "special positions (BOS, padding, special tokens) keep their activation "
+                 "when the SAE is spliced in or the hook is zero-ablated, and are excluded "
+                 "from all metrics",
+    })
+
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    sae.save(tmp)
+    evals["sae_sha256"] = sae_files_fingerprint(tmp)
+    (tmp / "evals.json").write_text(json.dumps(evals, indent=2))
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, out)
+    shutil.rmtree(ckpt_dir, ignore_errors=True)  # the run is saved; its checkpoint is spent
+    log(format_evals(evals))
+    log(f"saved {out} ({t_eval - t_start:.0f} s)")
+    return TrainedSAE(path=out, sae=sae, evals=evals)
+
+
+def train_default_sae(*, saes_dir: Path, cache_dir: Path, **kwargs: Any) -> TrainedSAE:
+    """Train the default SAE (smollm2-135m, layer 15 residual, 4096 latents, k 32)."""
+    return train_sae(saes_dir=saes_dir, cache_dir=cache_dir, **kwargs)
+
+
+def ensure_sae(*, saes_dir: Path, cache_dir: Path, model: str = DEFAULT_MODEL,
+               sae_id: str = DEFAULT_SAE_ID, log: Callable[[str], None] = print,
+               **kwargs: Any) -> Path:
+    """Folder of the SAE ``sae_id`` of ``model``; trains it with the defaults when absent."""
+    folder = sae_folder(saes_dir, model_id=model, sae_id=sae_id)
+    if (folder / SAELENS_CFG).is_file() and (folder / SAELENS_WEIGHTS).is_file():
+        return folder
+    log(f"no SAE at {folder}; training it")
+    return train_sae(saes_dir=saes_dir, cache_dir=cache_dir, model=model, sae_id=sae_id, log=log,
+                     **kwargs).path
