@@ -17,7 +17,7 @@ another special token):
 
 Special positions: the SAE never replaces (and the ablation never zeroes) the activation at BOS /
 special / padding positions; they keep the model's own value, because SmolLM2's residual stream
-there is ~100x larger than elsewhere (an attention sink the SAE is not trained on). They are also
+there is far larger than elsewhere (an attention sink the SAE is not trained on). They are also
 left out of every metric: reconstruction statistics skip them, and a CE term counts only when both
 the predicting position and the predicted token are ordinary tokens.
 """
@@ -28,13 +28,17 @@ import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from app.engine.formats import SAELENS_CFG, SAELENS_WEIGHTS
+
+if TYPE_CHECKING:
+    from app.engine.lm import LanguageModel
+    from app.engine.sae import SAE
 
 Encoder = Callable[[Tensor], Tensor]
 # Bumped whenever a definition above changes, so evals.json figures of an older evaluation are not
@@ -110,8 +114,8 @@ def ce_loss_recovered(*, clean: float, sae: float, ablated: float) -> float:
 
 
 def evaluate_sae(
-    sae: Any,
-    lm: Any,
+    sae: SAE,
+    lm: LanguageModel,
     tokens: np.ndarray | Tensor,
     special_mask: np.ndarray | Tensor,
     *,
