@@ -1,0 +1,105 @@
+"""The train-sae job (app/pipeline/train_sae.py): corpus -> SAE folder, through the CLI."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from app.engine.sae import SAE, SAEConfig
+from app.errors import ConfigError
+from app.pipeline.train_sae import default_sae_id, ensure_sae, sae_folder
+
+
+@pytest.fixture
+def isolated_home(tmp_path, monkeypatch):
+    from app.settings import get_settings
+
+    monkeypatch.setenv("SAESCOPE_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("SAESCOPE_SAES_DIR", str(tmp_path / "saes"))
+    get_settings.cache_clear()
+    yield tmp_path
+    get_settings.cache_clear()
+
+
+@pytest.fixture
+def text_corpus(tmp_path):
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    for i in range(8):
+        (folder / f"{i}.md").write_text(
+            f"# Note {i}\nThe quick brown fox jumps over the lazy dog. def f(a): return a\n"
+            * (20 + 5 * i), encoding="utf-8")
+    return folder
+
+
+def _cli(*args):
+    from typer.testing import CliRunner
+
+    from app.cli import app
+
+    return CliRunner().invoke(app, ["train-sae", *args])
+
+
+def test_train_sae_command_writes_a_saelens_folder_with_evals(isolated_home, text_corpus):
+    import json
+
+    result = _cli("--model", "tiny-llama", "--hook", "blocks.2.hook_resid_post", "--d-sae", "64",
+                  "--k", "4", "--corpus", str(text_corpus), "--tokens", "4096",
+                  "--eval-tokens", "512", "--epochs", "2")
+    assert result.exit_code == 0, result.output
+    folder = isolated_home / "saes" / "tiny-llama" / "2-res-topk-64"
+    assert sorted(p.name for p in folder.iterdir()) == ["cfg.json", "evals.json",
+                                                        "sae_weights.safetensors"]
+    cfg = json.loads((folder / "cfg.json").read_text())
+    assert cfg["architecture"] == "topk" and cfg["k"] == 4
+    assert cfg["metadata"]["exclude_special_tokens"] is True
+    assert cfg["metadata"]["hook_name"] == "blocks.2.hook_resid_post"
+    evals = json.loads((folder / "evals.json").read_text())
+    for key in ("l0", "explained_variance", "normalized_mse", "n_dead", "n_dense",
+                "ce_loss_clean", "ce_loss_sae", "ce_loss_ablated", "ce_loss_recovered"):
+        assert key in evals
+    assert evals["l0"] <= 4 and evals["eval_tokens"] == 512
+    assert "CE loss recovered" in result.output
+    sae = SAE.load(folder)
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(64))
+    # the training checkpoint is removed once the SAE is saved
+    assert not any((isolated_home / "home" / "cache" / "train").glob("*/checkpoint.pt"))
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--tokens", "100000000"], "lower --tokens"),
+    (["--hook", "blocks.9.hook_resid_post"], "unknown hook"),
+    (["--k", "65", "--d-sae", "64"], "k must be between"),
+    (["--text-field", "body", "--corpus", "CORPUS/notes.jsonl"], "no field 'body'"),
+    (["--corpus", "CORPUS/missing.txt"], "not found"),
+])
+def test_train_sae_command_bad_input_exits_2_and_writes_nothing(isolated_home, text_corpus,
+                                                                args, message):
+    (text_corpus / "notes.jsonl").write_text('{"text": "hello"}\n')
+    args = [a.replace("CORPUS", str(text_corpus)) for a in args]
+    defaults = ["--model", "tiny-llama", "--hook", "blocks.2.hook_resid_post",
+                "--corpus", str(text_corpus), "--tokens", "1024"]
+    result = _cli(*defaults, *args)
+    assert result.exit_code == 2
+    assert message in result.output and "Traceback" not in result.output
+    assert not (isolated_home / "home").exists() and not (isolated_home / "saes").exists()
+
+
+def test_default_sae_id_names_layer_set_architecture_and_width():
+    assert default_sae_id("blocks.15.hook_resid_post", d_sae=4096) == "15-res-topk-4k"
+    assert default_sae_id("blocks.3.hook_mlp_out", d_sae=100) == "3-mlp-topk-100"
+    with pytest.raises(ConfigError, match="pass --sae-id"):
+        default_sae_id("blocks.3.attn.hook_z", d_sae=64)
+
+
+def test_ensure_sae_returns_an_existing_folder_under_saes_dir_without_training(tmp_path):
+    folder = sae_folder(tmp_path / "saes", model_id="tiny-llama", sae_id="2-res-topk-64")
+    SAE.from_config(SAEConfig(architecture="topk", d_in=8, d_sae=64, k=4), seed=0).save(folder)
+
+    def no_training(message):
+        raise AssertionError(f"ensure_sae tried to train: {message}")
+
+    got = ensure_sae(saes_dir=tmp_path / "saes", cache_dir=tmp_path / "cache",
+                     model="tiny-llama", sae_id="2-res-topk-64", log=no_training)
+    assert got == tmp_path / "saes" / "tiny-llama" / "2-res-topk-64"
+    assert not (tmp_path / "cache").exists()
