@@ -20,7 +20,8 @@ The model, following "Scaling and evaluating sparse autoencoders" (Gao et al. 20
 
 Gradients are written out by hand rather than taken with autograd: the only dense product is the
 encoder GEMM; everything after the TopK touches k (or k_aux) latents per token through sparse
-CSR products, which is cheaper than a dense backward on a CPU (measured in bench/train.py).
+CSR products instead of a dense [tokens, d_sae] backward (bench/train.py compares a training step
+with a bare autograd forward+backward).
 ``tests/engine/test_train.py`` checks these gradients against autograd on the dense formula.
 
 Training is deterministic under ``seed`` (the epoch order is a function of (seed, epoch)), and a
