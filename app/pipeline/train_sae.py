@@ -18,19 +18,12 @@ from app.engine.evals import (
     sae_files_fingerprint,
 )
 from app.engine.formats import SAELENS_CFG, SAELENS_WEIGHTS
+from app.engine.loading import load_model
 from app.engine.sae import SAE, SAEConfig
 from app.engine.train import TrainConfig, train_topk
 from app.errors import ConfigError
 from app.pipeline.activations import cache_key, cache_key_parts, get_activations
 from app.pipeline.corpus import load_corpus
-
-try:
-    from app.engine.loading import load_model
-except ImportError:  # temporary: until app.engine.loading lands, the loader is in app.engine.lm
-    from app.engine.lm import load_model as _load_model_from_lm
-
-    def load_model(spec: str, *, device: str = "cpu", cache_dir: Path) -> LanguageModel:
-        return _load_model_from_lm(spec, device=device)
 
 if TYPE_CHECKING:
     from app.engine.lm import LanguageModel
