@@ -8,14 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from app.pipeline.accumulators import (
-    FeatureAccumulators,
-    IntervalSamples,
-    _priority,
-    default_hist_edges,
-    sparse_records,
-    sparsify,
-)
+from app.pipeline.accumulators import FeatureAccumulators
+from app.pipeline.activation_stats import default_hist_edges
+from app.pipeline.interval_samples import IntervalSamples, _priority
+from app.pipeline.sparse import sparse_records, sparsify
 from app.records import WINDOW_KIND_INTERVAL, WINDOW_KIND_TOP
 
 N_SEQ, CTX, D_SAE, WIN, K, BANDS, PER_BAND = 40, 16, 48, 8, 5, 10, 3
@@ -284,7 +280,7 @@ def test_coarsening_keeps_exact_bins_when_the_max_jumps():
     iv = IntervalSamples(2, n_bands=4, per_band=2, window_len=4, n_fine=16, n_sample_bins=4)
     vals = [np.array([[0.3, 0.0], [0.7, 0.0]]), np.array([[0.0, 5.0], [9.0, 1.0]]),
             np.array([[100.0, 0.0], [33.0, 0.25]])]
-    from app.pipeline.accumulators import sparsify as sp
+    from app.pipeline.sparse import sparsify as sp
 
     for i, v in enumerate(vals):
         batch = sp(torch.tensor(v, dtype=torch.float32)[None], special_mask=np.zeros((1, 2), bool),

@@ -19,7 +19,7 @@ import torch
 
 from app.engine.sae import SAE, SAEConfig
 from app.engine.tiny import build_tiny
-from app.pipeline.accumulators import default_hist_edges
+from app.pipeline.activation_stats import default_hist_edges
 from app.pipeline.precompute import BuildOptions, compute_records
 from app.pipeline.static_features import decoder_neighbours, logit_effects
 from app.records import WINDOW_KIND_INTERVAL, WINDOW_KIND_TOP, band_edge_values

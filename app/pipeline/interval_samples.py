@@ -1,0 +1,247 @@
+"""Per feature, equal-width activation bands: each band's count and mass share, and a few random
+windows per band."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from app.pipeline.array_state import ArrayState
+from app.pipeline.sparse import SparseBatch
+from app.records import (
+    INTERVAL_FINE_BINS,
+    WINDOW_KIND_INTERVAL,
+    WindowArrays,
+    band_edge_bins,
+)
+
+EMPTY_PRIORITY = np.iinfo(np.uint64).max
+NO_EXPONENT = np.iinfo(np.int32).min // 2  # a feature that has not fired yet
+
+
+def _group_rank(sorted_groups: np.ndarray) -> np.ndarray:
+    """Rank of each element within its run of equal values (input sorted by group)."""
+    return np.arange(sorted_groups.size) - np.searchsorted(sorted_groups, sorted_groups, "left")
+
+
+def _priority(feature: np.ndarray, gpos: np.ndarray, seed: int) -> np.ndarray:
+    """Deterministic pseudo-random uint64 priority of a record (splitmix64 of feature and
+    position): the same record always gets the same priority, whatever the batch order."""
+    x = (gpos.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+         + feature.astype(np.uint64) * np.uint64(0xD1B54A32D192ED03)
+         + np.uint64(seed & 0xFFFFFFFFFFFFFFFF))
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+class IntervalSamples(ArrayState):
+    """Per feature: equal-width activation bands over [0, max], a few random windows per band,
+    and each band's count and share of the activation mass.
+
+    The max is only known at the end, so records are binned on a grid that can only get coarser:
+    per feature an exponent ``E`` with ``running_max < 2^E`` (the frexp exponent) and
+    ``n_fine`` linear bins of width ``2^E / n_fine`` over ``[0, 2^E)``. A record's fine bin is
+    ``floor(v * n_fine / 2^E)``; computed with ldexp, exactly. When the running max crosses
+    ``2^E`` the exponent grows by d and bin b becomes ``b >> d`` (the same value floor(v * n_fine
+    / 2^(E+d)) gives directly), so the final grid depends only on the final max: per-bin counts
+    and sums are exact and independent of batch order.
+
+    Samples: each record gets a deterministic hash priority (``_priority``). Per (feature, sample
+    bin), sample bins being ``n_sample_bins`` groups of fine bins, the state keeps the
+    ``candidates`` records of smallest priority: a bottom-s sample is a uniform random sample,
+    bottom-s of a union is bottom-s of the bottom-s's, so merges on coarsening are exact and the
+    result does not depend on batch order or on resuming. Each candidate's window is gathered when
+    it enters.
+
+    Finalize: with the final max M and grid width w = 2^E / n_fine, band j's lower edge is
+    ``w * round(j * M / (n_bands * w))``: the equal-width edge ``j * M / n_bands`` snapped to the
+    grid (off by at most w/2 <= M / n_fine, i.e. under 1% of M with the defaults). Band counts
+    and mass shares are then exact sums of fine bins. Each band's samples are the candidates whose
+    value lies in the band, lowest priority first, up to ``per_band``; every sample lies in its
+    band. Approximation: a sample bin straddling a band edge contributes only its candidates that
+    fall in the band, so a band made mostly of straddling bins may get fewer than ``per_band``
+    samples although it holds more records (with the defaults a band spans 1.6 to 3.2 sample bins).
+    """
+
+    def __init__(self, d_sae: int, *, n_bands: int = 10, per_band: int = 3, window_len: int = 32,
+                 n_fine: int = INTERVAL_FINE_BINS, n_sample_bins: int = 32,
+                 candidates: int | None = None, seed: int = 0) -> None:
+        for name, val in (("n_fine", n_fine), ("n_sample_bins", n_sample_bins)):
+            if val & (val - 1) or val < 1:
+                raise ValueError(f"{name} must be a power of two, got {val}")
+        if n_sample_bins > n_fine or n_fine < 4 * n_bands:
+            raise ValueError("need n_sample_bins <= n_fine and n_fine >= 4 * n_bands")
+        self.d_sae, self.n_bands, self.per_band = d_sae, n_bands, per_band
+        self.window_len, self.n_fine, self.n_sample_bins = window_len, n_fine, n_sample_bins
+        self.log2_fine = n_fine.bit_length() - 1
+        self.sample_shift = self.log2_fine - (n_sample_bins.bit_length() - 1)
+        self.s = candidates or per_band
+        self.seed = seed
+        shape = (d_sae, n_sample_bins, self.s)
+        self.exponent = np.full(d_sae, NO_EXPONENT, dtype=np.int32)
+        self.bin_count = np.zeros((d_sae, n_fine), dtype=np.int64)
+        self.bin_sum = np.zeros((d_sae, n_fine), dtype=np.float64)
+        self.prio = np.full(shape, EMPTY_PRIORITY, dtype=np.uint64)
+        self.value = np.zeros(shape, dtype=np.float32)
+        self.gpos = np.zeros(shape, dtype=np.int64)
+        self.start = np.zeros(shape, dtype=np.int32)
+        self.length = np.zeros(shape, dtype=np.int16)
+        self.values = np.zeros((*shape, window_len), dtype=np.float16)
+
+    _slot_fields = ("prio", "value", "gpos", "start", "length", "values")
+    _fields = ("exponent", "bin_count", "bin_sum", *_slot_fields)
+
+    def fine_bin(self, value: np.ndarray, exponent: np.ndarray) -> np.ndarray:
+        """floor(v * n_fine / 2^E), exact (a power-of-two scaling of a float is exact)."""
+        b = np.floor(np.ldexp(value.astype(np.float64), self.log2_fine - exponent))
+        return np.minimum(b, self.n_fine - 1).astype(np.int64)
+
+    def update(self, batch: SparseBatch) -> None:
+        f, v = batch.feature, batch.value
+        if f.size == 0:
+            return
+        order = np.argsort(f, kind="stable")
+        fs = f[order]
+        starts = np.flatnonzero(np.r_[True, fs[1:] != fs[:-1]])
+        feats = fs[starts]
+        batch_max = np.maximum.reduceat(v[order], starts)
+        new_exp = np.frexp(batch_max)[1].astype(np.int32)
+        old_exp = self.exponent[feats]
+        grow = (old_exp != NO_EXPONENT) & (new_exp > old_exp)
+        if grow.any():
+            self._coarsen(feats[grow], (new_exp - old_exp)[grow])
+        self.exponent[feats] = np.maximum(old_exp, new_exp)
+
+        fine = self.fine_bin(v, self.exponent[f])
+        flat = f * self.n_fine + fine
+        size = self.d_sae * self.n_fine
+        self.bin_count += np.bincount(flat, minlength=size).reshape(self.d_sae, self.n_fine)
+        self.bin_sum += np.bincount(flat, weights=v.astype(np.float64),
+                                    minlength=size).reshape(self.d_sae, self.n_fine)
+        self._insert(batch, fine >> self.sample_shift)
+
+    def _coarsen(self, feats: np.ndarray, shift: np.ndarray) -> None:
+        """Re-bin features whose exponent grew by ``shift``: fine bin b -> b >> shift."""
+        shift = np.minimum(shift, 62).astype(np.int64)[:, None]
+        n = feats.size
+        target = (np.arange(n)[:, None] * self.n_fine
+                  + (np.arange(self.n_fine)[None, :] >> shift)).ravel()
+        self.bin_count[feats] = np.bincount(
+            target, weights=self.bin_count[feats].ravel().astype(np.float64),
+            minlength=n * self.n_fine).reshape(n, self.n_fine).astype(np.int64)
+        self.bin_sum[feats] = np.bincount(
+            target, weights=self.bin_sum[feats].ravel(), minlength=n * self.n_fine
+        ).reshape(n, self.n_fine)
+        # Samples: merged bins keep the bottom-s priorities of the union of their candidates.
+        nb, s = self.n_sample_bins, self.s
+        old = {name: getattr(self, name)[feats].reshape(n * nb * s, *getattr(
+            self, name).shape[3:]) for name in self._slot_fields}
+        row = np.repeat(np.arange(n), nb * s)
+        new_bin = np.repeat(np.arange(nb)[None, :] >> shift, s, axis=1).ravel()
+        group = row * nb + new_bin
+        order = np.lexsort((old["prio"], group))
+        rank = _group_rank(group[order])
+        sel, slot = order[rank < s], rank[rank < s]
+        for name in self._slot_fields:
+            arr = getattr(self, name)
+            fresh = np.zeros((n, nb, s, *arr.shape[3:]), dtype=arr.dtype)
+            if name == "prio":
+                fresh[:] = EMPTY_PRIORITY
+            fresh[row[sel], new_bin[sel], slot] = old[name][sel]
+            arr[feats] = fresh
+
+    def _insert(self, batch: SparseBatch, sample_bin: np.ndarray) -> None:
+        """Merge records into the per-(feature, sample bin) bottom-s sets. The s slots of a set
+        are unordered; a new winner takes the slot of the candidate it evicts, so only new
+        winners' payload is written."""
+        f = batch.feature
+        gpos = batch.global_pos(batch.token)
+        prio = _priority(f, gpos, self.seed)
+        keep = prio < self.prio[f, sample_bin].max(axis=1)
+        if not keep.any():
+            return
+        idx = np.flatnonzero(keep)
+        nb, s = self.n_sample_bins, self.s
+        group = f[idx] * nb + sample_bin[idx]
+        groups = np.unique(group)
+        n_old = groups.size * s
+        g_f, g_b = groups // nb, groups % nb
+        all_group = np.concatenate([np.repeat(groups, s), group])
+        all_prio = np.concatenate([self.prio[g_f, g_b].ravel(), prio[idx]])
+        order = np.lexsort((all_prio, all_group))
+        rank = _group_rank(all_group[order])
+        win = order[rank < s]
+        lost = order[rank >= s]
+        freed = lost[lost < n_old]  # evicted old candidates, grouped like the new winners
+        new = win[win >= n_old]
+        rec = idx[new - n_old]
+        rf, rb, rs = f[rec], sample_bin[rec], freed % s
+        start, length, values = batch.windows(token=batch.token[rec], feature=rf,
+                                              window_len=self.window_len)
+        self.prio[rf, rb, rs] = prio[rec]
+        self.value[rf, rb, rs] = batch.value[rec]
+        self.gpos[rf, rb, rs] = gpos[rec]
+        self.start[rf, rb, rs] = start
+        self.length[rf, rb, rs] = length
+        self.values[rf, rb, rs] = values
+
+    def band_edges(self, max_act: np.ndarray) -> np.ndarray:
+        """int64 [d_sae, n_bands + 1] band edges in fine-bin units (edge j = first fine bin of
+        band j; the last edge is n_fine), as ``records.band_edge_bins`` defines them from the
+        max alone (this state's exponent is the max's frexp exponent, which it checks).
+        Multiply by 2^E / n_fine for activation values."""
+        edges, exponent = band_edge_bins(max_act, n_bands=self.n_bands, n_fine=self.n_fine)
+        fired = self.exponent != NO_EXPONENT
+        if not np.array_equal(exponent[fired], self.exponent[fired]):
+            raise AssertionError("interval grid exponent differs from the max's")
+        edges[~fired] = 0
+        edges[~fired, -1] = self.n_fine
+        return edges
+
+    def band_edge_values(self, max_act: np.ndarray) -> np.ndarray:
+        """float64 [d_sae, n_bands + 1] band edges as activation values (last = +inf)."""
+        edges = self.band_edges(max_act).astype(np.float64)
+        vals = np.ldexp(edges, (self.exponent.astype(np.int64) - self.log2_fine)[:, None])
+        vals[:, -1] = np.inf
+        return vals
+
+    def finalize(self, *, max_act: np.ndarray, ctx: int
+                 ) -> tuple[np.ndarray, np.ndarray, WindowArrays]:
+        """(band_count int64 [d_sae, n_bands], band_share float32 [d_sae, n_bands], windows)."""
+        fired = self.exponent != NO_EXPONENT
+        edges = self.band_edges(max_act)
+        # band of fine bin b = number of inner edges <= b
+        fine = np.arange(self.n_fine)
+        band_of_bin = (fine[None, :, None] >= edges[:, None, 1:-1]).sum(axis=2)
+        band_of_bin[~fired] = 0
+        flat = (np.arange(self.d_sae)[:, None] * self.n_bands + band_of_bin).ravel()
+        size = self.d_sae * self.n_bands
+        band_count = np.bincount(flat, weights=self.bin_count.ravel().astype(np.float64),
+                                 minlength=size).reshape(self.d_sae, self.n_bands).astype(np.int64)
+        band_sum = np.bincount(flat, weights=self.bin_sum.ravel(),
+                               minlength=size).reshape(self.d_sae, self.n_bands)
+        total = band_sum.sum(axis=1, keepdims=True)
+        band_share = np.divide(band_sum, total, out=np.zeros_like(band_sum), where=total > 0)
+
+        f, b, c = np.nonzero(self.prio != EMPTY_PRIORITY)
+        value = self.value[f, b, c]
+        band = band_of_bin[f, self.fine_bin(value, self.exponent[f])]
+        order = np.lexsort((self.prio[f, b, c], band, f))
+        group = f[order] * self.n_bands + band[order]
+        rank = _group_rank(group)
+        sel = order[rank < self.per_band]
+        rank = rank[rank < self.per_band]
+        f, b, c, band = f[sel], b[sel], c[sel], band[sel]
+        gpos, start = self.gpos[f, b, c], self.start[f, b, c]
+        values = self.values[f, b, c]
+        length = self.length[f, b, c]
+        # The window's max (the sampled token need not be the max of its window).
+        vals32 = values.astype(np.float32)
+        max_pos = vals32.argmax(axis=1)
+        windows = WindowArrays(
+            feature=f.astype(np.int32), kind=np.full(f.size, WINDOW_KIND_INTERVAL, dtype=np.int8),
+            band=band.astype(np.int16), rank=rank.astype(np.int16), seq_index=gpos // ctx,
+            start=start, length=length, max_value=vals32[np.arange(f.size), max_pos],
+            max_pos=max_pos.astype(np.int16), values=values)
+        return band_count, band_share.astype(np.float32), windows
+

@@ -1,0 +1,120 @@
+"""Sparse records of one batch of SAE codes: ``SparseBatch``, made by ``sparsify`` (dense code) or
+``sparse_records`` (TopK code); the accumulators read only these.
+
+Every batch is the SAE encode output for whole sequences, ``acts [n_seq, ctx, d_sae]``.
+``sparsify`` leaves dense land at once: it zeroes the special (BOS / padding) rows, which touches
+only those rows, and makes two passes over the block (compare, then scan the bool mask), giving
+sparse records ``(token, feature, value)`` with value > 0. A TopK SAE's code arrives sparse
+(``SAE.encode_sparse``) and ``sparse_records`` makes the same records from it without any array
+of width d_sae. Window values are looked up in the records. Nothing takes a top-k along the token
+axis of a dense block.
+
+Notation: a record is ``(f, t, v)``: feature f, global token position ``t = seq * ctx + pos``
+(``seq`` is the sequence's index in the corpus stream), activation ``v > 0``. Only counted tokens
+(not BOS, padding or other special tokens) produce records.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass
+class SparseBatch:
+    """One batch as sparse records, sorted by (token, feature): everything the accumulators
+    read, window values included (looked up in the records, so no dense block is kept)."""
+
+    token: np.ndarray  # int64 [n] row in the batch block: seq_local * ctx + pos
+    feature: np.ndarray  # int64 [n]
+    value: np.ndarray  # float32 [n], > 0
+    seq_index: np.ndarray  # int64 [n_seq] global index of each sequence of the batch
+    counted: np.ndarray  # bool [n_seq * ctx] tokens that count for statistics
+    ctx: int
+    d_sae: int
+
+    @property
+    def n_counted(self) -> int:
+        return int(self.counted.sum())
+
+    @property
+    def key(self) -> np.ndarray:
+        """``token * d_sae + feature``, ascending (the records' order)."""
+        return self.token * self.d_sae + self.feature
+
+    def global_pos(self, token: np.ndarray) -> np.ndarray:
+        """Global token position ``seq * ctx + pos`` of batch rows."""
+        return self.seq_index[token // self.ctx] * self.ctx + token % self.ctx
+
+    def windows(self, *, token: np.ndarray, feature: np.ndarray, window_len: int
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Windows of ``window_len`` tokens centred on each (token, feature), clipped to the
+        sequence: (start int32, length int16, values float16 [n, window_len], zero padded).
+        A value is the record's when (token, feature) fired, else 0 (as in the dense code,
+        whose special rows are zeroed)."""
+        pos = token % self.ctx
+        first = pos - window_len // 2
+        start = np.maximum(first, 0)
+        end = np.minimum(first + window_len, self.ctx)
+        length = end - start
+        offsets = np.arange(window_len)
+        cols = np.minimum(start[:, None] + offsets, self.ctx - 1)
+        want = ((token - pos)[:, None] + cols) * self.d_sae + feature[:, None]
+        vals = np.zeros(want.shape, dtype=np.float32)
+        key = self.key
+        if key.size:
+            at = np.minimum(np.searchsorted(key, want), key.size - 1)
+            hit = key[at] == want
+            vals[hit] = self.value[at[hit]]
+        vals[offsets[None, :] >= length[:, None]] = 0.0
+        return start.astype(np.int32), length.astype(np.int16), vals.astype(np.float16)
+
+
+def sparsify(acts: torch.Tensor, *, special_mask: np.ndarray | torch.Tensor,
+             seq_index: np.ndarray) -> SparseBatch:
+    """Records of a dense encode output [n_seq, ctx, d_sae] (special rows are zeroed in place).
+
+    Passes over the dense block: two (a ``> 0`` comparison, then a scan of the bool mask); the
+    special rows and the gather of values at the nonzero coordinates are sparse.
+    """
+    n_seq, ctx, d_sae = acts.shape
+    dense = acts.detach().reshape(n_seq * ctx, d_sae)
+    if dense.dtype != torch.float32:
+        dense = dense.float()
+    special = np.asarray(special_mask, dtype=bool).reshape(-1)
+    special_rows = np.flatnonzero(special)
+    if special_rows.size:
+        dense[torch.from_numpy(special_rows)] = 0.0
+    # Pass 1 compares (multi-threaded), pass 2 scans the 4x smaller bool mask; only values
+    # > 0 "fire" (an SAE whose encode can go negative is read the same way).
+    flat = np.flatnonzero((dense > 0).numpy())
+    vals = dense.reshape(-1).take(torch.from_numpy(flat)).numpy()
+    return SparseBatch(token=flat // d_sae, feature=flat % d_sae, value=vals,
+                       seq_index=np.asarray(seq_index, dtype=np.int64), counted=~special,
+                       ctx=ctx, d_sae=d_sae)
+
+
+def sparse_records(values: torch.Tensor, indices: torch.Tensor, *, ctx: int, d_sae: int,
+                   special_mask: np.ndarray | torch.Tensor, seq_index: np.ndarray
+                   ) -> SparseBatch:
+    """Records of a sparse code (``SAE.encode_sparse``: values and latent indices, [n_seq *
+    ctx, m] or [n_seq, ctx, m]); the same records, in the same order, as ``sparsify`` of the
+    dense code. Nothing of size d_sae is touched."""
+    m = values.shape[-1]
+    vals = values.detach().reshape(-1, m).float().numpy()
+    idx = indices.reshape(-1, m).numpy().astype(np.int64, copy=False)
+    special = np.asarray(special_mask, dtype=bool).reshape(-1)
+    if vals.shape[0] != special.size:
+        raise ValueError(f"code has {vals.shape[0]} rows, special mask {special.size}")
+    order = np.argsort(idx, axis=1, kind="stable")  # each row's latents ascending
+    idx = np.take_along_axis(idx, order, axis=1)
+    vals = np.take_along_axis(vals, order, axis=1)
+    fire = vals > 0
+    fire[special] = False
+    row, col = np.nonzero(fire)
+    return SparseBatch(token=row.astype(np.int64), feature=idx[row, col], value=vals[row, col],
+                       seq_index=np.asarray(seq_index, dtype=np.int64), counted=~special,
+                       ctx=ctx, d_sae=d_sae)
+

@@ -1,0 +1,112 @@
+"""Per feature, the sequences where it fires hardest, each with a window around its max."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from app.pipeline.array_state import ArrayState
+from app.pipeline.sparse import SparseBatch
+from app.records import WINDOW_KIND_TOP, WindowArrays
+
+INT64_MAX = np.iinfo(np.int64).max
+
+
+class TopWindows(ArrayState):
+    """Per feature, the ``k`` sequences where it fires hardest, with a window around the max.
+
+    Maths: for feature f and sequence s let ``m(f, s) = max_pos v(f, s, pos)`` and ``p(f, s)`` the
+    first position reaching it. The result is the k pairs with the largest ``m(f, s)``, ties
+    broken by the smaller global position ``s * ctx + p(f, s)``: a total order, so the set is a
+    function of the records alone, whatever the batch order. Streaming: since a sequence lies in
+    one batch, ``m(f, s)`` is final when its batch is seen; the state keeps the current k best per
+    feature, sorted, and a batch's candidates are merged in (top-k of a union = top-k of the union
+    of top-ks). A window's activation values are gathered from the batch being processed when it
+    is inserted, so no second pass is needed.
+
+    Layout: the sort keys (``value``, ``gpos``) are kept sorted per feature with a ``slot``
+    pointer into payload arrays (``start``, ``length``, ``values``) that never move: a new
+    entry's payload goes into the slot of the entry it evicts, so a batch writes payload only for
+    its new winners.
+    """
+
+    def __init__(self, d_sae: int, *, k: int = 20, window_len: int = 32) -> None:
+        self.d_sae, self.k, self.window_len = d_sae, k, window_len
+        self.value = np.full((d_sae, k), -np.inf, dtype=np.float32)
+        self.gpos = np.full((d_sae, k), INT64_MAX, dtype=np.int64)
+        self.slot = np.tile(np.arange(k, dtype=np.int16), (d_sae, 1))
+        self.start = np.zeros((d_sae, k), dtype=np.int32)
+        self.length = np.zeros((d_sae, k), dtype=np.int16)
+        self.values = np.zeros((d_sae, k, window_len), dtype=np.float16)
+
+    _fields = ("value", "gpos", "slot", "start", "length", "values")
+
+    def update(self, batch: SparseBatch) -> None:
+        f, tok, v = batch.feature, batch.token, batch.value
+        if f.size == 0:
+            return
+        # One candidate per (feature, sequence): its max, earliest position on ties (records
+        # come in token order and lexsort is stable).
+        fseq = f * (batch.counted.size // batch.ctx) + tok // batch.ctx
+        order = np.lexsort((-v, fseq))
+        sorted_key = fseq[order]
+        first = np.ones(order.size, dtype=bool)
+        first[1:] = sorted_key[1:] != sorted_key[:-1]
+        cand = order[first]
+        cf, cv, ctok = f[cand], v[cand], tok[cand]
+        cg = batch.global_pos(ctok)
+        # Only candidates that beat the current k-th can enter (keys are sorted).
+        worst_v, worst_g = self.value[cf, -1], self.gpos[cf, -1]
+        keep = (cv > worst_v) | ((cv == worst_v) & (cg < worst_g))
+        if not keep.any():
+            return
+        cf, cv, ctok, cg = cf[keep], cv[keep], ctok[keep], cg[keep]
+        # Merge without sorting the k old entries again: a candidate's new rank is the number
+        # of old entries that beat it plus the number of the feature's candidates that beat it;
+        # the old entries fill the remaining places in their order.
+        by = np.lexsort((cg, -cv, cf))
+        cf, cv, ctok, cg = cf[by], cv[by], ctok[by], cg[by]
+        feats, row_start = np.unique(cf, return_index=True)
+        row = np.repeat(np.arange(feats.size), np.diff(np.r_[row_start, cf.size]))
+        k = self.k
+        old_v, old_g = self.value[feats], self.gpos[feats]
+        beats_cand = (old_v[row] > cv[:, None]) | ((old_v[row] == cv[:, None])
+                                                   & (old_g[row] < cg[:, None]))
+        rank_c = beats_cand.sum(axis=1) + (np.arange(cf.size) - row_start[row])
+        width = k + int(np.diff(np.r_[row_start, cf.size]).max())
+        taken = np.zeros((feats.size, width), dtype=bool)
+        taken[row, rank_c] = True
+        free = ~taken
+        old_place = (free & (np.cumsum(free, axis=1) <= k)).nonzero()[1].reshape(feats.size, k)
+        kept_old = old_place < k
+        win_c = rank_c < k
+        old_slot = self.slot[feats]
+        slots_c = old_slot[~kept_old]  # evicted slots, row by row, as many as new winners
+        new_v = np.empty((feats.size, width), dtype=np.float32)
+        new_g = np.empty((feats.size, width), dtype=np.int64)
+        new_s = np.empty((feats.size, width), dtype=np.int16)
+        rows_k = np.repeat(np.arange(feats.size), k).reshape(feats.size, k)
+        new_v[rows_k, old_place], new_g[rows_k, old_place] = old_v, old_g
+        new_s[rows_k, old_place] = old_slot
+        new_v[row, rank_c], new_g[row, rank_c] = cv, cg
+        new_s[row[win_c], rank_c[win_c]] = slots_c
+        self.value[feats], self.gpos[feats] = new_v[:, :k], new_g[:, :k]
+        self.slot[feats] = new_s[:, :k]
+        nf, ns, ntok = cf[win_c], slots_c, ctok[win_c]
+        start, length, values = batch.windows(token=ntok, feature=nf,
+                                              window_len=self.window_len)
+        self.start[nf, ns] = start
+        self.length[nf, ns] = length
+        self.values[nf, ns] = values
+
+    def finalize(self, *, ctx: int) -> WindowArrays:
+        f, rank = np.nonzero(np.isfinite(self.value))
+        gpos = self.gpos[f, rank]
+        slot = self.slot[f, rank]
+        start = self.start[f, slot]
+        return WindowArrays(
+            feature=f.astype(np.int32), kind=np.full(f.size, WINDOW_KIND_TOP, dtype=np.int8),
+            band=np.full(f.size, -1, dtype=np.int16), rank=rank.astype(np.int16),
+            seq_index=gpos // ctx, start=start, length=self.length[f, slot],
+            max_value=self.value[f, rank], max_pos=(gpos % ctx - start).astype(np.int16),
+            values=self.values[f, slot])
+
