@@ -110,10 +110,13 @@ def build_command(
     from pathlib import Path
 
     from app.pipeline.precompute import BuildOptions, build
+    from app.settings import get_settings
 
+    settings = get_settings()
     result = build(BuildOptions(
-        sae_path=Path(sae), model=model, corpus=corpus, n_tokens=tokens, db_url=db,
-        sae_id=sae_id, hook_name=hook, context_size=context_size, batch_size=batch_size,
+        sae_path=Path(sae), model=model, corpus=corpus, n_tokens=tokens,
+        db_url=db or settings.db_url, cache_dir=settings.cache_dir, sae_id=sae_id,
+        hook_name=hook, context_size=context_size, batch_size=batch_size,
         text_field=text_field, eval_tokens=eval_tokens, checkpoint_every=checkpoint_every),
         log=typer.echo)
     stats = result.sae_stats
@@ -157,7 +160,8 @@ def demo_command(
     else:
         typer.echo(f"[2/3] precomputing features into {settings.db_url}")
         build(BuildOptions(sae_path=folder, model=DEFAULT_MODEL, n_tokens=n_tokens,
-                           eval_tokens=DEFAULT_EVAL_TOKENS, sae_id=DEFAULT_SAE_ID),
+                           eval_tokens=DEFAULT_EVAL_TOKENS, sae_id=DEFAULT_SAE_ID,
+                           db_url=settings.db_url, cache_dir=settings.cache_dir),
               log=lambda msg: typer.echo(f"      {msg}"))
     if not serve:
         typer.echo("[3/3] skipped serving (--no-serve)")

@@ -90,6 +90,7 @@ def child(args: argparse.Namespace) -> None:
 
 
 def speed(args: argparse.Namespace, sae_dir: Path, work: Path) -> dict:
+    import app.pipeline.build_inputs as bi
     import app.pipeline.precompute as pc
     from app.engine.loading import load_model
     from app.engine.sae import SAE
@@ -99,7 +100,7 @@ def speed(args: argparse.Namespace, sae_dir: Path, work: Path) -> dict:
     sae = SAE.load(sae_dir).eval()
     extra = {"hook": 0.0, "hook_encode": 0.0, "dense": 0.0, "sparse": 0.0}
     jobs = []
-    original_batch, original_start = pc._Activations.batch, pc.start_static_features
+    original_batch, original_start = bi.ActivationSource.batch, pc.start_static_features
 
     def start_static_features(**kwargs):
         jobs.append(original_start(**kwargs))
@@ -130,12 +131,12 @@ def speed(args: argparse.Namespace, sae_dir: Path, work: Path) -> dict:
         extra["measuring"] = extra.get("measuring", 0.0) + t3 - t0
         return out
 
-    pc._Activations.batch, pc.start_static_features = measured, start_static_features
+    bi.ActivationSource.batch, pc.start_static_features = measured, start_static_features
     try:
         result, db = build_once(sae_dir=sae_dir, tokens=args.tokens, work=work, eval_tokens=0,
                                 lm=lm, sae=sae)
     finally:
-        pc._Activations.batch, pc.start_static_features = original_batch, original_start
+        bi.ActivationSource.batch, pc.start_static_features = original_batch, original_start
     t = result.timings
     stream = t["stream"] - extra["measuring"]
     pipeline_s = stream + t["finalize"] + t["write"]

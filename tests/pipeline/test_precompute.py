@@ -211,14 +211,16 @@ DRIVER = textwrap.dedent("""
             return out
         return wrapped
 
+    import app.pipeline.accumulators as acc
+    import app.pipeline.checkpoint as ck
     import app.pipeline.precompute as pc
     import app.store.writer as writer
     if point == "after_checkpoint":
-        pc.Checkpoint.save = die_on_nth(pc.Checkpoint.save, before=False)
+        ck.Checkpoint.save = die_on_nth(ck.Checkpoint.save, before=False)
     elif point == "mid_batch":
-        pc.FeatureAccumulators.feed = die_on_nth(pc.FeatureAccumulators.feed, before=False)
+        acc.FeatureAccumulators.feed = die_on_nth(acc.FeatureAccumulators.feed, before=False)
     elif point == "checkpoint_rename":  # the tmp file is written, the rename never happens
-        pc.os.replace = die_on_nth(os.replace, before=True)
+        ck.os.replace = die_on_nth(os.replace, before=True)
     elif point == "mid_write":  # inside the DB transaction, after some rows went in
         writer._bulk_insert = die_on_nth(writer._bulk_insert, before=True)
     opts = pc.BuildOptions(**{**args["opts"], "sae_path": Path(args["opts"]["sae_path"]),

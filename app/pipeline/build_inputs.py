@@ -1,0 +1,118 @@
+"""What a build reads: the SAE and its model, the tokenized corpus with its held-out slice, and
+the hook activations per batch (from a matching activation cache or the model)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from app.errors import ConfigError
+from app.pipeline.build_options import BuildOptions, Log
+from app.pipeline.corpus import TokenizedCorpus
+
+if TYPE_CHECKING:
+    from app.engine.lm import LanguageModel
+    from app.engine.sae import SAE
+    from app.pipeline.activations import ActivationCache
+
+
+def load_inputs(opts: BuildOptions, log: Log) -> tuple[LanguageModel, SAE, str, str, int]:
+    """(lm, sae, hook name, sae id, context size) from the SAE folder and the options."""
+    from app.engine.loading import load_model
+    from app.engine.sae import SAE
+
+    sae_path = Path(opts.sae_path).expanduser()
+    if not sae_path.exists():
+        raise ConfigError(f"SAE folder {sae_path} does not exist; train one with "
+                          "`saescope train-sae` or pass --sae PATH to an SAE folder")
+    log(f"loading SAE from {sae_path}")
+    sae = SAE.load(sae_path).eval()
+    model_spec = opts.model or sae.cfg.model_name
+    if not model_spec:
+        raise ConfigError(f"SAE {sae_path} does not name its model; pass --model")
+    log(f"loading model {model_spec}")
+    lm = load_model(model_spec, cache_dir=Path(opts.cache_dir))
+    hook = opts.hook_name or sae.cfg.hook_name
+    if not hook:
+        raise ConfigError(f"SAE {sae_path} does not name its hook; pass --hook "
+                          f"(one of e.g. {', '.join(lm.hook_names()[:3])}, ...)")
+    hook = lm.hook_point(hook).name
+    sae.check_compatible(d_model=lm.d_model)
+    sae_id = opts.sae_id or sae_path.resolve().name
+    ctx = int(opts.context_size or sae.cfg.context_size or 128)
+    return lm, sae, hook, sae_id, ctx
+
+
+def tokenize(lm: LanguageModel, opts: BuildOptions, ctx: int, n_tokens: int
+             ) -> tuple[TokenizedCorpus, np.ndarray, np.ndarray, bool]:
+    """The build's sequences, plus held-out sequences after them for the evaluations (or, when
+    the corpus has no more text, the build's last sequences: flagged not held out)."""
+    from app.pipeline.corpus import load_documents, tokenize_corpus
+
+    n_seq = n_tokens // ctx
+    n_eval = max(opts.eval_tokens // ctx, 0)
+
+    def tok(budget: int) -> TokenizedCorpus:
+        docs = load_documents(opts.corpus, text_field=opts.text_field)
+        return tokenize_corpus(docs, lm=lm, context_size=ctx, max_tokens=budget,
+                               source=str(opts.corpus))
+
+    held_out = True
+    try:
+        full = tok((n_seq + n_eval) * ctx) if n_eval else tok(n_seq * ctx)
+    except ConfigError:
+        if not n_eval:
+            raise
+        full = tok(n_seq * ctx)  # raises the corpus-too-small message for the build itself
+        held_out = False
+    corpus = full.select(slice(0, n_seq))
+    if not n_eval:  # no evaluation (not tokens[-0:], which is every sequence)
+        eval_tokens, eval_special = full.tokens[:0], full.special_mask[:0]
+    elif held_out:
+        eval_tokens, eval_special = full.tokens[n_seq:], full.special_mask[n_seq:]
+    else:
+        eval_tokens, eval_special = full.tokens[-n_eval:], full.special_mask[-n_eval:]
+    return corpus, eval_tokens, eval_special, held_out
+
+
+class ActivationSource:
+    """Hook activations per batch, from a matching cache or the model (rounded through float16
+    like the cache, so both sources feed the SAE the same numbers)."""
+
+    def __init__(self, *, lm: LanguageModel, hook_name: str,
+                 cache: ActivationCache | None) -> None:
+        self.lm, self.hook_name, self.cache = lm, hook_name, cache
+
+    @property
+    def source(self) -> str:
+        return f"cache:{self.cache.key}" if self.cache is not None else "model"
+
+    def batch(self, tokens: np.ndarray, start: int, stop: int) -> torch.Tensor:
+        if self.cache is not None:
+            return torch.from_numpy(np.array(self.cache.acts[start:stop], dtype=np.float32))
+        ids = torch.from_numpy(np.ascontiguousarray(tokens[start:stop])).long()
+        out = self.lm.run_to_hook(ids, self.hook_name)
+        return out.to(torch.float16).float()
+
+
+def find_cache(*, lm: LanguageModel, hook_name: str, opts: BuildOptions, n_tokens: int,
+               ctx: int, tokens: np.ndarray) -> ActivationCache | None:
+    """A complete activation cache for exactly this (model, hook, corpus, budget, ctx)."""
+    if not opts.use_activation_cache:
+        return None
+    from app.pipeline.activations import cache_key, cache_key_parts, open_cache
+
+    # The cache is keyed by the budget as asked (e.g. 200000) and holds budget // ctx sequences.
+    for budget in dict.fromkeys((opts.n_tokens, n_tokens)):
+        parts = cache_key_parts(lm=lm, hook_name=hook_name, corpus=opts.corpus,
+                                text_field=opts.text_field, max_tokens=budget, context_size=ctx)
+        folder = Path(opts.cache_dir) / "activations" / cache_key(parts)
+        if not (folder / "complete.json").exists():
+            continue
+        cache = open_cache(folder)
+        if cache.tokens.shape == tokens.shape and np.array_equal(cache.tokens, tokens):
+            return cache
+    return None
