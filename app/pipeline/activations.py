@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -41,7 +41,9 @@ from app.pipeline.corpus import (
     corpus_fingerprint,
     load_corpus,
 )
-from app.settings import get_settings
+
+if TYPE_CHECKING:
+    from app.engine.lm import LanguageModel
 
 FORMAT_VERSION = 1
 
@@ -109,8 +111,8 @@ class ActivationCache:
         return out
 
 
-def cache_key_parts(*, lm: Any, hook_name: str, corpus: str, text_field: str, max_tokens: int,
-                    context_size: int) -> dict[str, Any]:
+def cache_key_parts(*, lm: LanguageModel, hook_name: str, corpus: str, text_field: str,
+                    max_tokens: int, context_size: int) -> dict[str, Any]:
     """What a cache depends on; hashed into its folder name."""
     return {
         "format": FORMAT_VERSION,
@@ -132,12 +134,12 @@ def cache_key(parts: dict[str, Any]) -> str:
 
 def get_activations(
     *,
-    lm: Any,
+    lm: LanguageModel,
     hook_name: str,
     corpus: str = DEFAULT_CORPUS,
     max_tokens: int,
     context_size: int = 128,
-    cache_dir: Path | None = None,
+    cache_dir: Path,
     text_field: str = "text",
     tokenized: TokenizedCorpus | None = None,
     batch_size: int = 8,
@@ -152,7 +154,7 @@ def get_activations(
     caller already has the corpus windows (they must be the ones this corpus and budget give).
     ``on_chunk(done_seq)`` runs after each flushed chunk.
     """
-    cache_root = (cache_dir or get_settings().cache_dir) / "activations"
+    cache_root = Path(cache_dir) / "activations"
     parts = cache_key_parts(lm=lm, hook_name=hook_name, corpus=corpus, text_field=text_field,
                             max_tokens=max_tokens, context_size=context_size)
     key = cache_key(parts)
@@ -228,7 +230,7 @@ def _prepare(folder: Path, *, parts: dict[str, Any], tokenized: TokenizedCorpus,
     return acts, 0
 
 
-def _fill(acts: np.memmap, *, tokens: np.ndarray, done: int, lm: Any, hook_name: str,
+def _fill(acts: np.memmap, *, tokens: np.ndarray, done: int, lm: LanguageModel, hook_name: str,
           folder: Path, batch_size: int, chunk_seqs: int, progress: bool,
           on_chunk: Callable[[int], None] | None) -> None:
     n_seq, ctx = tokens.shape

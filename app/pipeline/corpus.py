@@ -21,11 +21,14 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from app.errors import ConfigError, OfflineError
+
+if TYPE_CHECKING:
+    from app.engine.lm import LanguageModel
 
 DEFAULT_CORPUS = "python-docs"
 TEXT_SUFFIXES = (".txt", ".md")
@@ -295,7 +298,7 @@ def _hub_documents(repo_id: str, *, text_field: str) -> Iterator[Document]:
 def tokenize_corpus(
     docs: Iterable[Document],
     *,
-    lm: Any = None,
+    lm: LanguageModel | None = None,
     tokenizer: Any = None,
     context_size: int = 128,
     max_tokens: int | None = None,
@@ -367,7 +370,7 @@ def _finish(rows: list[np.ndarray], doc_index: list[int], doc_names: list[str], 
                            source=source, n_real_tokens=int((~special).sum()))
 
 
-def _bos_id(lm: Any, tok: Any) -> int:
+def _bos_id(lm: LanguageModel | None, tok: Any) -> int:
     bos = getattr(lm, "bos_token_id", None) if lm is not None else None
     if bos is None:
         bos = getattr(tok, "bos_token_id", None)
@@ -387,8 +390,8 @@ def _batched(items: Iterable[Document], size: int) -> Iterator[list[Document]]:
         yield batch
 
 
-def load_corpus(source: str | Path = DEFAULT_CORPUS, *, lm: Any = None, tokenizer: Any = None,
-                text_field: str = "text", context_size: int = 128,
+def load_corpus(source: str | Path = DEFAULT_CORPUS, *, lm: LanguageModel | None = None,
+                tokenizer: Any = None, text_field: str = "text", context_size: int = 128,
                 max_tokens: int | None = None) -> TokenizedCorpus:
     """``load_documents`` + ``tokenize_corpus`` in one call."""
     return tokenize_corpus(load_documents(source, text_field=text_field), lm=lm,
