@@ -3,42 +3,38 @@
 Both are split into independent units of work (a band of features against the whole vocabulary;
 a square block of the decoder-cosine matrix), so each thread holds one unit's product whatever
 the SAE width (the neighbours' per-block candidates, n keys per row per block, are kept until
-the merge: d_sae^2 / block * n * 8 bytes, 10 MB for 16k features, ~0.5 GB for 131k), and any
-thread or process may run any unit: ``StaticFeatures`` hands them to a lowest-priority worker
-process while a build streams, then runs what is left on every core (see
-``StaticFeatures.start_background``). Ranking is a total order, so results do not depend on the
-units' order or on who ran them (every unit has the same shape and one BLAS thread wherever it
-runs): largest value first (smallest first for the suppressed tokens), and among equal values
-the smaller token / feature index first. Equal means equal float32 products: the BLAS may round
-the dot products of two identical embeddings differently by their column position, so identical
-tokens (real vocabularies hold unused ones) are ordered as their computed values are.
+the merge: d_sae^2 / block * n * 8 bytes), and any thread or process may run any unit:
+``StaticFeatures`` hands them to a lowest-priority worker process (``idle_worker.py``) while a
+build streams, then runs what is left on every core (see ``StaticFeatures.start_background``).
+Ranking is a total order, so results do not depend on the units' order or on who ran them
+(every unit has the same shape and one BLAS thread wherever it runs): largest value first
+(smallest first for the suppressed tokens), and among equal values the smaller token / feature
+index first. Equal means equal float32 products: the BLAS may round the dot products of two
+identical embeddings differently by their column position, so identical tokens (real
+vocabularies hold unused ones) are ordered as their computed values are.
 
 Cost: the matrix products dominate: d_sae x d_in x vocab multiply-adds for the logit effects,
 half of d_sae^2 x d_in for the neighbours (cosine similarity is symmetric, so each block of the
 similarity matrix serves both its rows and, transposed, its columns). They go through numpy's
-BLAS (OpenBLAS, one thread per unit), which on the reference machine (2-core AMD EPYC, AVX2)
-multiplies float32 matrices about 1.8x faster than torch's build. Selection is cheap: one pass
-takes the max (and one the min) of every block of ``_BLOCK`` columns, and only entries at least
-as good as a row's n-th best block extreme are ordered (see ``_best``).
+BLAS (OpenBLAS, one thread per unit), the faster of numpy's and torch's for these float32
+products on the reference machine. Selection is cheap: one pass takes the max (and one the min)
+of every block of ``_BLOCK`` columns, and only entries at least as good as a row's n-th best
+block extreme are ordered (see ``_best``).
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
-import select
-import shutil
-import signal
-import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from app.pipeline.idle_worker import IdleWorker, run_on_threads
 
 if TYPE_CHECKING:  # the worker process imports this module without torch
     from torch import Tensor
@@ -142,8 +138,6 @@ class _Units:
     may be files mapped into memory, so the background worker process and the build's own
     threads fill the same outputs."""
 
-    INPUTS = ("w_dec", "scaled_u", "unit_dec")
-
     def __init__(self, *, d_sae: int, vocab: int, n_logits: int, n_nb: int,
                  budget_elems: int) -> None:
         self.a: dict[str, np.ndarray] = {}  # inputs and outputs, see ``attach``
@@ -175,10 +169,9 @@ class _Units:
                 # per neighbour unit: its rows' candidate keys, then its columns'
                 "nb_keys": ((max(n_nb_units, 1), 2, self.step, max(self.n_nb, 1)), np.int64)}
 
-    def attach(self, inputs: dict[str, np.ndarray], make) -> None:
-        """Use these inputs, and outputs made by ``make(name, shape, dtype)``."""
-        self.a = {**inputs, **{name: make(name, shape, dtype)
-                               for name, (shape, dtype) in self.output_shapes().items()}}
+    def attach(self, arrays: dict[str, np.ndarray]) -> None:
+        """Use these arrays: the inputs and the outputs (``output_shapes``)."""
+        self.a = arrays
 
     def _product(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         """x @ y into this thread's reused buffer: a fresh array this large (past glibc's
@@ -235,10 +228,11 @@ class _Units:
         return idx, cos
 
 
-def _limit_blas() -> object:
-    from threadpoolctl import ThreadpoolController
-
-    return ThreadpoolController().limit(limits=1, user_api="blas")
+def worker_units(meta: dict[str, int], arrays: dict[str, np.ndarray]) -> Callable[[int], None]:
+    """The idle worker's runner: the same units over its maps of the shared arrays."""
+    units = _Units(**meta)
+    units.attach(arrays)
+    return units.run
 
 
 class StaticFeatures:
@@ -246,10 +240,8 @@ class StaticFeatures:
 
     ``run()`` computes everything on the calling process's threads. A build instead calls
     ``start_background()`` as soon as the weights are loaded, which hands the units, in order,
-    to a worker process at the lowest CPU priority, and ``finish()`` after its stream, which
-    ends the worker and runs the units it did not report on every core. A process,
-    not a thread: a thread would share the interpreter lock with the model's forward pass, and
-    a low-priority thread holding it stalls the forward (measured: the stream 7% slower).
+    to an ``IdleWorker`` (a process at the lowest CPU priority), and ``finish()`` after its
+    stream, which ends the worker and runs the units it did not report on every core.
     """
 
     def __init__(self, *, w_dec: Tensor, norm_scale: Tensor, w_u: Tensor, n_logits: int = 10,
@@ -272,11 +264,10 @@ class StaticFeatures:
         self._inputs = inputs
         self._units = _Units(d_sae=d_sae, vocab=vocab, n_logits=self.n_logits, n_nb=self.n_nb,
                              budget_elems=budget_elems)
-        self._units.attach(inputs, lambda name, shape, dtype: np.zeros(shape, dtype))
-        self._folder: Path | None = None
-        self._worker: subprocess.Popen | None = None
-        self._done: set[int] = set()  # units the worker reported complete
-        self._pending = b""
+        self._units.attach({**inputs, **{name: np.zeros(shape, dtype) for name, (shape, dtype)
+                                         in self._units.output_shapes().items()}})
+        self._worker: IdleWorker | None = None
+        self._done: set[int] = set()  # units the worker reported complete, once it is closed
 
     @property
     def units_total(self) -> int:
@@ -285,159 +276,66 @@ class StaticFeatures:
     @property
     def units_in_background(self) -> int:
         """Units the worker has reported complete (as read so far)."""
-        return len(self._done)
+        return len(self._worker.done if self._worker is not None else self._done)
 
     # the background worker
 
-    def start_background(self) -> None:
-        """Hand the units to a worker process (POSIX only; elsewhere ``finish`` does all the
-        work) that runs at nice 19 (and SCHED_IDLE on Linux), with one BLAS thread, so it only
-        gets CPU the build leaves idle: while the corpus is tokenized, and the gaps of the
-        stream. The arrays go through files mapped by both processes, in a temporary folder
-        removed by ``finish`` / ``stop``."""
+    def start_background(self, *, paused: bool = False) -> None:
+        """Hand the units to an ``IdleWorker`` (POSIX only; elsewhere ``finish`` does all the
+        work): it runs at the lowest priority with one BLAS thread, so it only gets CPU the build
+        leaves idle: while the corpus is tokenized, and the gaps of the stream. The arrays go
+        through files mapped by both processes, removed by ``finish`` / ``stop``. ``paused``
+        holds it before its first unit (see ``IdleWorker.step``)."""
         if self._worker is not None or os.name != "posix" or not self.units_total:
             return
-        import tempfile
-
-        folder = None
         try:
-            folder = Path(tempfile.mkdtemp(prefix="saescope-static-"))
-            inputs = {}
-            for name, arr in self._inputs.items():
-                np.save(folder / f"{name}.npy", arr)
-                # From now on read through the file (shared page cache, paged in only if this
-                # process runs units), not a private copy: ~190 MB less resident for a 16k SAE.
-                inputs[name] = np.load(folder / f"{name}.npy", mmap_mode="r")
-
-            def mapped(name, shape, dtype):
-                return np.lib.format.open_memmap(folder / f"{name}.npy", mode="w+",
-                                                 dtype=dtype, shape=shape)
-
-            outputs = _Units(**self._units.meta)
-            outputs.attach(inputs, mapped)
-            (folder / "meta.json").write_text(json.dumps(self._units.meta))
-            package_root = str(Path(__file__).resolve().parents[2])
-            env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1",
-                   "PYTHONPATH": os.pathsep.join(
-                       [package_root, *filter(None, [os.environ.get("PYTHONPATH")])])}
-            self._worker = subprocess.Popen(
-                [sys.executable, "-m", "app.pipeline.static_features", str(folder)],
-                # Not a session of its own: with the kernel's autogroup scheduling a new session
-                # is a new group with a fair share of the CPU, whatever its priority inside
-                # (measured: the worker took a whole core and the stream fell to 0.71).
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
-        except BaseException as exc:
-            if folder is not None:
-                shutil.rmtree(folder, ignore_errors=True)
-            if not isinstance(exc, OSError):
-                raise
+            worker = IdleWorker.start(
+                runner=f"{__name__}:worker_units", meta=self._units.meta,
+                n_units=self.units_total, inputs=self._inputs,
+                outputs=self._units.output_shapes(), paused=paused)
+        except OSError as exc:
             # No room for its files, or no process: the build is only slower.
             sys.stderr.write(f"static features: no background worker ({exc}); the build "
                              "computes them after its stream\n")
             return
-        self._folder = folder
-        self._units = outputs
-        self._inputs = {}
-
-    def _tell(self, word: str) -> None:
-        worker = self._worker
-        if worker is None or worker.stdin is None:
-            return
-        try:
-            worker.stdin.write(word.encode() + b"\n")
-            worker.stdin.flush()
-        except OSError:
-            pass  # it has already ended (all units done, or it failed: its units rerun here)
-
-    def _read_reports(self, *, block: bool) -> bool:
-        """Note the unit numbers the worker has reported (complete lines only); with ``block``,
-        until it closes its output. False once it has."""
-        worker = self._worker
-        if worker is None or worker.stdout is None:
-            return False
-        fd = worker.stdout.fileno()
-        while True:
-            ready, _, _ = select.select([fd], [], [], None if block else 0)
-            if not ready:
-                return True
-            chunk = os.read(fd, 1 << 16)
-            if not chunk:
-                return False
-            *lines, self._pending = (self._pending + chunk).split(b"\n")
-            self._done.update(int(x) for x in lines if x.strip().isdigit())
+        units = _Units(**self._units.meta)
+        units.attach({**worker.inputs, **worker.outputs})
+        self._worker, self._units, self._inputs = worker, units, {}
 
     def background_progress(self) -> int:
         """Units the worker has completed so far (without waiting)."""
-        self._read_reports(block=False)
+        if self._worker is not None:
+            self._worker.progress()
         return self.units_in_background
 
-    def pause_background(self) -> None:
+    def pause_background(self, *, wait: bool = False) -> None:
         """The worker takes no new unit until ``resume_background`` (the unit in progress
-        finishes): for a caller that wants every idle cycle for a while, such as a benchmark
-        timing the bare model between the build's batches."""
-        self._tell("pause")
+        finishes; with ``wait``, return once it has): for a caller that wants every idle cycle
+        for a while, such as a benchmark timing the bare model between the build's batches."""
+        if self._worker is not None:
+            self._worker.pause(wait=wait)
 
     def resume_background(self) -> None:
-        self._tell("resume")
-
-    def _collect(self) -> None:
-        """End the worker and note the units it completed. It is killed, not asked to finish its
-        unit (at idle priority on a busy machine that could take long): a unit is reported only
-        after its outputs are written, and an unreported one is rewritten whole when it runs
-        here."""
-        worker = self._worker
-        if worker is None:
-            return
-        with contextlib.suppress(OSError):
-            worker.kill()
-        self._read_reports(block=True)
-        worker.wait()
-        for pipe in (worker.stdin, worker.stdout):
-            if pipe is not None:
-                with contextlib.suppress(OSError):
-                    pipe.close()
-        self._worker = None
+        if self._worker is not None:
+            self._worker.resume()
 
     def stop(self) -> None:
         """Stop the worker (an abandoned build) and remove its files."""
-        self._collect()
-        if self._folder is not None:
-            shutil.rmtree(self._folder, ignore_errors=True)
-            self._folder = None
+        if self._worker is not None:
+            self._worker.close()
+            self._done = self._worker.done
+            self._worker = None
 
     def finish(self, threads: int | None = None) -> StaticResult:
-        """End the worker (see ``_collect``), run the units it did not do on ``threads``
-        threads (default: every core), one BLAS thread each, and return the merged result."""
+        """End the worker (see ``IdleWorker.collect``), run the units it did not do on
+        ``threads`` threads (default: every core), one BLAS thread each, and return the merged
+        result."""
         t0 = time.perf_counter()
-        self._collect()
-        left = [i for i in range(self.units_total) if i not in self._done]
-        threads = max(1, min(threads or os.cpu_count() or 1, len(left)))
+        done = self._worker.collect() if self._worker is not None else self._done
+        left = [i for i in range(self.units_total) if i not in done]
         if left:
-            with _limit_blas():
-                todo = iter(left)
-                lock = threading.Lock()
-                errors: list[BaseException] = []
-
-                def work() -> None:
-                    while not errors:
-                        with lock:
-                            i = next(todo, None)
-                        if i is None:
-                            return
-                        try:
-                            self._units.run(i)
-                        except BaseException as exc:  # noqa: BLE001 - re-raised below
-                            errors.append(exc)
-
-                pool = [threading.Thread(target=work, name=f"saescope-static-{k}")
-                        for k in range(threads - 1)]
-                for th in pool:
-                    th.start()
-                work()
-                for th in pool:
-                    th.join()
-                if errors:
-                    raise errors[0]
+            threads = max(1, min(threads or os.cpu_count() or 1, len(left)))
+            run_on_threads(self._units.run, left, threads)
         t1 = time.perf_counter()
         idx, cos = self._units.merge_neighbours()
         a = self._units.a
@@ -453,60 +351,6 @@ class StaticFeatures:
     def run(self, threads: int | None = None) -> StaticResult:
         """Everything now, on ``threads`` threads (default: every core)."""
         return self.finish(threads)
-
-
-def _worker_main(folder: Path) -> None:
-    """The background worker: units in order, each reported on stdout once its outputs are
-    written; "pause" / "resume" on stdin hold it between units. The build ends it with a kill
-    (``StaticFeatures._collect``); the end of stdin means the build is gone, and the worker
-    removes the files itself."""
-    # A Ctrl-C in the terminal reaches the whole process group: the build handles it and ends
-    # this worker, which must not print a traceback of its own.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    with contextlib.suppress(OSError):  # if not allowed, it simply competes
-        os.setpriority(os.PRIO_PROCESS, 0, 19)
-    if hasattr(os, "sched_setscheduler") and hasattr(os, "SCHED_IDLE"):
-        # Linux: run only when a core would otherwise idle (weaker than nice 19 alone, which
-        # still takes a small share of a busy core).
-        with contextlib.suppress(OSError):
-            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    units = _Units(**json.loads((folder / "meta.json").read_text()))
-    units.attach({name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in _Units.INPUTS},
-                 lambda name, shape, dtype: np.load(folder / f"{name}.npy", mmap_mode="r+"))
-    fd, pending, paused = sys.stdin.fileno(), b"", False
-
-    def words(block: bool) -> list[str] | None:
-        """Complete words that have arrived (waiting for one if ``block``); None at EOF."""
-        nonlocal pending
-        if not select.select([fd], [], [], None if block else 0)[0]:
-            return []
-        chunk = os.read(fd, 4096)
-        if not chunk:
-            return None
-        *lines, pending = (pending + chunk).split(b"\n")
-        return [line.strip().decode() for line in lines]
-
-    with _limit_blas():
-        for i in range(len(units.units)):
-            while True:
-                got = words(block=paused)
-                if got is None:  # the build is gone (killed): nobody else removes the files
-                    shutil.rmtree(folder, ignore_errors=True)
-                    return
-                for word in got:
-                    if word in ("pause", "resume"):
-                        paused = word == "pause"
-                if not paused and not got:
-                    break
-            units.run(i)  # outputs land in the shared pages; the report comes after them
-            try:
-                print(i, flush=True)
-            except OSError:  # the build is gone (its end of the pipe closed)
-                shutil.rmtree(folder, ignore_errors=True)
-                os._exit(0)  # not return: flushing stdout again at exit would fail the same way
-        while words(block=True) is not None:  # all done: wait to be collected (killed)
-            pass
-        shutil.rmtree(folder, ignore_errors=True)  # or for the build to be gone
 
 
 # ------------------------------------------------------------------------- one-call entry points
@@ -543,7 +387,3 @@ def decoder_neighbours(w_dec: Tensor, *, n: int = 10, budget_elems: int = DEFAUL
                          budget_elems=budget_elems)
     res = job.run()
     return res.neighbour_idx, res.neighbour_cos
-
-
-if __name__ == "__main__":
-    _worker_main(Path(sys.argv[1]))

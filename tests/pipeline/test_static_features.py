@@ -9,7 +9,6 @@ exactly the same indices and values.
 from __future__ import annotations
 
 import os
-import time
 
 import numpy as np
 import pytest
@@ -137,7 +136,8 @@ def test_background_then_finish_equals_one_thread_and_brute_force():
     """A build's schedule: some units in the nice-19 worker process, the rest on two threads
     after the stream. The result is the same as one thread doing everything (units are
     independent, the order is total) and the brute-force ordering; pause holds the worker;
-    numpy's BLAS keeps its thread count; no process or file is left behind."""
+    numpy's BLAS keeps its thread count; no process or file is left behind. The worker is
+    stepped explicitly, so what it has done does not depend on how it was scheduled."""
     w_dec, scale, w_u = integer_weights(5, d_sae=300, d_in=24, vocab=1000)
     w_dec[20:40] = w_dec[19]
     kwargs = dict(w_dec=w_dec, norm_scale=scale, w_u=w_u, n_logits=10, n_neighbours=10,
@@ -146,27 +146,26 @@ def test_background_then_finish_equals_one_thread_and_brute_force():
     before = blas_threads()
     job = StaticFeatures(**kwargs)
     assert job.units_total > 20
-    job.start_background()
+    job.start_background(paused=True)
     if os.name == "posix":
-        worker, folder = job._worker, job._folder
-        deadline = time.monotonic() + 120
-        while job.background_progress() < 3 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert os.getpriority(os.PRIO_PROCESS, worker.pid) == 19  # set before its first unit
+        worker = job._worker
+        worker.pause(wait=True)  # held before its first unit
+        assert job.background_progress() == 0
+        for _ in range(3):
+            worker.step()  # exactly one unit, reported before it holds again
+        assert worker.done == {0, 1, 2}
+        assert os.getpriority(os.PRIO_PROCESS, worker.process.pid) == 19  # set before unit 0
         if hasattr(os, "SCHED_IDLE"):
-            assert os.sched_getscheduler(worker.pid) == os.SCHED_IDLE
-        job.pause_background()
-        time.sleep(0.3)
+            assert os.sched_getscheduler(worker.process.pid) == os.SCHED_IDLE
+        job.pause_background(wait=True)
         held = job.background_progress()
-        assert 3 <= held < job.units_total
-        time.sleep(0.5)
-        assert job.background_progress() == held  # paused: no new unit
+        assert held == 3 < job.units_total  # paused: no new unit
         job.resume_background()
     got = job.finish(threads=2)
     assert got.units_total == job.units_total
     if os.name == "posix":
         assert got.units_in_background >= held
-        assert worker.poll() is not None and not folder.exists()
+        assert worker.process.poll() is not None and not worker.folder.exists()
     assert blas_threads() == before
     for name in ("pos_ids", "pos_values", "neg_ids", "neg_values"):
         assert np.array_equal(getattr(got.logits, name), getattr(alone.logits, name)), name
@@ -181,11 +180,11 @@ def test_stop_ends_the_worker_and_removes_its_files():
     w_dec, scale, w_u = integer_weights(6, d_sae=200, d_in=16, vocab=1000)
     job = StaticFeatures(w_dec=w_dec, norm_scale=scale, w_u=w_u, budget_elems=2000)
     job.start_background()
-    worker, folder = job._worker, job._folder
+    worker = job._worker
     job.stop()
     if os.name == "posix":
-        assert worker.poll() is not None
-        assert not folder.exists()
+        assert worker.process.poll() is not None
+        assert not worker.folder.exists()
 
 
 def test_no_room_for_the_worker_only_makes_it_slower(monkeypatch, capsys):
