@@ -1,5 +1,7 @@
-"""A build's held-out evaluation of the SAE: reuse train-sae's evals.json when it measured exactly
-this evaluation, else compute it."""
+"""A build's held-out evaluation of the SAE: train-sae's evals.json when it matches, else fresh.
+
+The reuse rule is ``evaluate``'s docstring; ``train_metrics`` reads the SAE folder's evals.json.
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,8 @@
-"""What a build reads: the SAE and its model, the tokenized corpus with its held-out slice, and
-the hook activations per batch (from a matching activation cache or the model)."""
+"""What a build reads: the SAE and its model, the tokenized corpus, the activations per batch.
+
+The corpus comes with a held-out slice for the evaluation; the hook activations come from a
+matching activation cache, else from the model.
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,7 @@
-"""Units of work run in a lowest-priority background process that shares its arrays through
-memory-mapped files, and the units it left run on the caller's threads (POSIX only).
+"""Units of work run by an idle-priority background process sharing arrays via mapped files.
+
+The units that process has not done run on the caller's threads (``run_on_threads``). POSIX
+only.
 
 A job is a list of independent units ``0 .. n_units - 1`` over named numpy arrays. The caller
 says what a unit is with ``runner``, ``"module:function"``: the worker imports it and calls

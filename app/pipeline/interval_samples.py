@@ -1,5 +1,4 @@
-"""Per feature, equal-width activation bands: each band's count and mass share, and a few random
-windows per band."""
+"""Per feature, equal-width activation bands: count, mass share and a few random windows each."""
 
 from __future__ import annotations
 

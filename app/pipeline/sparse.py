@@ -1,5 +1,6 @@
-"""Sparse records of one batch of SAE codes: ``SparseBatch``, made by ``sparsify`` (dense code) or
-``sparse_records`` (TopK code); the accumulators read only these.
+"""One batch of SAE codes as sparse (token, feature, value) records, the accumulators' input.
+
+``SparseBatch`` is made by ``sparsify`` (dense code) or ``sparse_records`` (TopK code).
 
 Every batch is the SAE encode output for whole sequences, ``acts [n_seq, ctx, d_sae]``.
 ``sparsify`` leaves dense land at once: it zeroes the special (BOS / padding) rows, which touches
