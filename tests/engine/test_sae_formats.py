@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -447,3 +448,19 @@ def test_saelens_folder_errors(tmp_path: Path) -> None:
     (tmp_path / "cfg.json").write_text(json.dumps({"d_in": 4, "d_sae": 8, "metadata": {}}))
     with pytest.raises(ConfigError, match=r"sae_weights\.safetensors: cannot read safetensors"):
         SAE.load(tmp_path)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_saved_files_follow_the_umask(tmp_path: Path, umask: int) -> None:
+    from app.engine.sae import SAEConfig
+
+    sae = SAE.from_config(SAEConfig(architecture="topk", d_in=8, d_sae=16, k=2), seed=0)
+    old = os.umask(umask)
+    try:
+        folder = sae.save(tmp_path / "sae")
+        (folder / "evals.json").write_text("{}")  # what train-sae writes beside them
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir()}
+    assert modes == dict.fromkeys(["cfg.json", "sae_weights.safetensors", "evals.json"],
+                                  0o666 & ~umask)
