@@ -45,12 +45,15 @@ def clean_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 @app.command("models")
 @clean_errors
 def models_command() -> None:
-    """List the model presets (names usable wherever a --model is asked)."""
-    from app.engine.presets import list_presets
+    """List the model presets (names usable wherever a --model is asked) and which are installed."""
+    from app.engine.presets import is_installed, list_presets
 
     for preset in list_presets():
+        installed = is_installed(preset)
         typer.echo(f"{preset.name:16s} {preset.architecture:8s} {preset.default_hook:28s} "
-                   f"{preset.description}")
+                   f"{'installed' if installed else 'not installed':14s} {preset.description}")
+        if not installed:
+            typer.echo(f"{'':16s} install it with: {preset.install}")
 
 
 @app.command("train-sae")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import tomllib
 from dataclasses import dataclass
 from functools import lru_cache
@@ -85,6 +86,17 @@ def default_model() -> str:
 
 def find_preset(name: str) -> Preset | None:
     return next((p for p in _load_presets() if p.name == name), None)
+
+
+def is_installed(preset: Preset) -> bool:
+    """Whether the preset can load here: tiny presets always can, pip presets once their package
+    is installed (found with importlib, never imported)."""
+    if preset.source == "tiny":
+        return True
+    try:
+        return importlib.util.find_spec(preset.module) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def get_preset(name: str) -> Preset:

@@ -12,6 +12,7 @@ from app.engine.presets import (
     _load_presets,
     default_model,
     get_preset,
+    is_installed,
     list_presets,
     preset_names,
 )
@@ -74,5 +75,21 @@ def test_models_command_lists_presets():
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     for preset in list_presets():
-        line = next(line for line in lines if line.startswith(preset.name))
+        i, line = next((i, line) for i, line in enumerate(lines) if line.startswith(preset.name))
         assert preset.architecture in line and preset.default_hook in line
+        if is_installed(preset):
+            assert " installed " in line
+        else:  # the pip command follows on the next line
+            assert " not installed " in line and lines[i + 1].strip() == \
+                f"install it with: {preset.install}"
+
+
+def test_is_installed_finds_packages_without_importing_them(monkeypatch):
+    import importlib.util
+
+    gemma = get_preset("gemma-3-270m")
+    assert is_installed(get_preset("tiny-llama"))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    assert not is_installed(gemma) and is_installed(get_preset("tiny-llama"))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object())
+    assert is_installed(gemma)
