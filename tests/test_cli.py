@@ -1,5 +1,6 @@
 """The CLI shell: help lists every command; demo skips a build the database already holds; a bad
-database URL is one line with the password masked."""
+database URL is one line with the password masked; an offline hub id fails at once, without a
+network attempt."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from app.cli import _has_run, app
+from app.engine.presets import is_installed, list_presets
 from app.store.db import display_url, upgrade
 from tests.factories import synthetic_database, synthetic_run
 
@@ -58,3 +60,56 @@ def test_display_url_masks_passwords() -> None:
         "postgresql+psycopg://u:***@h:5432/db"
     assert display_url("sqlite:////tmp/x.db") == "sqlite:////tmp/x.db"
     assert "secret" not in display_url("not a url://u:secret@host")
+
+
+@pytest.fixture
+def offline_home(tmp_path, monkeypatch):
+    """An empty data folder and an empty hub cache, so nothing local can answer for a hub id."""
+    from huggingface_hub import constants
+
+    from app.settings import get_settings
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SAESCOPE_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    get_settings.cache_clear()
+    yield tmp_path
+    get_settings.cache_clear()
+
+
+def _tiny_sae_folder(path):
+    from app.engine.sae import SAE, SAEConfig
+
+    cfg = SAEConfig(architecture="topk", d_in=64, d_sae=16, k=2,
+                    hook_name="blocks.2.hook_resid_post", model_name="tiny-llama")
+    return SAE.from_config(cfg, seed=0).save(path)
+
+
+@pytest.mark.parametrize("flagged", [True, False], ids=["HF_HUB_OFFLINE", "no-dns"])
+@pytest.mark.parametrize("command", ["train-sae", "build"])
+def test_an_offline_hub_id_is_one_line_and_exit_2_without_a_network_attempt(
+        offline_home, monkeypatch, network_calls, command, flagged) -> None:
+    from huggingface_hub import constants
+
+    # huggingface_hub reads HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE at import, as a real run would.
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", flagged)
+    args = [command, "--model", "EleutherAI/pythia-70m"]
+    if command == "build":
+        sae = _tiny_sae_folder(offline_home / "sae")
+        args += ["--sae", str(sae), "--db", f"sqlite:///{offline_home / 'x.db'}"]
+    before = sorted(p.name for p in offline_home.iterdir())
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    errors = result.stderr.strip().splitlines()
+    assert len(errors) == 1 and errors[0].startswith("error: "), errors
+    assert "'EleutherAI/pythia-70m'" in errors[0] and "offline" in errors[0]
+    # Only installed presets are offered (the random tiny test models never are).
+    for preset in list_presets():
+        offered = preset.source != "tiny" and is_installed(preset)
+        assert (f"{preset.name}," in errors[0] or f"{preset.name})" in errors[0]) == offered
+    assert "Traceback" not in result.output
+    if flagged:
+        assert network_calls == []
+    else:  # one DNS lookup of the hub host, failing at once, and no connection
+        assert len(network_calls) == 1 and "'huggingface.co'" in network_calls[0], network_calls
+    assert sorted(p.name for p in offline_home.iterdir()) == before  # nothing written

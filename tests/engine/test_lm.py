@@ -294,6 +294,27 @@ def test_offline_hub_id(monkeypatch, cache):
     assert "smollm2-135m" in message and "local" in message
 
 
+def test_offline_hub_id_in_the_hub_cache_loads_without_a_network_attempt(
+        monkeypatch, tmp_path, cache, network_calls):
+    from huggingface_hub import constants
+
+    # The hub cache layout: models--{org}--{name}/snapshots/{revision} and refs/main.
+    repo = tmp_path / "hub" / "models--saescope-tests--tiny"
+    tiny = build_tiny("tiny-llama")
+    tiny.hf_model.save_pretrained(repo / "snapshots" / "abc123")
+    tiny.tokenizer.save_pretrained(repo / "snapshots" / "abc123")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # offline only by DNS failing
+
+    lm = load_model("saescope-tests/tiny", cache_dir=cache)
+    assert lm.source == "hub:saescope-tests/tiny"
+    ids = tiny.tokenizer(TEXT)["input_ids"]
+    torch.testing.assert_close(lm.logits([ids]), tiny.logits([ids]))
+    assert len(network_calls) == 1 and "'huggingface.co'" in network_calls[0]  # the DNS check
+
+
 def test_missing_file_and_bad_files(tmp_path, cache):
     missing = tmp_path / "nope.gguf"
     with pytest.raises(ConfigError, match="does not exist"):
