@@ -59,19 +59,29 @@ def models_command() -> None:
 @app.command("train-sae")
 @clean_errors
 def train_sae_command(
-    model: str = typer.Option("smollm2-135m", help="Model preset, HF folder, .gguf or hub id."),
-    hook: str = typer.Option("blocks.15.hook_resid_post", help="TransformerLens hook name."),
-    d_sae: int = typer.Option(4096, help="Number of SAE latents."),
-    k: int = typer.Option(32, help="Active latents per token (TopK)."),
+    model: str = typer.Option("smollm2-135m", help="Model preset (saescope models), local HF "
+                              "folder, .gguf file, or hub id org/name (needs a network or the "
+                              "hub cache)."),
+    hook: str = typer.Option("blocks.15.hook_resid_post", help="TransformerLens hook name, "
+                             "blocks.L.hook_resid_post (or hook_resid_pre, hook_mlp_out, "
+                             "hook_attn_out)."),
+    d_sae: int = typer.Option(4096, min=1, max=1 << 20, help="Number of SAE latents."),
+    k: int = typer.Option(32, min=1, help="Active latents per token (TopK), at most --d-sae."),
     corpus: str = typer.Option("python-docs", help="python-docs, a .txt/.md file or folder, "
                                ".jsonl/.parquet/.csv, or a HF dataset id."),
     text_field: str = typer.Option("text", help="Text field/column of .jsonl/.parquet/.csv."),
-    tokens: int = typer.Option(200_000, help="Training token budget (activations cached)."),
-    epochs: int = typer.Option(4, help="Passes over the training tokens."),
-    eval_tokens: int = typer.Option(8192, help="Held-out tokens after the budget, for evals."),
-    seed: int = typer.Option(0, help="Seed for initialisation and data order."),
-    out: str = typer.Option("", help="Output folder (default: models/saes/MODEL/SAE_ID)."),
-    sae_id: str = typer.Option("", help="SAE id (default from hook and size: 15-res-topk-4k)."),
+    tokens: int = typer.Option(200_000, min=128, help="Training token budget, whole 128-token "
+                               "sequences (activations cached)."),
+    epochs: int = typer.Option(4, min=1, max=1000, help="Passes over the training tokens."),
+    eval_tokens: int = typer.Option(8192, min=128, help="Held-out tokens after the budget, for "
+                                    "evals."),
+    seed: int = typer.Option(0, min=0, help="Seed for initialisation and data order."),
+    out: str = typer.Option("", help="Output folder (default: MODEL/SAE_ID under "
+                            "SAESCOPE_SAES_DIR, models/saes unless set); checked before the "
+                            "model loads."),
+    sae_id: str = typer.Option("", help="SAE id (default: LAYER-SET-topk-WIDTH from --hook and "
+                               "--d-sae; SET is res, res-pre, mlp or att; WIDTH is 4k for 4096 "
+                               "and other multiples of 1024, else the number)."),
 ) -> None:
     """Train a TopK SAE on cached activations, evaluate it on held-out tokens, and save it."""
     from pathlib import Path
@@ -90,8 +100,9 @@ def train_sae_command(
 @clean_errors
 def build_command(
     sae: str = typer.Option(..., "--sae", help="SAE folder (SAELens, Gemma Scope, Llama Scope)"),
-    model: str = typer.Option(None, "--model", help="model preset, folder or .gguf "
-                              "(default: the model the SAE names)"),
+    model: str = typer.Option(None, "--model", help="model preset (saescope models), local HF "
+                              "folder, .gguf file, or hub id org/name (needs a network or the "
+                              "hub cache); default: the model the SAE names"),
     corpus: str = typer.Option("python-docs", "--corpus", help="python-docs, a .txt/.md file or "
                                "folder, .jsonl/.parquet/.csv, or a dataset id"),
     tokens: int = typer.Option(100_000, "--tokens", min=1, help="token positions to process"),

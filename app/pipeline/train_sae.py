@@ -93,10 +93,9 @@ def train_sae(
     if out is None and saes_dir is None:
         raise ValueError("train_sae needs out or saes_dir to know where the SAE goes")
     t_start = time.perf_counter()
+    check_options(d_sae=d_sae, k=k, epochs=epochs, tokens=tokens, eval_tokens=eval_tokens,
+                  context_size=context_size)
     cfg = TrainConfig(d_sae=d_sae, k=k, epochs=epochs, seed=seed, **(train_overrides or {}))
-    if tokens < context_size or eval_tokens < context_size:
-        raise ConfigError(f"--tokens and the held-out budget must each be at least one sequence "
-                          f"({context_size} tokens)")
     if lm is None:
         log(f"loading {model} ...")
         lm = load_model(model, cache_dir=cache_dir)
@@ -183,6 +182,21 @@ def train_sae(
     log(format_evals(evals))
     log(f"saved {out} ({t_eval - t_start:.0f} s)")
     return TrainedSAE(path=out, sae=sae, evals=evals)
+
+
+def check_options(*, d_sae: int, k: int, epochs: int, tokens: int, eval_tokens: int,
+                  context_size: int) -> None:
+    """Refuse option values the run cannot use, naming the flags the user typed."""
+    if d_sae < 1:
+        raise ConfigError(f"--d-sae must be at least 1 (got {d_sae})")
+    if not 1 <= k <= d_sae:
+        raise ConfigError(f"--k must be between 1 and --d-sae ({d_sae}), got {k}")
+    if epochs < 1:
+        raise ConfigError(f"--epochs must be at least 1 (got {epochs})")
+    for flag, value in (("--tokens", tokens), ("--eval-tokens", eval_tokens)):
+        if value < context_size:
+            raise ConfigError(f"{flag} must be at least one sequence of {context_size} tokens "
+                              f"(got {value})")
 
 
 def train_default_sae(*, saes_dir: Path, cache_dir: Path, **kwargs: Any) -> TrainedSAE:

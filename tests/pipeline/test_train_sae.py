@@ -103,3 +103,36 @@ def test_ensure_sae_returns_an_existing_folder_under_saes_dir_without_training(t
                      model="tiny-llama", sae_id="2-res-topk-64", log=no_training)
     assert got == tmp_path / "saes" / "tiny-llama" / "2-res-topk-64"
     assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize(("args", "flag"), [
+    (["--d-sae", "0"], "'--d-sae'"),
+    (["--epochs", "0"], "'--epochs'"),
+    (["--k", "0"], "'--k'"),
+    (["--tokens", "100"], "'--tokens'"),
+    (["--seed", "-1"], "'--seed'"),
+])
+def test_train_sae_option_ranges_name_the_flag(isolated_home, args, flag):
+    result = _cli("--model", "tiny-llama", *args)
+    assert result.exit_code == 2
+    assert f"Invalid value for {flag}" in result.output
+    assert "batch" not in result.output and "d_sae=" not in result.output
+    assert not (isolated_home / "home").exists() and not (isolated_home / "saes").exists()
+
+
+def test_help_shows_ranges_the_sae_id_rule_and_hub_ids():
+    from typer.testing import CliRunner
+
+    from app.cli import app
+
+    def help_text(command):
+        result = CliRunner(env={"COLUMNS": "240"}).invoke(app, [command, "--help"])
+        assert result.exit_code == 0
+        return " ".join(result.output.replace("│", " ").split())
+
+    train = help_text("train-sae")
+    for text in ("[1<=x<=1048576]", "[x>=128]", "[1<=x<=1000]", "LAYER-SET-topk-WIDTH",
+                 "hub id org/name"):
+        assert text in train
+    assert "hub id org/name" in help_text("build")
+
