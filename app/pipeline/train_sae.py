@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -20,7 +21,7 @@ from app.engine.evals import (
 from app.engine.formats import SAELENS_CFG, SAELENS_WEIGHTS
 from app.engine.loading import load_model
 from app.engine.sae import SAE, SAEConfig
-from app.engine.train import TrainConfig, train_topk
+from app.engine.train import CHECKPOINT_NAME, TrainConfig, train_topk
 from app.errors import ConfigError
 from app.pipeline.activations import cache_key, cache_key_parts, get_activations
 from app.pipeline.corpus import load_corpus
@@ -96,6 +97,15 @@ def train_sae(
     check_options(d_sae=d_sae, k=k, epochs=epochs, tokens=tokens, eval_tokens=eval_tokens,
                   context_size=context_size)
     cfg = TrainConfig(d_sae=d_sae, k=k, epochs=epochs, seed=seed, **(train_overrides or {}))
+    # Every output is checked before the model loads: a run must not fail at its last write.
+    check_writable(cache_dir, what=f"the cache folder {cache_dir}",
+                   fix="set SAESCOPE_HOME to a writable folder")
+    if out is not None:
+        check_destination(Path(out))
+    else:
+        assert saes_dir is not None
+        check_writable(saes_dir, what=f"the SAE folder {saes_dir}",
+                       fix="pass --out or set SAESCOPE_SAES_DIR")
     if lm is None:
         log(f"loading {model} ...")
         lm = load_model(model, cache_dir=cache_dir)
@@ -104,6 +114,7 @@ def train_sae(
     if out is None:
         assert saes_dir is not None
         out = sae_folder(saes_dir, model_id=lm.model_id, sae_id=sae_id)
+        check_destination(out)
     out = Path(out)
 
     n_train_seq = tokens // context_size
@@ -164,20 +175,11 @@ def train_sae(
                  "from all metrics",
     })
 
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    sae.save(tmp)
-    evals["sae_sha256"] = sae_files_fingerprint(tmp)
-    (tmp / "evals.json").write_text(json.dumps(evals, indent=2))
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, out)
+    try:
+        _write_sae_folder(out, sae=sae, evals=evals)
+    except OSError as exc:
+        raise ConfigError(_unsaved_message(out, exc, sae=sae, evals=evals, ckpt_dir=ckpt_dir)) \
+            from None
     shutil.rmtree(ckpt_dir, ignore_errors=True)  # the run is saved; its checkpoint is spent
     log(format_evals(evals))
     log(f"saved {out} ({t_eval - t_start:.0f} s)")
@@ -197,6 +199,79 @@ def check_options(*, d_sae: int, k: int, epochs: int, tokens: int, eval_tokens: 
         if value < context_size:
             raise ConfigError(f"{flag} must be at least one sequence of {context_size} tokens "
                               f"(got {value})")
+
+
+def check_writable(folder: Path, *, what: str, fix: str) -> None:
+    """Fail unless ``folder`` is a writable folder or can be created, leaving nothing behind:
+    a temporary folder is made and removed in its nearest existing ancestor. ``what`` names the
+    output in the message (e.g. "the SAE to out/x"), ``fix`` says what to do instead."""
+    folder = Path(folder)
+    ancestor = folder
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ConfigError(f"cannot write {what}: {ancestor} is not a folder; {fix}")
+    try:
+        probe = tempfile.mkdtemp(dir=ancestor, prefix=".saescope-write-check-")
+    except OSError as exc:
+        raise ConfigError(f"cannot write {what}: {ancestor} is not writable "
+                          f"({exc.strerror or exc}); {fix}") from None
+    os.rmdir(probe)
+
+
+def check_destination(out: Path) -> None:
+    """Fail unless the SAE can be written to ``out``. An existing SAE folder there is replaced;
+    any other non-empty folder is refused, since replacing it would delete its files."""
+    if out.exists():
+        if not out.is_dir():
+            raise ConfigError(f"--out {out} is a file; give a folder")
+        if any(out.iterdir()) and not (out / SAELENS_CFG).is_file():
+            raise ConfigError(f"--out {out} is a folder that holds no SAE ({SAELENS_CFG}) and "
+                              "would be replaced; give a new or empty folder")
+    # The SAE is written beside ``out`` and renamed into place, so its parent must be writable.
+    check_writable(out.parent, what=f"the SAE to {out}", fix="choose a writable folder with --out")
+
+
+def _write_sae_folder(out: Path, *, sae: SAE, evals: dict[str, Any]) -> None:
+    """Write the SAE and evals.json aside, then rename the folder into place (replacing an
+    older SAE there), so a failure never leaves half a folder at ``out``."""
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        sae.save(tmp)
+        evals["sae_sha256"] = sae_files_fingerprint(tmp)
+        (tmp / "evals.json").write_text(json.dumps(evals, indent=2))
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            try:
+                os.replace(tmp, out)
+            except OSError:
+                os.replace(old, out)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _unsaved_message(out: Path, exc: OSError, *, sae: SAE, evals: dict[str, Any],
+                     ckpt_dir: Path) -> str:
+    """Keep a trained SAE whose write failed beside its checkpoint, and say where and how to
+    retry."""
+    reason = f"cannot write the SAE to {out} ({exc.strerror or exc})"
+    kept = ckpt_dir / "unsaved-sae"
+    try:
+        _write_sae_folder(kept, sae=sae, evals=evals)
+    except OSError as exc2:
+        return f"{reason}, nor keep it at {kept} ({exc2.strerror or exc2})"
+    resume = (", or rerun with the same options and a writable --out: it resumes from the "
+              "finished checkpoint without training again"
+              if (ckpt_dir / CHECKPOINT_NAME).is_file() else "")
+    return f"{reason}; the trained SAE is kept at {kept}: copy that folder to {out}{resume}"
 
 
 def train_default_sae(*, saes_dir: Path, cache_dir: Path, **kwargs: Any) -> TrainedSAE:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -136,3 +138,62 @@ def test_help_shows_ranges_the_sae_id_rule_and_hub_ids():
         assert text in train
     assert "hub id org/name" in help_text("build")
 
+
+def test_unwritable_out_fails_before_the_model_loads_and_writes_nothing(isolated_home,
+                                                                       text_corpus):
+    blocker = isolated_home / "a-file"
+    blocker.write_text("not a folder")
+    keep = isolated_home / "notes"
+    keep.mkdir()
+    (keep / "todo.txt").write_text("mine")
+    outs = {str(blocker / "sae"): "is not a folder", str(keep): "holds no SAE"}
+    if Path("/proc/self").is_dir():  # a folder no one can create anything in, even root
+        outs["/proc/saescope-x"] = "/proc is not writable"
+    before = sorted(isolated_home.rglob("*"))
+    for out, message in outs.items():
+        result = _cli("--model", "tiny-llama", "--hook", "blocks.2.hook_resid_post",
+                      "--corpus", str(text_corpus), "--out", out)
+        assert result.exit_code == 2, result.output
+        lines = result.output.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+        assert sorted(isolated_home.rglob("*")) == before  # no cache, no SAE, no probe left
+    assert (keep / "todo.txt").read_text() == "mine"
+
+
+def test_a_failed_final_write_keeps_the_sae_and_a_rerun_does_not_train_again(
+        tmp_path, text_corpus, monkeypatch):
+    import json
+    import shutil
+
+    from app.pipeline.train_sae import train_sae
+
+    dest = tmp_path / "dest"
+    options = dict(cache_dir=tmp_path / "cache", model="tiny-llama",
+                   hook_name="blocks.2.hook_resid_post", d_sae=64, k=4, corpus=str(text_corpus),
+                   tokens=4096, eval_tokens=512, epochs=2, progress=False)
+
+    def block_the_destination(message):
+        if message.startswith("evaluating"):  # after training: the folder turns into a file
+            shutil.rmtree(dest, ignore_errors=True)
+            dest.write_text("in the way")
+
+    dest.mkdir()
+    with pytest.raises(ConfigError) as err:
+        train_sae(out=dest / "sae", log=block_the_destination, **options)
+    message = str(err.value)
+    assert f"cannot write the SAE to {dest / 'sae'}" in message and "\n" not in message
+    kept = Path(message.split("the trained SAE is kept at ")[1].split(": copy")[0])
+    assert sorted(p.name for p in kept.iterdir()) == ["cfg.json", "evals.json",
+                                                      "sae_weights.safetensors"]
+    assert "resumes from the finished checkpoint" in message
+    kept_sae = SAE.load(kept)
+    kept_evals = json.loads((kept / "evals.json").read_text())
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the rerun trained again")
+
+    monkeypatch.setattr("app.engine.train.topk_loss_and_grads", no_training)
+    result = train_sae(out=tmp_path / "retry", log=lambda message: None, **options)
+    torch.testing.assert_close(result.sae.W_enc, kept_sae.W_enc)
+    assert result.evals["explained_variance"] == kept_evals["explained_variance"]
+    assert not kept.exists()  # spent with its checkpoint once the SAE is saved
