@@ -124,6 +124,7 @@ def build_command(
     from pathlib import Path
 
     from app.pipeline.precompute import BuildOptions, build
+    from app.records import describe_ce_loss
     from app.settings import get_settings
 
     settings = get_settings()
@@ -137,8 +138,7 @@ def build_command(
     typer.echo(f"SAE {result.sae_id}: {result.n_tokens} tokens, mean L0 "
                f"{stats.get('mean_l0', 0):.1f}, dead {stats.get('n_dead')}, dense "
                f"{stats.get('n_dense')}, explained variance "
-               f"{stats.get('explained_variance', float('nan')):.3f}, CE loss recovered "
-               f"{stats.get('ce_loss_recovered', float('nan')):.3f}")
+               f"{stats.get('explained_variance', float('nan')):.3f}, {describe_ce_loss(stats)}")
 
 
 @app.command("demo")

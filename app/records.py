@@ -1,4 +1,5 @@
-"""Plain numpy records the offline pipeline hands to the store: the one contract between them.
+"""Plain numpy records the offline pipeline hands to the store: the one contract between them,
+and how their CE loss statistics read (``ce_loss_figures``) in every layer that shows them.
 
 The pipeline (torch side) produces these; the store (no torch) writes them. Every array is numpy,
 every per-feature array has length ``d_sae`` along its first axis, indexed by feature index.
@@ -6,6 +7,7 @@ every per-feature array has length ``d_sae`` along its first axis, indexed by fe
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,6 +16,10 @@ import numpy as np
 WINDOW_KIND_TOP = 0
 WINDOW_KIND_INTERVAL = 1
 INTERVAL_FINE_BINS = 128  # the interval samples' fine grid per feature (a power of two)
+# CE loss recovered = (ablated - sae) / (ablated - clean) divides by what zero-ablating the hook
+# costs. Below this many nats (an MLP-out hook can cost under 0.2) a small change in the SAE's own
+# cost swings the ratio widely, so it is flagged and the increase in nats is the figure to read.
+CE_ABLATION_GAP_MIN_NATS = 0.5
 
 
 def band_edge_bins(max_act: np.ndarray, *, n_bands: int, n_fine: int = INTERVAL_FINE_BINS
@@ -76,6 +82,43 @@ class SAERecord:
     path: str  # folder it was loaded from
     cfg: dict[str, Any] = field(default_factory=dict)  # the SAE's config as saved
     train_metrics: dict[str, Any] | None = None  # evals.json written beside a trained SAE
+
+
+def ce_loss_figures(stats: Mapping[str, Any]) -> dict[str, Any]:
+    """The CE loss figures shown wherever "CE loss recovered" is, all from one evaluation's
+    ``stats`` (evals.json or a run's sae_stats); None where a figure is missing.
+
+    ``ce_loss_increase``: nats the SAE adds over the clean model (sae - clean);
+    ``ce_loss_ablation_gap``: nats zero-ablating the hook adds (ablated - clean);
+    ``ce_loss_recovered_unreliable``: the gap is under CE_ABLATION_GAP_MIN_NATS.
+    """
+    clean, sae, ablated = (stats.get(f"ce_loss_{k}") for k in ("clean", "sae", "ablated"))
+    increase = gap = None
+    if clean is not None and sae is not None:
+        increase = sae - clean
+    if clean is not None and ablated is not None:
+        gap = ablated - clean
+    return {
+        "ce_loss_recovered": stats.get("ce_loss_recovered"),
+        "ce_loss_increase": increase,
+        "ce_loss_ablation_gap": gap,
+        "ce_loss_recovered_unreliable": None if gap is None else gap < CE_ABLATION_GAP_MIN_NATS,
+    }
+
+
+def describe_ce_loss(stats: Mapping[str, Any]) -> str:
+    """One phrase for terminals: the ratio, the increase in nats, and the flag when it applies."""
+    ce = ce_loss_figures(stats)
+    if ce["ce_loss_recovered"] is None:
+        return "CE loss recovered n/a"
+    text = f"CE loss recovered {ce['ce_loss_recovered']:.3f}"
+    if ce["ce_loss_increase"] is not None:
+        text += f" (SAE adds {ce['ce_loss_increase']:+.3f} nats"
+        if ce["ce_loss_recovered_unreliable"]:
+            text += (f"; unreliable: zero-ablation adds only {ce['ce_loss_ablation_gap']:.3f} "
+                     f"nats, under {CE_ABLATION_GAP_MIN_NATS}")
+        text += ")"
+    return text
 
 
 @dataclass

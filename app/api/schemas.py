@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from app.api.public_paths import public_json, public_path
+from app.records import CE_ABLATION_GAP_MIN_NATS, ce_loss_figures
 from app.store.read_models import FeaturePage, LabelInfo, ModelInfo, SAEInfo
 
 # --- errors ---------------------------------------------------------------------------------------
@@ -100,6 +101,13 @@ class SAEOut(BaseModel):
     n_tokens: int | None
     explained_variance: float | None
     ce_loss_recovered: float | None
+    ce_loss_increase: float | None = Field(
+        description="CE loss the SAE adds over the clean model, in nats")
+    ce_loss_ablation_gap: float | None = Field(
+        description="CE loss zero-ablating the hook adds, in nats (ce_loss_recovered's divisor)")
+    ce_loss_recovered_unreliable: bool | None = Field(
+        description=f"true when ce_loss_ablation_gap is under {CE_ABLATION_GAP_MIN_NATS} nats: "
+                    "the ratio is then ill-conditioned; read ce_loss_increase")
     n_dead: int | None
     n_dense: int | None
     n_labeled: int
@@ -122,7 +130,8 @@ class SAEOut(BaseModel):
             corpus=public_path(s.run.corpus, home=home) if s.run else None,
             n_tokens=s.run.n_tokens if s.run else None,
             explained_variance=stat("explained_variance"),
-            ce_loss_recovered=stat("ce_loss_recovered"),
+            # All CE figures from one evaluation: the run's when it measured them, else training's.
+            **ce_loss_figures(stats if stats.get("ce_loss_recovered") is not None else metrics),
             n_dead=stats.get("n_dead"), n_dense=stats.get("n_dense"), n_labeled=s.n_labeled,
         )
 

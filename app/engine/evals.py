@@ -13,7 +13,9 @@ another special token):
   more than ``dense_threshold`` (default 10%) of them.
 * CE loss: mean next-token cross-entropy (nats) of the model as is (``ce_loss_clean``), with the
   hook activation replaced by the SAE reconstruction (``ce_loss_sae``), and with it replaced by
-  zeros (``ce_loss_ablated``); ``ce_loss_recovered`` = (ablated - sae) / (ablated - clean).
+  zeros (``ce_loss_ablated``); ``ce_loss_recovered`` = (ablated - sae) / (ablated - clean),
+  ill-conditioned when zero-ablation barely hurts (see ``app.records.ce_loss_figures``), so the
+  increase in nats (``ce_loss_increase`` = sae - clean) is shown beside it.
 
 Special positions: the SAE never replaces (and the ablation never zeroes) the activation at BOS /
 special / padding positions; they keep the model's own value, because SmolLM2's residual stream
@@ -35,6 +37,7 @@ import torch
 from torch import Tensor
 
 from app.engine.formats import SAELENS_CFG, SAELENS_WEIGHTS
+from app.records import CE_ABLATION_GAP_MIN_NATS, ce_loss_figures
 
 if TYPE_CHECKING:
     from app.engine.lm import LanguageModel
@@ -255,5 +258,13 @@ def format_evals(evals: dict[str, Any]) -> str:
         f"CE loss with SAE     {evals['ce_loss_sae']:.4f}  "
         f"(+{evals['ce_loss_increase']:.4f} nats)",
         f"CE loss zero-ablated {evals['ce_loss_ablated']:.4f}",
-        f"CE loss recovered    {evals['ce_loss_recovered']:.4f}",
+        f"CE loss recovered    {evals['ce_loss_recovered']:.4f}{_ce_flag(evals)}",
     ])
+
+
+def _ce_flag(evals: dict[str, Any]) -> str:
+    ce = ce_loss_figures(evals)
+    if not ce["ce_loss_recovered_unreliable"]:
+        return ""
+    return (f"  (unreliable: zero-ablation adds only {ce['ce_loss_ablation_gap']:.4f} nats, under "
+            f"{CE_ABLATION_GAP_MIN_NATS}; the SAE adds {ce['ce_loss_increase']:+.4f})")

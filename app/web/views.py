@@ -8,6 +8,7 @@ from typing import Any
 from markupsafe import Markup, escape
 
 from app.api.public_paths import public_path
+from app.records import CE_ABLATION_GAP_MIN_NATS, ce_loss_figures
 from app.store.read_models import FeatureDetail, FeaturePage, ModelInfo, SAEInfo, WindowInfo
 from app.web.templating import (
     fmt_num,
@@ -153,12 +154,26 @@ def sae_view(sae: SAEInfo, *, home: Path) -> dict[str, Any]:
         "n_dense": stats.get("n_dense"),
         "mean_l0": stat("mean_l0"),
         "explained_variance": stat("explained_variance"),
-        "ce_loss_recovered": stat("ce_loss_recovered"),
+        **_ce_view(stats if stats.get("ce_loss_recovered") is not None else metrics),
         "n_labeled": sae.n_labeled,
         "has_run": run is not None,
         "density_hist": _hist(stats.get("density_hist")),
         "l0_hist": _hist(stats.get("l0_hist")),
     }
+
+
+def _ce_view(stats: dict[str, Any]) -> dict[str, Any]:
+    """CE loss recovered with the nats the SAE adds beside it, and why the ratio is flagged when
+    it is; all figures from one evaluation (the run's when it measured them, else training's)."""
+    ce = ce_loss_figures(stats)
+    increase = ce["ce_loss_increase"]
+    ce["ce_loss_increase_text"] = (
+        None if increase is None else f"{'+' if increase >= 0 else ''}{fmt_num(increase)} nats")
+    ce["ce_loss_unreliable_note"] = (
+        f"unreliable: zero-ablating the hook adds only {fmt_num(ce['ce_loss_ablation_gap'])} "
+        f"nats (under {CE_ABLATION_GAP_MIN_NATS}), so the ratio swings widely; read the nats "
+        "the SAE adds" if ce["ce_loss_recovered_unreliable"] else None)
+    return ce
 
 
 def _hist(data: Any) -> dict[str, list[float]]:
