@@ -87,9 +87,11 @@ def train_sae(
     """Cache activations, train a TopK SAE, evaluate it on held-out tokens, save it with evals.json.
 
     The first ``tokens`` of the corpus train the SAE; the next ``eval_tokens`` are held out for
-    the evaluation. Bad options raise ConfigError before anything is written. The SAE lands in
-    ``out``, else in ``sae_folder(saes_dir, ...)`` (SAELens layout + evals.json), written aside
-    and renamed into place. Activations and the training checkpoint live under ``cache_dir``.
+    the evaluation. Bad options and unwritable outputs raise ConfigError before the model loads
+    and before anything is written. The SAE lands in ``out``, else in ``sae_folder(saes_dir,
+    ...)`` (SAELens layout + evals.json), written aside and renamed into place; if that write
+    still fails, the SAE is kept beside its checkpoint and the ConfigError says where.
+    Activations and the training checkpoint live under ``cache_dir``.
     """
     if out is None and saes_dir is None:
         raise ValueError("train_sae needs out or saes_dir to know where the SAE goes")
