@@ -51,3 +51,27 @@ class UnavailableError(SaescopeError):
     def __init__(self, message: str, *, retry_after: int | None = None) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class UnauthorizedError(SaescopeError):
+    """No valid credentials: sign in, or send `Authorization: Bearer <token>`."""
+
+    status_code = 401
+
+
+class ForbiddenError(SaescopeError):
+    """Signed in, but this role may not do that (or the request came from another site)."""
+
+    status_code = 403
+
+
+class PreconditionFailedError(SaescopeError):
+    """A write based on a stale version (If-Match), or a create where one exists (If-None-Match)."""
+
+    status_code = 412
+
+
+class PreconditionRequiredError(SaescopeError):
+    """A write to an existing label without If-Match: the server cannot tell it is not stale."""
+
+    status_code = 428

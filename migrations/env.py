@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from alembic import context
 
-from app.store.db import make_engine
+from app.store.db import include_object, make_engine
 from app.store.tables import Base
 
 config = context.config
@@ -49,6 +49,7 @@ def _run(connection) -> None:  # noqa: ANN001 - alembic hands a Connection
         target_metadata=target_metadata,
         render_as_batch=True,
         compare_type=True,
+        include_object=include_object,
     )
     with context.begin_transaction():
         context.run_migrations()

@@ -26,7 +26,8 @@ from app.records import (
     WindowArrays,
 )
 from app.store.db import make_engine, upgrade
-from app.store.writer import write_label, write_run
+from app.store.labels import LabelEdit, create_label
+from app.store.writer import write_run
 
 
 @dataclass
@@ -163,11 +164,23 @@ def synthetic_run(
 def write_records(
     engine: Engine, *runs: SyntheticRun, labels: Iterable[dict[str, Any]] = ()
 ) -> None:
-    """Write the runs, then the labels (each the keyword arguments of writer.write_label)."""
+    """Write the runs, then the labels (each the keyword arguments of write_label)."""
     for run in runs:
         write_run(engine_or_session=engine, **run.as_kwargs())
     for label in labels:
-        write_label(engine_or_session=engine, **label)
+        write_label(engine, **label)
+
+
+def write_label(
+    engine: Engine, *, sae_id: str, index: int, description: str, tags: list[str] | None = None,
+    status: str = "draft", author: str = "ann", author_kind: str = "person",
+    notes: str = "", confidence: float | None = None,
+) -> Any:
+    """One author's label, created through the store (app/store/labels)."""
+    return create_label(engine, sae_id=sae_id, index=index, author=author,
+                        author_kind=author_kind, edit=LabelEdit(
+                            description=description, tags=list(tags or []), status=status,
+                            notes=notes, confidence=confidence))
 
 
 def synthetic_database(

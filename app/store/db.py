@@ -145,6 +145,14 @@ def write_session(engine: Engine, *, durable: bool = False) -> Iterator[Session]
         conn.close()
 
 
+def include_object(obj: Any, name: str | None, type_: str, reflected: bool,
+                   compare_to: Any) -> bool:
+    """Alembic's filter for comparing the schema with the ORM: leave out what the ORM cannot
+    declare, SQLite's FTS5 table (and its shadow tables) and PostgreSQL's full-text expression
+    index, both made by revision 0002."""
+    return not (name or "").startswith(("labels_fts", "ix_labels_search"))
+
+
 def alembic_config(url: str) -> Any:
     """Alembic's Config for `url`, built in code so no alembic.ini lookup depends on the cwd."""
     from alembic.config import Config

@@ -69,12 +69,47 @@ class SAEBrief:
 
 @dataclass(frozen=True)
 class LabelInfo:
+    """One author's label of one feature."""
+
     description: str
     tags: list[str]
     status: str
     author: str
     version: int
     updated_at: datetime
+    id: int = 0
+    sae_id: str = ""
+    feature_index: int = -1
+    author_kind: str = "person"
+    confidence: float | None = None
+    notes: str = ""
+    reviewed_by: str | None = None
+    created_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class RevisionInfo:
+    """One change of a label: `before`/`after` hold its fields (None before a create and after
+    a withdraw)."""
+
+    id: int
+    label_id: int
+    version: int
+    sae_id: str
+    feature_index: int
+    action: str
+    actor: str
+    created_at: datetime
+    before: dict[str, Any] | None
+    after: dict[str, Any] | None
+
+
+@dataclass(frozen=True)
+class LabelHit:
+    """A label search result; `score` is larger for better matches."""
+
+    label: LabelInfo
+    score: float
 
 
 @dataclass(frozen=True)
@@ -155,8 +190,10 @@ class FeatureDetail:
     run_id: int
     corpus: str
     dense_threshold: float = DEFAULT_DENSE_THRESHOLD
-    # Labels of the neighbour features that have one, read in the same query as the feature's own.
+    # Shown labels of the neighbour features that have one, read with the feature's own.
     neighbour_labels: dict[int, LabelInfo] = field(default_factory=dict)
+    # (id, version) of every label of this feature: part of the feature JSON's ETag.
+    label_versions: tuple[tuple[int, int], ...] = ()
     # The model's display strings by token id (the cached list; renderers index it by id).
     vocab: list[str] = field(default_factory=list, compare=False, repr=False)
     extra: dict[str, Any] = field(default_factory=dict)

@@ -1,12 +1,12 @@
-"""ORM tables: models, SAEs, precompute runs and their rows, and human data (labels).
+"""ORM tables: models, SAEs, precompute runs and their rows, and human data (people, labels).
 
 Precomputed rows (sequences, features, feature_tokens, windows) belong to one run and are replaced
 as a whole when a new run is swapped in. Their tables are WITHOUT ROWID on SQLite: rows are stored
 once, clustered on the (run_id, ...) primary key, so bulk inserts and range deletes of a run
 write one b-tree instead of a rowid table plus its primary-key index.
 
-Human data (labels, label_history) is keyed by the SAE's id string and the feature index, never by
-a run, so it survives any rebuild.
+Human data (users, labels, label_tags, label_revisions, the labeling queue's leases and skips) is
+keyed by the SAE's id string and the feature index, never by a run, so it survives any rebuild.
 """
 
 from __future__ import annotations
@@ -220,37 +220,125 @@ class Window(Base):
     values: Mapped[bytes] = mapped_column(LargeBinary)  # float16 [length]
 
 
+USER_ROLES = ("viewer", "annotator", "reviewer", "admin")
+LABEL_STATUSES = ("draft", "needs_review", "accepted", "rejected")
+AUTHOR_KINDS = ("person", "automatic")
+
+
+class User(Base):
+    """A person who signs in; the API token is stored only as its SHA-256 (see api/auth.py)."""
+
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    role: Mapped[str] = mapped_column(String(16))  # one of USER_ROLES
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    disabled: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class AuthSession(Base):
+    """A browser sign-in; in the database so every server worker knows it and sign-out ends it."""
+
+    __tablename__ = "auth_sessions"
+
+    id_hash: Mapped[str] = mapped_column(String(64), primary_key=True)  # SHA-256 of the cookie id
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(DateTime)
+
+
 class Label(Base):
-    """A person's label for a feature; `version` increases on every write (optimistic locking)."""
+    """One author's label for a feature; `version` increases on every change (edit or review).
+
+    Several authors may label one feature; which label a feature shows is decided when reading
+    (store/labels.py: accepted first, else the newest by a person). `author` is a user name for
+    people, or the explainer's name for automatic labels (user_id then null).
+    """
 
     __tablename__ = "labels"
-    __table_args__ = (UniqueConstraint("sae_id", "feature_index"),)
+    __table_args__ = (
+        UniqueConstraint("sae_id", "feature_index", "author_kind", "author"),
+        Index("ix_labels_feature", "sae_id", "feature_index"),
+        Index("ix_labels_author", "author", "sae_id"),
+        # Never reuse a withdrawn label's id: its revisions keep it, unique with their version.
+        {"sqlite_autoincrement": True},
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     # Plain strings, not foreign keys: a label outlives runs, and may be imported before its SAE.
     sae_id: Mapped[str] = mapped_column(String(200))
     feature_index: Mapped[int] = mapped_column(Integer)
+    author: Mapped[str] = mapped_column(String(200))
+    author_kind: Mapped[str] = mapped_column(String(16), default="person")  # AUTHOR_KINDS
+    user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
     description: Mapped[str] = mapped_column(Text, default="")
-    # JSON list of normalized tags (lowercase [a-z0-9_.:-]); filtered with LIKE '%"tag"%'.
+    # The tags in the author's order, for display; filters use label_tags.
     tags: Mapped[list[str]] = mapped_column(JSON, default=list)
-    status: Mapped[str] = mapped_column(String(32), default="draft")
-    author: Mapped[str] = mapped_column(String(200), default="")
+    status: Mapped[str] = mapped_column(String(16), default="draft")  # LABEL_STATUSES
+    confidence: Mapped[float | None] = mapped_column(Float)
+    notes: Mapped[str] = mapped_column(Text, default="")
     version: Mapped[int] = mapped_column(Integer, default=1)
+    reviewed_by: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
 
 
-class LabelHistory(Base):
-    """Every saved state of a label, newest with the highest version."""
+class LabelTag(Base):
+    """One tag of one label: the tag filter is an index lookup, not a LIKE over JSON."""
 
-    __tablename__ = "label_history"
-    __table_args__ = (Index("ix_label_history_feature", "sae_id", "feature_index", "version"),)
+    __tablename__ = "label_tags"
+    __table_args__ = (Index("ix_label_tags_tag", "tag", "label_id"),)
+
+    label_id: Mapped[int] = mapped_column(
+        ForeignKey("labels.id", ondelete="CASCADE"), primary_key=True
+    )
+    tag: Mapped[str] = mapped_column(String(64), primary_key=True)
+
+
+class LabelRevision(Base):
+    """Append-only history: one row per change of a label (create, edit, review, withdraw).
+
+    `label_id` is not a foreign key, so a withdrawn (deleted) label keeps its history; `before` and
+    `after` are the label's fields (null before a create and after a withdraw).
+    """
+
+    __tablename__ = "label_revisions"
+    __table_args__ = (
+        UniqueConstraint("label_id", "version"),
+        Index("ix_label_revisions_feature", "sae_id", "feature_index", "id"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    label_id: Mapped[int] = mapped_column(Integer)
+    version: Mapped[int] = mapped_column(Integer)
     sae_id: Mapped[str] = mapped_column(String(200))
     feature_index: Mapped[int] = mapped_column(Integer)
-    version: Mapped[int] = mapped_column(Integer)
-    description: Mapped[str] = mapped_column(Text, default="")
-    tags: Mapped[list[str]] = mapped_column(JSON, default=list)
-    status: Mapped[str] = mapped_column(String(32), default="draft")
-    author: Mapped[str] = mapped_column(String(200), default="")
+    action: Mapped[str] = mapped_column(String(16))  # create, edit, review, withdraw, import
+    actor: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    before: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    after: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+
+
+class LabelLease(Base):
+    """A feature the queue handed to one person until `expires_at`, so two people do not get it."""
+
+    __tablename__ = "label_leases"
+
+    sae_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    feature_index: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_name: Mapped[str] = mapped_column(String(64))
+    expires_at: Mapped[datetime] = mapped_column(DateTime)
+
+
+class LabelSkip(Base):
+    """A feature one person skipped in the queue; the queue does not offer it to them again."""
+
+    __tablename__ = "label_skips"
+
+    user_name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    sae_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    feature_index: Mapped[int] = mapped_column(Integer, primary_key=True)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)

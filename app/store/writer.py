@@ -1,8 +1,8 @@
-"""Writes to the store: model and SAE rows, a precompute run swapped in atomically, labels."""
+"""Writes to the store: model and SAE rows, and a precompute run swapped in atomically (label
+writes are app/store/labels)."""
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -11,7 +11,7 @@ import numpy as np
 from sqlalchemy import Engine, delete, insert, select, update
 from sqlalchemy.orm import Session
 
-from app.errors import ConfigError, ConflictError
+from app.errors import ConfigError
 from app.records import (
     WINDOW_KIND_TOP,
     FeatureArrays,
@@ -29,20 +29,15 @@ from app.store.tables import (
     SAE,
     Feature,
     FeatureToken,
-    Label,
-    LabelHistory,
     Model,
     Run,
     Sequence,
     Window,
-    utcnow,
 )
 
 # Rows per executemany call: bounds the Python lists built at once without slowing the insert.
 INSERT_CHUNK = 20_000
 
-LABEL_STATUSES = ("draft", "reviewed", "rejected")
-_TAG_RE = re.compile(r"^[a-z0-9_.:-]{1,64}$")
 
 
 @contextmanager
@@ -334,66 +329,3 @@ def _window_rows(run_id: int, w: WindowArrays) -> Iterator[tuple]:
     )
     for row in columns:
         yield (run_id, *row)
-
-
-def normalize_tags(tags: list[str]) -> list[str]:
-    """Lowercase, spaces to dashes, deduplicated in order; tags are matched as whole words."""
-    out: list[str] = []
-    for raw in tags:
-        tag = "-".join(raw.strip().lower().split())
-        if not tag:
-            continue
-        if not _TAG_RE.match(tag):
-            raise ConfigError(
-                f"tag {raw!r}: use 1-64 characters from a-z, 0-9, '_', '.', ':' and '-'"
-            )
-        if tag not in out:
-            out.append(tag)
-    return out
-
-
-def write_label(
-    *,
-    engine_or_session: Engine | Session,
-    sae_id: str,
-    index: int,
-    description: str,
-    tags: list[str] | None = None,
-    status: str = "draft",
-    author: str = "",
-    expected_version: int | None = None,
-) -> Label:
-    """Create or update a feature's label, append it to the history, and return it.
-
-    `expected_version` guards against lost updates: when given and the stored label has another
-    version, nothing is written and ConflictError says so. On SQLite the commit is fsynced.
-    """
-    if status not in LABEL_STATUSES:
-        raise ConfigError(f"label status {status!r}: use one of {', '.join(LABEL_STATUSES)}")
-    clean_tags = normalize_tags(tags or [])
-    with _session_for(engine_or_session, durable=True) as session:
-        label = session.scalars(
-            select(Label).where(Label.sae_id == sae_id, Label.feature_index == index)
-        ).one_or_none()
-        current = label.version if label is not None else 0
-        if expected_version is not None and expected_version != current:
-            raise ConflictError(
-                f"feature {index} of {sae_id} was labeled meanwhile (version {current}, you "
-                f"edited version {expected_version}); reload and apply your change again"
-            )
-        now = utcnow()
-        if label is None:
-            label = Label(sae_id=sae_id, feature_index=index, version=0)
-            session.add(label)
-        label.description = description
-        label.tags = clean_tags
-        label.status = status
-        label.author = author
-        label.version = current + 1
-        label.updated_at = now
-        session.add(LabelHistory(
-            sae_id=sae_id, feature_index=index, version=label.version, description=description,
-            tags=clean_tags, status=status, author=author, created_at=now,
-        ))
-        session.flush()
-    return label

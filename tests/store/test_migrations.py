@@ -5,7 +5,7 @@ from __future__ import annotations
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
-from app.store.db import current_revision, make_engine, upgrade
+from app.store.db import current_revision, include_object, make_engine, upgrade
 from app.store.tables import Base
 
 
@@ -13,7 +13,9 @@ def test_migrated_schema_matches_models(engine, db_url):
     assert current_revision(engine) is not None
     with engine.connect() as conn:
         diffs = compare_metadata(
-            MigrationContext.configure(conn, opts={"compare_type": True}), Base.metadata
+            MigrationContext.configure(
+                conn, opts={"compare_type": True, "include_object": include_object}),
+            Base.metadata,
         )
     assert diffs == []
     upgrade(db_url)  # a second upgrade is a no-op, not an error

@@ -9,13 +9,13 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from app.errors import ConfigError, ConflictError, NotFoundError
+from app.errors import ConfigError, NotFoundError
 from app.records import WINDOW_KIND_TOP, band_edge_values
 from app.store import queries
 from app.store.db import read_session
-from app.store.tables import SAE, Feature, FeatureToken, Label, LabelHistory, Run, Sequence, Window
-from app.store.writer import register_sae, write_label, write_run
-from tests.factories import synthetic_run
+from app.store.tables import SAE, Feature, FeatureToken, Run, Sequence, Window
+from app.store.writer import register_sae, write_run
+from tests.factories import synthetic_run, write_label
 
 
 def _rows(session: Session, table, run_id: int) -> int:
@@ -125,7 +125,7 @@ def test_feature_tokens_are_the_max_tokens_of_top_windows(engine):
 def test_swap_replaces_old_run_and_keeps_labels(engine):
     first = synthetic_run(d_sae=20, seed=1)
     old_id = write_run(engine_or_session=engine, **first.as_kwargs())
-    write_label(engine_or_session=engine, sae_id=first.sae.sae_id, index=7,
+    write_label(engine, sae_id=first.sae.sae_id, index=7,
                 description="closing brackets", tags=["Syntax"], author="ann")
 
     second = synthetic_run(d_sae=20, seed=2, corpus="other corpus")
@@ -208,28 +208,3 @@ def test_sae_id_is_unique_across_models(engine):
     other = synthetic_run(d_sae=8, model_id="other-model")
     with pytest.raises(ConfigError, match="already belongs to model"):
         register_sae(engine_or_session=engine, model=other.model, sae=other.sae)
-
-
-def test_label_versions_history_and_conflicts(engine):
-    sae_id = "1-res-topk-64"
-    first = write_label(engine_or_session=engine, sae_id=sae_id, index=3, description="a")
-    assert first.version == 1
-    second = write_label(engine_or_session=engine, sae_id=sae_id, index=3, description="b",
-                         expected_version=1, status="reviewed", tags=["x y", "X-Y", "z"])
-    assert second.version == 2
-    assert second.tags == ["x-y", "z"]
-    with pytest.raises(ConflictError, match="version 2"):
-        write_label(engine_or_session=engine, sae_id=sae_id, index=3, description="c",
-                    expected_version=1)
-    with pytest.raises(ConfigError, match="status"):
-        write_label(engine_or_session=engine, sae_id=sae_id, index=3, description="c",
-                    status="great")
-    with pytest.raises(ConfigError, match="tag"):
-        write_label(engine_or_session=engine, sae_id=sae_id, index=3, description="c",
-                    tags=["<b>"])
-    with Session(engine) as session:
-        history = session.execute(
-            select(LabelHistory.version, LabelHistory.description).order_by(LabelHistory.version)
-        ).all()
-        assert [tuple(h) for h in history] == [(1, "a"), (2, "b")]
-        assert session.scalar(select(func.count()).select_from(Label)) == 1

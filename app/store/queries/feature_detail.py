@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 from app.errors import NotFoundError
 from app.records import WINDOW_KIND_TOP, band_edge_values
 from app.store import codec
-from app.store.queries.labels import get_labels
+from app.store.labels.reads import labels_of, pick_shown
 from app.store.queries.models import get_model_vocab, token_string
 from app.store.queries.runs import live_run
 from app.store.read_models import Band, FeatureDetail, SAEBrief, TokenValue, WindowInfo
@@ -116,8 +116,10 @@ def get_feature(*, session: Session, sae_id: str, index: int) -> FeatureDetail:
     neighbour_ids = codec.from_blob(feat.neighbour_idx, codec.INT32).tolist()
     neighbour_cos = codec.from_blob(feat.neighbour_cos, codec.FLOAT32).tolist()
     neighbours = list(zip(neighbour_ids, neighbour_cos, strict=True))
-    labels = get_labels(session=session, sae_id=sae_id, indices=[index, *neighbour_ids])
-    own_label = labels.pop(index, None)
+    everyone = labels_of(session=session, sae_id=sae_id, indices=[index, *neighbour_ids])
+    own_labels = everyone.pop(index, [])
+    own_label = pick_shown(own_labels)
+    labels = {i: shown for i, ls in everyone.items() if (shown := pick_shown(ls)) is not None}
     return FeatureDetail(
         sae_id=sae.id, model_id=sae.model_id, index=index, d_sae=sae.d_sae, count=feat.count,
         act_sum=feat.act_sum, mean_act=feat.mean_act, max_act=feat.max_act,
@@ -130,4 +132,5 @@ def get_feature(*, session: Session, sae_id: str, index: int) -> FeatureDetail:
         neighbours=neighbours, windows=window_infos, label=own_label,
         run_id=run.id, corpus=run.corpus, dense_threshold=run.dense_threshold,
         neighbour_labels=labels, vocab=vocab,
+        label_versions=tuple(sorted((lb.id, lb.version) for lb in own_labels)),
     )

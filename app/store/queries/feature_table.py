@@ -5,16 +5,16 @@ from __future__ import annotations
 import random
 from typing import Literal
 
-from sqlalchemy import Text, and_, bindparam, cast, func, or_, select
+from sqlalchemy import and_, bindparam, exists, func, or_, select
 from sqlalchemy.orm import Session
 
 from app.errors import ConfigError
-from app.store.queries.labels import label_info
+from app.store.labels.reads import label_info, shown_label_id
 from app.store.queries.models import get_model_vocab, token_string
 from app.store.queries.runs import live_run
 from app.store.queries.saes import get_sae_brief
 from app.store.read_models import FeaturePage, FeatureRow
-from app.store.tables import Feature, FeatureToken, Label
+from app.store.tables import Feature, FeatureToken, Label, LabelTag
 
 MAX_PER_PAGE = 500
 # Feature indices and token ids are 32-bit integer columns, so no page past this can hold a row,
@@ -71,7 +71,8 @@ def list_features(
         raise ConfigError(f"page must be in [1, {MAX_PAGE}] and per_page in [1, {MAX_PER_PAGE}]")
     sae = get_sae_brief(session=session, sae_id=sae_id)
     run = live_run(session, sae)
-    label_on = and_(Label.sae_id == sae_id, Label.feature_index == Feature.index)
+    # The shown label of each feature (store/labels/reads.py has the rule).
+    label_on = Label.id == shown_label_id(sae_id=sae_id, feature_index=Feature.index)
     conditions = [Feature.run_id == run.id]
     alive = Feature.count > 0
     if filter == "alive":
@@ -89,9 +90,8 @@ def list_features(
             f"filter {filter!r}: use one of all, alive, dead, dense, labeled, unlabeled"
         )
     if tag:
-        clean = tag.strip().lower()
-        escaped = clean.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-        conditions.append(cast(Label.tags, Text).like(f'%"{escaped}"%', escape="\\"))
+        conditions.append(exists().where(LabelTag.label_id == Label.id,
+                                         LabelTag.tag == tag.strip().lower()))
     if q:
         escaped = q.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
         conditions.append(Label.description.ilike(f"%{escaped}%", escape="\\"))
@@ -126,7 +126,8 @@ def list_features(
     top = _top_tokens(session, run_id=run.id, model_id=sae.model_id, indices=indices)
     items = [
         FeatureRow(index=r.index, count=r.count, frac_nonzero=r.frac_nonzero, max_act=r.max_act,
-                   mean_act=r.mean_act, label=label_info(r.Label), top_tokens=top.get(r.index, []))
+                   mean_act=r.mean_act, top_tokens=top.get(r.index, []),
+                   label=label_info(r.Label) if r.Label is not None else None)
         for r in rows
     ]
     return FeaturePage(items=items, total=total, page=page, per_page=per_page)

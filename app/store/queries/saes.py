@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from sqlalchemy import bindparam, func, select
+from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
 from app.errors import NotFoundError
+from app.store.labels.reads import count_labeled
 from app.store.read_models import RunInfo, SAEBrief, SAEInfo
-from app.store.tables import SAE, Label, Run, as_utc
+from app.store.tables import SAE, Run, as_utc
 
 _sae_t = SAE.__table__
 _SAE_BRIEF = select(
@@ -26,9 +27,7 @@ def list_saes(*, session: Session, model_id: str | None = None) -> list[SAEInfo]
             select(Run).where(Run.id.in_([s.active_run_id for s in saes if s.active_run_id]))
         )
     }
-    labeled = dict(session.execute(
-        select(Label.sae_id, func.count()).where(Label.description != "").group_by(Label.sae_id)
-    ).all())
+    labeled = count_labeled(session=session)
     return [_sae_info(s, runs.get(s.active_run_id), labeled.get(s.id, 0)) for s in saes]
 
 
@@ -37,11 +36,8 @@ def get_sae(*, session: Session, sae_id: str) -> SAEInfo:
     if sae is None:
         raise NotFoundError(f"no SAE {sae_id!r} in this database; see /api/v1/saes")
     run = session.get(Run, sae.active_run_id) if sae.active_run_id is not None else None
-    n_labeled = session.scalar(
-        select(func.count()).select_from(Label)
-        .where(Label.sae_id == sae_id, Label.description != "")
-    )
-    return _sae_info(sae, run, n_labeled or 0)
+    n_labeled = count_labeled(session=session, sae_ids=[sae_id]).get(sae_id, 0)
+    return _sae_info(sae, run, n_labeled)
 
 
 def get_sae_brief(*, session: Session, sae_id: str) -> SAEBrief:

@@ -1,0 +1,51 @@
+"""Labels: several authors per feature, versioned writes with an append-only history, the shown
+label rule, full-text search, the labeling queue, import and export.
+
+Modules: edits (what a write carries, its checks), reads, writes, search, queue, transfer.
+"""
+
+from app.store.labels.edits import (
+    MAX_DESCRIPTION,
+    MAX_NOTES,
+    MAX_TAGS,
+    TAG_PATTERN,
+    LabelEdit,
+    clean_edit,
+    normalize_tags,
+)
+from app.store.labels.queue import QUEUE_ORDERS, QueueMode, QueueOrder, next_feature, skip_feature
+from app.store.labels.reads import (
+    count_labeled,
+    feature_history,
+    feature_labels,
+    label_by_id,
+    label_info,
+    labels_of,
+    may_be_shown,
+    own_label,
+    pick_shown,
+    progress,
+    shown_label_id,
+    shown_labels,
+)
+from app.store.labels.search import search_labels
+from app.store.labels.transfer import (
+    FORMATS,
+    export_records,
+    import_records,
+    parse,
+    to_csv,
+    to_jsonl,
+    to_neuronpedia,
+)
+from app.store.labels.writes import create_label, review_label, update_label, withdraw_label
+
+__all__ = [
+    "FORMATS", "MAX_DESCRIPTION", "MAX_NOTES", "MAX_TAGS", "QUEUE_ORDERS", "TAG_PATTERN",
+    "LabelEdit", "QueueMode", "QueueOrder", "clean_edit", "count_labeled", "create_label",
+    "export_records", "feature_history", "feature_labels", "import_records", "label_by_id",
+    "label_info", "labels_of", "may_be_shown", "next_feature", "normalize_tags", "own_label",
+    "parse", "pick_shown", "progress", "review_label", "search_labels", "shown_label_id",
+    "shown_labels", "skip_feature", "to_csv", "to_jsonl", "to_neuronpedia", "update_label",
+    "withdraw_label",
+]

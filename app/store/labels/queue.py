@@ -1,0 +1,101 @@
+"""The labeling queue: the next feature for one person, leased to them for a few minutes.
+
+Leases and skips are rows, so every server worker sees them. Handing out a feature is one write
+transaction that clears expired leases, picks the first candidate and inserts the lease; two
+people racing for one feature collide on the lease's primary key and the loser picks again.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Literal
+
+from sqlalchemy import BigInteger, Engine, and_, cast, delete, exists, insert, or_, select
+from sqlalchemy.exc import IntegrityError
+
+from app.errors import ConfigError, NotFoundError
+from app.store.db import write_session
+from app.store.labels.reads import may_be_shown
+from app.store.tables import SAE, Feature, Label, LabelLease, LabelSkip, utcnow
+
+QueueOrder = Literal["index", "density", "random", "active"]
+QueueMode = Literal["unlabeled", "review"]
+QUEUE_ORDERS = ("index", "density", "random", "active")
+LEASE_SECONDS = 300
+_ATTEMPTS = 5
+
+
+def _order(order: str, seed: int) -> list:
+    if order == "index":
+        return [Feature.index.asc()]
+    if order == "density":
+        return [Feature.frac_nonzero.desc(), Feature.index.asc()]
+    if order == "active":
+        return [Feature.max_act.desc(), Feature.index.asc()]
+    if order == "random":
+        # A fixed permutation per seed (multiplicative hashing), the same on SQLite and PostgreSQL.
+        key = (cast(Feature.index, BigInteger) * 2654435761 + seed * 40503) % 4294967291
+        return [key, Feature.index.asc()]
+    raise ConfigError(f"order: {order!r} is not one of {', '.join(QUEUE_ORDERS)}")
+
+
+def next_feature(
+    engine: Engine, *, sae_id: str, user: str, order: str = "index", seed: int = 0,
+    mode: str = "unlabeled", lease_seconds: int = LEASE_SECONDS,
+) -> tuple[int, object] | None:
+    """(feature index, lease expiry) of the next feature for `user`, or None when the queue is
+    empty. `unlabeled`: alive features with no shown label and none by this user; `review`:
+    features with a label that needs review (or an automatic draft) by someone else."""
+    if mode not in ("unlabeled", "review"):
+        raise ConfigError(f"mode: {mode!r} is not one of unlabeled, review")
+    ordering = _order(order, seed)
+    for _ in range(_ATTEMPTS):
+        try:
+            with write_session(engine) as session:
+                sae = session.get(SAE, sae_id)
+                if sae is None:
+                    raise NotFoundError(f"no SAE {sae_id!r} in this database; see /api/v1/saes")
+                if sae.active_run_id is None:
+                    return None
+                now = utcnow()
+                session.execute(delete(LabelLease).where(
+                    LabelLease.sae_id == sae_id,
+                    or_(LabelLease.expires_at < now, LabelLease.user_name == user)))
+                on_feature = and_(Label.sae_id == sae_id, Label.feature_index == Feature.index)
+                if mode == "unlabeled":
+                    wanted = ~exists().where(on_feature, or_(
+                        and_(may_be_shown(), Label.description != ""), Label.author == user))
+                else:
+                    wanted = exists().where(on_feature, Label.author != user, or_(
+                        Label.status == "needs_review",
+                        and_(Label.author_kind == "automatic", Label.status == "draft")))
+                index = session.scalar(
+                    select(Feature.index).where(
+                        Feature.run_id == sae.active_run_id, Feature.count > 0, wanted,
+                        ~exists().where(LabelLease.sae_id == sae_id,
+                                        LabelLease.feature_index == Feature.index),
+                        ~exists().where(LabelSkip.user_name == user,
+                                        LabelSkip.sae_id == sae_id,
+                                        LabelSkip.feature_index == Feature.index),
+                    ).order_by(*ordering).limit(1))
+                if index is None:
+                    return None
+                expires = now + timedelta(seconds=lease_seconds)
+                session.execute(insert(LabelLease).values(
+                    sae_id=sae_id, feature_index=index, user_name=user, expires_at=expires))
+                return index, expires
+        except IntegrityError:
+            continue  # someone leased that feature between our read and our insert
+    return None
+
+
+def skip_feature(engine: Engine, *, sae_id: str, index: int, user: str) -> None:
+    """Remember that `user` skipped this feature, and release their lease on it."""
+    with write_session(engine) as session:
+        exists_already = session.get(LabelSkip, (user, sae_id, index))
+        if exists_already is None:
+            session.add(LabelSkip(user_name=user, sae_id=sae_id, feature_index=index,
+                                  created_at=utcnow()))
+        session.execute(delete(LabelLease).where(
+            LabelLease.sae_id == sae_id, LabelLease.feature_index == index,
+            LabelLease.user_name == user))
