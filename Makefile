@@ -33,7 +33,7 @@ test: $(STAMP) browser-deps
 	$(BIN)/python -m pytest -q
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not integration and not browser and not fuzz"
+	$(BIN)/python -m pytest -q -m "not integration and not browser and not fuzz and not stress"
 
 lint: $(STAMP)
 	$(BIN)/ruff check app tests bench

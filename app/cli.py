@@ -13,7 +13,7 @@ from typing import Any
 
 import typer
 
-from app.errors import SaescopeError
+from app.errors import ConfigError, SaescopeError
 
 app = typer.Typer(
     help="saescope: explore, label and steer sparse-autoencoder features of language models.",
@@ -23,6 +23,10 @@ app = typer.Typer(
 )
 db_app = typer.Typer(help="Database commands.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
+user_app = typer.Typer(help="People who sign in (SAESCOPE_AUTH=token).", no_args_is_help=True)
+app.add_typer(user_app, name="user")
+labels_app = typer.Typer(help="Label import and export.", no_args_is_help=True)
+app.add_typer(labels_app, name="labels")
 
 
 def clean_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -244,9 +248,22 @@ def serve_command(
     if workers:
         updates["workers"] = workers
     settings = get_settings().model_copy(update=updates)
+    from app.api.auth import check_auth_settings
+
+    check_auth_settings(settings)
     # Upgrade here too, so a bad URL or an unreachable database fails as one line, not a trace
     # from inside the server's startup.
     _upgrade_or_explain(upgrade, settings.db_url)
+    if settings.admin_token:
+        from app.store.db import make_engine
+        from app.store.users import ensure_first_admin
+
+        engine = make_engine(settings.db_url)
+        try:
+            if ensure_first_admin(engine, name=settings.admin_name, token=settings.admin_token):
+                typer.echo(f"created admin {settings.admin_name} (token from SAESCOPE_ADMIN_TOKEN)")
+        finally:
+            engine.dispose()
     typer.echo(f"serving {display_url(settings.db_url)} on http://{settings.host}:{settings.port}/ "
                "(API docs at /docs; Ctrl+C stops)")
     _serve(settings)
@@ -282,3 +299,133 @@ def _upgrade_or_explain(upgrade: Callable[[str], None], url: str) -> None:
     except OperationalError as exc:
         reason = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
         raise ConfigError(f"cannot open the database {display_url(url)}: {reason}") from None
+
+
+def _engine_for(db: str | None) -> Any:
+    """The migrated database of --db or the settings, as an engine."""
+    from app.settings import get_settings
+    from app.store.db import make_engine, upgrade
+
+    url = db or get_settings().db_url
+    _upgrade_or_explain(upgrade, url)
+    return make_engine(url)
+
+
+_DB_OPTION = typer.Option(None, "--db", help="database URL (default: SAESCOPE_DATABASE_URL "
+                          "or sqlite:///data/saescope.db)")
+
+
+@user_app.command("add")
+@clean_errors
+def user_add_command(
+    name: str = typer.Argument(..., help="user name (letters, digits, '_', '.', '-')"),
+    role: str = typer.Option("annotator", "--role", help="viewer, annotator, reviewer or admin"),
+    db: str = _DB_OPTION,
+) -> None:
+    """Add a person and print their API token (shown once; only its hash is stored)."""
+    from app.store.users import add_user
+
+    engine = _engine_for(db)
+    try:
+        user, token = add_user(engine, name=name, role=role)
+    finally:
+        engine.dispose()
+    typer.echo(f"added {user.name} ({user.role}); their token, shown only now:")
+    typer.echo(token)
+
+
+@user_app.command("list")
+@clean_errors
+def user_list_command(db: str = _DB_OPTION) -> None:
+    """List people: name, role, disabled."""
+    from app.store.db import read_session
+    from app.store.users import list_users
+
+    engine = _engine_for(db)
+    try:
+        with read_session(engine) as session:
+            users = list_users(session)
+    finally:
+        engine.dispose()
+    for user in users:
+        flag = "  disabled" if user.disabled else ""
+        typer.echo(f"{user.name:24s} {user.role:10s}{flag}")
+
+
+@user_app.command("disable")
+@clean_errors
+def user_disable_command(name: str = typer.Argument(...), db: str = _DB_OPTION) -> None:
+    """Disable a person: their token and sessions stop working."""
+    from app.store.users import set_disabled
+
+    engine = _engine_for(db)
+    try:
+        set_disabled(engine, name=name)
+    finally:
+        engine.dispose()
+    typer.echo(f"disabled {name}")
+
+
+@user_app.command("token")
+@clean_errors
+def user_token_command(name: str = typer.Argument(...), db: str = _DB_OPTION) -> None:
+    """Give a person a new token (printed once); the old one and their sessions stop working."""
+    from app.store.users import reset_token
+
+    engine = _engine_for(db)
+    try:
+        token = reset_token(engine, name=name)
+    finally:
+        engine.dispose()
+    typer.echo(f"new token for {name}, shown only now:")
+    typer.echo(token)
+
+
+@labels_app.command("export")
+@clean_errors
+def labels_export_command(
+    out: str = typer.Argument("-", help="file to write, or - for stdout"),
+    fmt: str = typer.Option("jsonl", "--format", help="jsonl, csv or neuronpedia"),
+    sae: str = typer.Option(None, "--sae", help="only this SAE id"),
+    db: str = _DB_OPTION,
+) -> None:
+    """Export labels with their history (jsonl, csv) or as Neuronpedia explanations."""
+    from app.store.db import read_session
+    from app.store.labels import export_text
+
+    engine = _engine_for(db)
+    try:
+        with read_session(engine) as session:
+            text = export_text(session=session, fmt=fmt, sae_id=sae)
+    finally:
+        engine.dispose()
+    if out == "-":
+        sys.stdout.write(text)
+    else:
+        with open(out, "w", encoding="utf-8") as fh:
+            fh.write(text)
+
+
+@labels_app.command("import")
+@clean_errors
+def labels_import_command(
+    path: str = typer.Argument(..., help="a .jsonl or .csv file from `labels export`"),
+    fmt: str = typer.Option(None, "--format", help="jsonl or csv (default: from the suffix)"),
+    db: str = _DB_OPTION,
+) -> None:
+    """Import labels with their history: all of them, or none if a line is bad."""
+    from pathlib import Path
+
+    from app.store.labels import import_records, parse
+
+    fmt = fmt or ("csv" if path.lower().endswith(".csv") else "jsonl")
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    engine = _engine_for(db)
+    try:
+        n = import_records(engine, parse(text, fmt))
+    finally:
+        engine.dispose()
+    typer.echo(f"imported {n} labels")

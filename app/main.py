@@ -9,15 +9,17 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from starlette.concurrency import run_in_threadpool
 
+from app.api.auth import check_auth_settings, install_gate
+from app.api.deps import current_user
 from app.api.errors import install_error_handlers
 from app.api.middleware import HttpEdge
 from app.api.model_service import EngineState
 from app.api.model_worker import ModelWorker
 from app.api.public_paths import public_path
-from app.api.routes import features, models, saes, search
+from app.api.routes import features, labels, models, saes, search
 from app.errors import SaescopeError
 from app.settings import Settings, get_settings
 from app.store import queries
@@ -91,6 +93,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
+    check_auth_settings(settings)
     app = FastAPI(
         title="saescope",
         summary="Explore, label and search sparse-autoencoder features of language models.",
@@ -110,13 +113,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     ) if settings.read_threads > 0 else None
     app.state.engine_state = EngineState()
     install_error_handlers(app)
+    # The gate first, so the edge (added last, outermost) puts its headers on the gate's refusals.
+    install_gate(app, settings)
     app.add_middleware(HttpEdge)
     # Bodies are refused with 413 past a per-router limit, counted as they arrive (chunked or
     # not) and before any parsing: model routes take one text; a router may set its own
-    # (APIRouter(max_body_size=...)) for larger uploads.
+    # (APIRouter(max_body_size=...)) for larger uploads. Reading needs a signed-in viewer under
+    # auth=token; label routes check roles themselves.
+    signed_in = [Depends(current_user)]
     for module in (models, saes, features):
-        app.include_router(module.router, max_body_size=DEFAULT_MAX_BODY_BYTES)
-    app.include_router(search.router, max_body_size=search.max_body_bytes(settings))
+        app.include_router(module.router, max_body_size=DEFAULT_MAX_BODY_BYTES,
+                           dependencies=signed_in)
+    app.include_router(search.router, max_body_size=search.max_body_bytes(settings),
+                       dependencies=signed_in)
+    app.include_router(labels.router, max_body_size=DEFAULT_MAX_BODY_BYTES)
+    app.include_router(labels.transfer_router, max_body_size=labels.IMPORT_MAX_BYTES)
     _mount_web(app)
     return app
 

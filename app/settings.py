@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -38,6 +39,19 @@ class Settings(BaseSettings):
     access_log: bool = False
     # Set false to serve only precomputed data (no model in memory; text search answers 503).
     load_model: bool = True
+    # Who may do what: "none" is one local admin without sign-in (loopback binds only); "token"
+    # needs people (`saescope user add`), who sign in with their token or send it as a Bearer.
+    auth: Literal["none", "token"] = "none"
+    # Signs session cookies; required (and not the placeholder) with auth=token.
+    secret_key: str = ""
+    # Host names a browser may reach an auth=none server by, besides IP literals: a DNS-rebinding
+    # page reaches it under the attacker's own domain name, which this list refuses.
+    allowed_hosts: str = "localhost,127.0.0.1,[::1]"
+    session_hours: int = 12
+    # First admin for a fresh deployment (docker-compose reads both from .env): created with this
+    # token by `saescope serve` when the database has no users yet.
+    admin_name: str = "admin"
+    admin_token: str = ""
 
     @field_validator("home", "saes_dir")
     @classmethod

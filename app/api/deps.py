@@ -9,6 +9,7 @@ from typing import Annotated, Any, TypeVar
 from fastapi import Depends, Path, Query, Request
 from sqlalchemy.orm import Session
 
+from app.api.auth import Principal, principal_or_none, require
 from app.api.model_service import EngineState
 from app.api.model_worker import ModelWorker
 from app.settings import Settings
@@ -49,9 +50,25 @@ ModelIdPath = Annotated[str, Path(max_length=200, pattern=NO_NUL, description="M
 def text_query(max_length: int, description: str = "") -> Any:
     """A text query parameter that reaches SQL (see NO_NUL)."""
     return Query(max_length=max_length, pattern=NO_NUL, description=description)
+def current_user(request: Request) -> Principal:
+    """The signed-in person (auth=token) or the local admin (auth=none); 401 when nobody."""
+    return require(principal_or_none(request), "viewer")
+
+
+def _role(role: str) -> Callable[[Request], Principal]:
+    def dependency(request: Request) -> Principal:
+        return require(principal_or_none(request), role)
+
+    dependency.__name__ = f"require_{role}"
+    return dependency
 
 
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
+CurrentUser = Annotated[Principal, Depends(current_user)]
+# Writes check the role here, once: a viewer gets 403 on every write route.
+AnnotatorUser = Annotated[Principal, Depends(_role("annotator"))]
+ReviewerUser = Annotated[Principal, Depends(_role("reviewer"))]
+AdminUser = Annotated[Principal, Depends(_role("admin"))]
 SessionDep = Annotated[Session, Depends(get_session)]
 ModelWorkerDep = Annotated[ModelWorker, Depends(get_model_worker)]
 EngineStateDep = Annotated[EngineState, Depends(get_engine_state)]

@@ -6,6 +6,7 @@ checks that every response validates against that schema with exactly its keys.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,14 @@ def _label_json(label: LabelInfo | None) -> dict[str, Any] | None:
     return {"description": label.description, "tags": label.tags, "status": label.status,
             "author": label.author, "version": label.version,
             "updated_at": label.updated_at.isoformat()}
+
+
+def feature_etag(f: FeatureDetail) -> str:
+    """The feature JSON's ETag: its run, every label of the feature and the shown labels of its
+    neighbours (id and version each), so it changes whenever any of them does."""
+    neighbours = sorted((i, lb.id, lb.version) for i, lb in f.neighbour_labels.items())
+    key = repr((f.sae_id, f.index, f.run_id, f.label_versions, neighbours)).encode()
+    return '"f-' + hashlib.sha256(key).hexdigest()[:32] + '"'
 
 
 def feature_json(f: FeatureDetail, *, home: Path) -> bytes:

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Path, Query, Request, Response
 from sqlalchemy.orm import Session
 
 from app.api.deps import SaeIdPath, SessionDep, run_read, text_query
-from app.api.feature_json import feature_json
+from app.api.feature_json import feature_etag, feature_json
 from app.api.schemas import ERROR_RESPONSES, FeatureList, FeatureOut, RandomFeatureOut
 from app.store import queries
 
@@ -44,11 +44,16 @@ def random_feature(session: SessionDep, sae_id: SaeIdPath) -> RandomFeatureOut:
                             index=queries.random_feature(session=session, sae_id=sae_id))
 
 
-@router.get("/{index}", response_model=FeatureOut, responses=ERROR_RESPONSES)
+@router.get("/{index}", response_model=FeatureOut, responses={
+    **ERROR_RESPONSES, 304: {"description": "Not modified (If-None-Match had the ETag)"}})
 async def get_feature(request: Request, sae_id: SaeIdPath, index: IndexPath) -> Response:
-    def read(session: Session) -> bytes:
+    def read(session: Session) -> tuple[bytes, str]:
         # Serialized directly (app/api/feature_json.py); FeatureOut documents the shape.
-        return feature_json(queries.get_feature(session=session, sae_id=sae_id, index=index),
-                            home=request.app.state.settings.home)
+        detail = queries.get_feature(session=session, sae_id=sae_id, index=index)
+        return feature_json(detail, home=request.app.state.settings.home), feature_etag(detail)
 
-    return Response(content=await run_read(request, read), media_type="application/json")
+    body, tag = await run_read(request, read)
+    headers = {"ETag": tag}
+    if tag in request.headers.get("if-none-match", ""):
+        return Response(status_code=304, headers=headers)
+    return Response(content=body, media_type="application/json", headers=headers)

@@ -32,6 +32,7 @@ from app.store.labels.search import search_labels
 from app.store.labels.transfer import (
     FORMATS,
     export_records,
+    export_text,
     import_records,
     parse,
     to_csv,
@@ -43,7 +44,8 @@ from app.store.labels.writes import create_label, review_label, update_label, wi
 __all__ = [
     "FORMATS", "MAX_DESCRIPTION", "MAX_NOTES", "MAX_TAGS", "QUEUE_ORDERS", "TAG_PATTERN",
     "LabelEdit", "QueueMode", "QueueOrder", "clean_edit", "count_labeled", "create_label",
-    "export_records", "feature_history", "feature_labels", "import_records", "label_by_id",
+    "export_records", "export_text", "feature_history", "feature_labels", "import_records",
+    "label_by_id",
     "label_info", "labels_of", "may_be_shown", "next_feature", "normalize_tags", "own_label",
     "parse", "pick_shown", "progress", "review_label", "search_labels", "shown_label_id",
     "shown_labels", "skip_feature", "to_csv", "to_jsonl", "to_neuronpedia", "update_label",

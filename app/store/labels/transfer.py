@@ -112,6 +112,22 @@ def to_neuronpedia(records: Iterable[dict[str, Any]], *, model_ids: dict[str, st
             for r in records if not r["withdrawn"]]
 
 
+def export_text(*, session: Session, fmt: str, sae_id: str | None = None) -> str:
+    """The export file's text in one of FORMATS."""
+    from app.store.tables import SAE
+
+    if fmt not in FORMATS:
+        raise ConfigError(f"format: {fmt!r} is not one of {', '.join(FORMATS)}")
+    records = export_records(session=session, sae_id=sae_id)
+    if fmt == "jsonl":
+        return "".join(to_jsonl(records))
+    if fmt == "csv":
+        return to_csv(records)
+    model_ids = dict(session.execute(select(SAE.id, SAE.model_id)).all())
+    return json.dumps(to_neuronpedia(records, model_ids=model_ids), ensure_ascii=False,
+                      indent=1) + "\n"
+
+
 # --- import --------------------------------------------------------------------------------------
 
 
