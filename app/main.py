@@ -135,7 +135,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 def _mount_web(app: FastAPI) -> None:
     """HTML pages and static files, when the web layer is installed alongside the API."""
     try:
-        from app.web import pages
+        from app.web import label_pages, pages
     except ModuleNotFoundError as exc:
         if exc.name and exc.name.startswith("app.web"):
             return
@@ -151,4 +151,7 @@ def _mount_web(app: FastAPI) -> None:
         app.mount(STATIC_PREFIX, StaticFiles(directory=STATIC_DIR), name="static")
     if docs.mount_swagger_assets(app):
         app.include_router(docs.router, max_body_size=DEFAULT_MAX_BODY_BYTES)
-    app.include_router(pages.router, max_body_size=DEFAULT_MAX_BODY_BYTES)
+    # Before pages.router, whose /{model_id}/{sae_id} would take /labels/search.
+    app.include_router(label_pages.router, max_body_size=DEFAULT_MAX_BODY_BYTES)
+    app.include_router(pages.router, max_body_size=DEFAULT_MAX_BODY_BYTES,
+                       dependencies=[Depends(label_pages.page_user)])

@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 from app.api.deps import ModelIdPath, SaeIdPath, SessionDep, run_read, text_query
 from app.errors import NotFoundError
 from app.store import queries
+from app.store.labels import progress as label_progress
 from app.store.read_models import SAEInfo
 from app.web.csp import PLOT_PAGE_HEADERS
 from app.web.templating import PLOTLY_VERSION, feature_url, plotly_bundle_js, sae_url, templates
@@ -139,6 +140,7 @@ def sae_page(
         "s": sae_view(sae, home=request.app.state.settings.home),
         "t": feature_table_view(table, per_page=FEATURE_TABLE_PER_PAGE, sort=sort, order=order,
                                 filter=filter, q=q, token=token, tag=tag, page=page),
+        "progress": label_progress(session=session, sae_id=sae_id),
         "filters": FILTERS,
         "columns": COLUMNS,
         "sortable": SORTABLE,

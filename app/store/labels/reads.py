@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.sql import ColumnElement
 
 from app.store.read_models import LabelInfo, RevisionInfo
-from app.store.tables import Label, LabelRevision, as_utc
+from app.store.tables import LABEL_STATUSES, Label, LabelRevision, as_utc
 
 _label_t = Label.__table__
 _rev_t = LabelRevision.__table__
@@ -146,7 +146,8 @@ def progress(*, session: Session, sae_id: str) -> list[dict[str, Any]]:
     ).all()
     by_author: dict[str, dict[str, Any]] = {}
     for author, status, n in rows:
-        entry = by_author.setdefault(author, {"author": author, "total": 0})
+        entry = by_author.setdefault(
+            author, {"author": author, "total": 0, **dict.fromkeys(LABEL_STATUSES, 0)})
         entry[status] = n
         entry["total"] += n
     return sorted(by_author.values(), key=lambda e: (-e["total"], e["author"]))

@@ -1,0 +1,209 @@
+// Labels in the browser: the API calls with ETags, word-level diffs, and the feature page's
+// editor (my label, everyone's labels, history, conflict merge). Every label text is set with
+// textContent inside <bdi>, so it is shown literally and cannot reorder the page around it.
+
+/** fetch that returns {res, data}: data is the parsed JSON body, or null. */
+export async function api(url, { method = "GET", body, headers = {} } = {}) {
+  const init = { method, headers: { Accept: "application/json", ...headers } };
+  if (body !== undefined) {
+    init.headers["Content-Type"] = "application/json";
+    init.body = JSON.stringify(body);
+  }
+  const res = await fetch(url, init);
+  let data = null;
+  if (res.status !== 204) {
+    try {
+      data = await res.json();
+    } catch {
+      data = null;
+    }
+  }
+  return { res, data };
+}
+
+export function errorText(res, data) {
+  return data?.error?.message ?? `request failed (${res.status})`;
+}
+
+/** An element with text (never markup). */
+export function el(tag, text = "", className = "") {
+  const node = document.createElement(tag);
+  if (className) node.className = className;
+  if (text) node.textContent = text;
+  return node;
+}
+
+/** A label's text, isolated for bidi and wrapped anywhere (see .label in app.css). */
+export function labelText(text) {
+  if (!text) return el("span", "unlabeled", "label unlabeled");
+  return el("bdi", text, "label");
+}
+
+/** Word-level diff of two texts: [["same"|"del"|"ins", text], ...] (LCS over words). */
+export function wordDiff(before, after) {
+  const a = (before ?? "").split(/(\s+)/).filter((s) => s !== "");
+  const b = (after ?? "").split(/(\s+)/).filter((s) => s !== "");
+  const n = a.length;
+  const m = b.length;
+  const lcs = Array.from({ length: n + 1 }, () => new Uint16Array(m + 1));
+  for (let i = n - 1; i >= 0; i--) {
+    for (let j = m - 1; j >= 0; j--) {
+      lcs[i][j] = a[i] === b[j] ? lcs[i + 1][j + 1] + 1 : Math.max(lcs[i + 1][j], lcs[i][j + 1]);
+    }
+  }
+  const ops = [];
+  const push = (kind, text) => {
+    const last = ops[ops.length - 1];
+    if (last && last[0] === kind) last[1] += text;
+    else ops.push([kind, text]);
+  };
+  let i = 0;
+  let j = 0;
+  while (i < n && j < m) {
+    if (a[i] === b[j]) {
+      push("same", a[i]);
+      i++;
+      j++;
+    } else if (lcs[i + 1][j] >= lcs[i][j + 1]) push("del", a[i++]);
+    else push("ins", b[j++]);
+  }
+  while (i < n) push("del", a[i++]);
+  while (j < m) push("ins", b[j++]);
+  return ops;
+}
+
+/** The diff as nodes: <del>/<ins> around changed words, inside one isolated <bdi>. */
+export function diffNode(before, after) {
+  const box = el("bdi", "", "label diff");
+  for (const [kind, text] of wordDiff(before, after)) {
+    box.append(kind === "same" ? document.createTextNode(text) : el(kind, text));
+  }
+  return box;
+}
+
+function fieldChanges(before, after) {
+  const out = [];
+  for (const key of ["status", "tags", "confidence", "notes"]) {
+    const b = JSON.stringify(before?.[key] ?? null);
+    const a = JSON.stringify(after?.[key] ?? null);
+    if (b !== a) out.push(`${key}: ${b} → ${a}`);
+  }
+  return out;
+}
+
+export function historyItem(rev) {
+  const li = el("li", "", "revision");
+  const when = new Date(rev.created_at + (rev.created_at.endsWith("Z") || rev.created_at.includes("+") ? "" : "Z"));
+  const head = el("div", "", "rev-head");
+  head.append(el("span", `v${rev.version}`, "rev-version"), el("span", rev.action, "rev-action"),
+    el("bdi", rev.actor, "rev-actor"), el("time", when.toLocaleString(), "muted small"));
+  li.append(head, diffNode(rev.before?.description ?? "", rev.after?.description ?? ""));
+  for (const change of fieldChanges(rev.before, rev.after)) li.append(el("div", change, "rev-field muted small"));
+  return li;
+}
+
+function labelRow(label, shownId) {
+  const li = el("li", "", "label-row" + (label.id === shownId ? " shown" : ""));
+  li.append(labelText(label.description));
+  for (const tag of label.tags) li.append(el("span", tag, "tag"));
+  const meta = el("span", "", "muted small label-meta");
+  meta.append(el("bdi", label.author), document.createTextNode(
+    ` · ${label.author_kind === "automatic" ? "automatic · " : ""}${label.status.replace("_", " ")} · v${label.version}`));
+  li.append(meta);
+  if (label.id === shownId) li.append(el("span", "shown", "badge"));
+  return li;
+}
+
+function formValues(form) {
+  const conf = form.elements.confidence.value.trim();
+  return {
+    description: form.elements.description.value,
+    tags: form.elements.tags.value.split(/[\s,]+/).filter((t) => t),
+    status: form.elements.status.value,
+    confidence: conf === "" ? null : Number(conf),
+    notes: form.elements.notes.value,
+  };
+}
+
+function fillForm(form, label) {
+  form.elements.description.value = label?.description ?? "";
+  form.elements.tags.value = (label?.tags ?? []).join(" ");
+  form.elements.status.value = label?.status ?? "draft";
+  form.elements.confidence.value = label?.confidence ?? "";
+  form.elements.notes.value = label?.notes ?? "";
+}
+
+/** The feature page's label editor. */
+export function labelEditor(box) {
+  const base = box.dataset.api;
+  const form = box.querySelector("[data-label-form]");
+  const status = box.querySelector("[data-label-status]");
+  const all = box.querySelector("[data-all-labels]");
+  const history = box.querySelector("[data-history-list]");
+  const conflict = box.querySelector("[data-conflict]");
+  const withdraw = box.querySelector("[data-withdraw]");
+  let etag = null;
+
+  async function refresh({ keepForm = false } = {}) {
+    const [mine, everyone, revs] = await Promise.all([
+      api(`${base}/label`), api(`${base}/labels`), api(`${base}/labels/history`),
+    ]);
+    etag = mine.res.ok ? mine.res.headers.get("ETag") : null;
+    if (!keepForm) fillForm(form, mine.res.ok ? mine.data : null);
+    withdraw.hidden = etag === null;
+    all.replaceChildren(...(everyone.data?.data ?? []).map((l) => labelRow(l, everyone.data.shown_id)));
+    if (!all.children.length) all.append(el("li", "no labels yet", "muted"));
+    history.replaceChildren(...(revs.data?.data ?? []).map(historyItem));
+    if (!history.children.length) history.append(el("li", "no changes yet", "muted"));
+    return mine;
+  }
+
+  async function save() {
+    const mineText = form.elements.description.value;
+    const headers = etag ? { "If-Match": etag } : { "If-None-Match": "*" };
+    const { res, data } = await api(`${base}/label`, { method: "PUT", body: formValues(form), headers });
+    if (res.ok) {
+      conflict.hidden = true;
+      status.textContent = `saved (v${data.version})`;
+      await refresh();
+      return;
+    }
+    if (res.status === 412) {
+      // Saved meanwhile (another tab, another device): show both texts; the next save is
+      // based on the version just read, so it deliberately replaces it with the merge.
+      const current = await refresh({ keepForm: true });
+      conflict.querySelector("[data-theirs]").replaceChildren(labelText(current.data?.description ?? ""));
+      conflict.querySelector("[data-yours]").replaceChildren(labelText(mineText));
+      conflict.querySelector("[data-diff]").replaceChildren(diffNode(current.data?.description ?? "", mineText));
+      conflict.hidden = false;
+      status.textContent = "changed meanwhile: merge the texts below, then save again";
+      form.elements.description.focus();
+      return;
+    }
+    status.textContent = errorText(res, data);
+  }
+
+  form.addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    save();
+  });
+  form.elements.description.addEventListener("keydown", (ev) => {
+    if (ev.key === "Enter" && (ev.ctrlKey || ev.metaKey)) {
+      ev.preventDefault();
+      save();
+    }
+  });
+  box.querySelector("[data-take-theirs]")?.addEventListener("click", () => {
+    form.elements.description.value = conflict.querySelector("[data-theirs]").textContent;
+  });
+  withdraw.addEventListener("click", async () => {
+    if (!etag) return;
+    const { res, data } = await api(`${base}/label`, { method: "DELETE", headers: { "If-Match": etag } });
+    status.textContent = res.ok ? "withdrawn (the history keeps it)" : errorText(res, data);
+    await refresh();
+  });
+  refresh();
+}
+
+const editor = document.querySelector("[data-label-editor]");
+if (editor) labelEditor(editor);
