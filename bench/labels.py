@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import random
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -25,9 +26,12 @@ from pathlib import Path
 
 from sqlalchemy import insert, select
 
-from app.store import labels as store
-from app.store.db import make_engine, read_session, upgrade, write_session
-from app.store.tables import Label, LabelTag, utcnow
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # this checkout's app, when run as a script
+
+from app.store import labels as store  # noqa: E402
+from app.store.db import make_engine, read_session, upgrade, write_session  # noqa: E402
+from app.store.tables import Label, LabelTag, utcnow  # noqa: E402
 
 WORDS = [f"w{i}" for i in range(2000)] + [
     "bracket", "python", "keyword", "number", "digit", "comma", "quote", "newline", "indent",

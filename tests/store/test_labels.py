@@ -59,6 +59,7 @@ def test_versioned_writes_keep_every_revision(engine):
 
 @pytest.mark.parametrize(("field", "edit"), [
     ("description", _edit("x" * 2001)),
+    ("description", _edit("nul \x00 inside")),
     ("tags", _edit("ok", tags=["<b>"])),
     ("tags", _edit("ok", tags=[f"t{i}" for i in range(21)])),
     ("status", _edit("ok", status="great")),

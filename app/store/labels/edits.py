@@ -56,6 +56,10 @@ def clean_edit(edit: LabelEdit) -> LabelEdit:
         raise ConfigError(f"description: at most {MAX_DESCRIPTION} characters")
     if not isinstance(edit.notes, str) or len(edit.notes) > MAX_NOTES:
         raise ConfigError(f"notes: at most {MAX_NOTES} characters")
+    for name, text in (("description", edit.description), ("notes", edit.notes)):
+        if "\x00" in text:
+            # PostgreSQL text cannot hold NUL; refuse it on every backend alike.
+            raise ConfigError(f"{name}: NUL characters are not allowed")
     if edit.status not in LABEL_STATUSES:
         raise ConfigError(f"status: {str(edit.status)[:40]!r} is not one of "
                           f"{', '.join(LABEL_STATUSES)}")
