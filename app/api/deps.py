@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, Path, Query, Request
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
-from app.api.auth import Principal, principal_or_none, require
+from app.api.auth import LOCAL_ADMIN, Principal, principal_or_none, require
 from app.api.model_service import EngineState
 from app.api.model_worker import ModelWorker
 from app.settings import Settings
@@ -50,14 +51,23 @@ ModelIdPath = Annotated[str, Path(max_length=200, pattern=NO_NUL, description="M
 def text_query(max_length: int, description: str = "") -> Any:
     """A text query parameter that reaches SQL (see NO_NUL)."""
     return Query(max_length=max_length, pattern=NO_NUL, description=description)
-def current_user(request: Request) -> Principal:
+
+
+async def _principal(request: Request, role: str) -> Principal:
+    # auth=none answers without a thread hop; a token or session is a database read, off the loop.
+    if request.app.state.settings.auth == "none":
+        return require(LOCAL_ADMIN, role)
+    return require(await run_in_threadpool(principal_or_none, request), role)
+
+
+async def current_user(request: Request) -> Principal:
     """The signed-in person (auth=token) or the local admin (auth=none); 401 when nobody."""
-    return require(principal_or_none(request), "viewer")
+    return await _principal(request, "viewer")
 
 
-def _role(role: str) -> Callable[[Request], Principal]:
-    def dependency(request: Request) -> Principal:
-        return require(principal_or_none(request), role)
+def _role(role: str) -> Callable[[Request], Awaitable[Principal]]:
+    async def dependency(request: Request) -> Principal:
+        return await _principal(request, role)
 
     dependency.__name__ = f"require_{role}"
     return dependency

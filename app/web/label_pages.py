@@ -8,6 +8,7 @@ from urllib.parse import quote
 
 from fastapi import APIRouter, Form, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from starlette.concurrency import run_in_threadpool
 
 from app.api.auth import SESSION_COOKIE, cookie_value, principal_or_none, session_id_from_cookie
 from app.api.deps import SessionDep
@@ -23,8 +24,14 @@ from app.web.templating import sae_url, templates
 router = APIRouter(tags=["pages"], include_in_schema=False)
 
 
-def page_user(request: Request) -> None:
+async def page_user(request: Request) -> None:
     """Pages need a signed-in person under auth=token: others go to the sign-in page."""
+    if request.app.state.settings.auth == "none":
+        return
+    await run_in_threadpool(_require_page_user, request)
+
+
+def _require_page_user(request: Request) -> None:
     try:
         principal = principal_or_none(request)
     except UnauthorizedError:
@@ -88,7 +95,7 @@ def label_search_page(
     tag: Annotated[str, Query(max_length=64)] = "",
     sae: Annotated[str, Query(max_length=200)] = "",
 ) -> HTMLResponse:
-    page_user(request)
+    _require_page_user(request)
     hits = label_store.search_labels(session=session, q=q, tag=tag or None, sae_id=sae or None,
                                      limit=100) if (q or tag) else []
     models = {s.id: s.model_id for s in queries.list_saes(session=session)}
@@ -100,7 +107,7 @@ def label_search_page(
 @router.get("/{model_id}/{sae_id}/queue", response_class=HTMLResponse)
 def queue_page(request: Request, session: SessionDep, model_id: str, sae_id: str) -> HTMLResponse:
     """The labeling queue; the page drives POST /api/v1/saes/{sae_id}/queue/next itself."""
-    page_user(request)
+    _require_page_user(request)
     sae = _sae_for_page(session, model_id=model_id, sae_id=sae_id)
     context = {"model_id": model_id, "sae_id": sae_id, "d_sae": sae.d_sae,
                **_chrome(session, crumbs=[(model_id, None), (sae_id, sae_url(model_id, sae_id)),
