@@ -191,3 +191,11 @@ def test_import_is_all_or_nothing_and_export_round_trips(client):
     assert client.get("/api/v1/labels/export").text == text
     r = client.post("/api/v1/labels/import", content=good, headers={"content-type": "text/plain"})
     assert r.json() == {"imported": 1}
+
+
+def test_nul_in_ids_and_text_is_422(client):
+    assert client.get("/api/v1/saes/a%00b/features/1/label").status_code == 422
+    assert client.get("/api/v1/labels/search", params={"tag": "a\x00"}).status_code == 422
+    r = client.put(f"{FEATURE}/3/label", json={"description": "a\x00b"},
+                   headers={"If-None-Match": "*"})
+    assert r.status_code == 422 and r.json()["error"]["message"].startswith("description")

@@ -231,7 +231,7 @@ def test_import_with_one_bad_row_applies_nothing(engine):
           '"status": "great"}'
     with pytest.raises(ConfigError, match=r"^line 3: status"):
         store.import_records(engine, store.parse(f"{good}\n\n{bad}\n", "jsonl"))
-    csv_text = "sae_id,feature_index,author,description\ns,1,ann,ok\ns,-2,ann,bad\n"
+    csv_text = "\ufeffsae_id,feature_index,author,description\ns,1,ann,ok\ns,-2,ann,bad\n"
     with pytest.raises(ConfigError, match=r"^line 3: feature_index"):
         store.import_records(engine, store.parse(csv_text, "csv"))
     dup = f"{good}\n{good}\n"

@@ -43,6 +43,9 @@ transfer_router = APIRouter(prefix="/api/v1", tags=["labels"])
 IMPORT_MAX_BYTES = 64 * 1024 * 1024
 
 IndexPath = Annotated[int, Path(ge=0, le=2**31 - 1, description="Feature index, 0..d_sae-1")]
+# PostgreSQL text cannot hold NUL: refused here as a 422, not a database error there.
+NO_NUL = r"^[^\x00]*$"
+SaeId = Annotated[str, Path(max_length=200, pattern=NO_NUL, description="SAE id")]
 IfMatch = Annotated[str | None, Header(description="The label's ETag (edits, withdraw)")]
 IfNoneMatch = Annotated[str | None, Header(description="'*' to create my label")]
 FEATURE = "/saes/{sae_id}/features/{index}"
@@ -79,7 +82,7 @@ def _labeled(response: Response, label: LabelInfo) -> LabelOut:
 
 @router.get(FEATURE + "/label", response_model=LabelOut, responses=READ,
             summary="My label of a feature")
-def get_my_label(request: Request, response: Response, user: CurrentUser, sae_id: str,
+def get_my_label(request: Request, response: Response, user: CurrentUser, sae_id: SaeId,
                  index: IndexPath) -> LabelOut:
     _check_feature(request, sae_id, index)
     label = _mine(request, sae_id=sae_id, index=index, author=user.name)
@@ -92,7 +95,7 @@ def get_my_label(request: Request, response: Response, user: CurrentUser, sae_id
 @router.put(FEATURE + "/label", response_model=LabelOut, responses={
     **WRITE, 201: {"model": LabelOut, "description": "Created"}}, summary="Create or edit my label")
 def put_my_label(
-    request: Request, response: Response, user: AnnotatorUser, sae_id: str, index: IndexPath,
+    request: Request, response: Response, user: AnnotatorUser, sae_id: SaeId, index: IndexPath,
     body: LabelIn, if_match: IfMatch = None, if_none_match: IfNoneMatch = None,
 ) -> LabelOut:
     """Create my label with `If-None-Match: *` (412 if I have one by then); edit it with
@@ -125,7 +128,7 @@ def put_my_label(
 
 @router.delete(FEATURE + "/label", status_code=204, responses=WRITE,
                summary="Withdraw my label (its history stays)")
-def withdraw_my_label(request: Request, user: AnnotatorUser, sae_id: str, index: IndexPath,
+def withdraw_my_label(request: Request, user: AnnotatorUser, sae_id: SaeId, index: IndexPath,
                       if_match: IfMatch = None) -> Response:
     _check_feature(request, sae_id, index)
     current = _mine(request, sae_id=sae_id, index=index, author=user.name)
@@ -140,7 +143,7 @@ def withdraw_my_label(request: Request, user: AnnotatorUser, sae_id: str, index:
 
 @router.get(FEATURE + "/labels", response_model=FeatureLabelsOut, responses=READ,
             summary="Everyone's labels of a feature, the shown one first")
-def feature_labels(request: Request, session: SessionDep, user: CurrentUser, sae_id: str,
+def feature_labels(request: Request, session: SessionDep, user: CurrentUser, sae_id: SaeId,
                    index: IndexPath) -> FeatureLabelsOut:
     _check_feature(request, sae_id, index)
     labels = store.feature_labels(session=session, sae_id=sae_id, index=index)
@@ -151,7 +154,7 @@ def feature_labels(request: Request, session: SessionDep, user: CurrentUser, sae
 
 @router.get(FEATURE + "/labels/history", response_model=HistoryOut, responses=READ,
             summary="Every revision of the feature's labels, newest first")
-def feature_history(request: Request, session: SessionDep, user: CurrentUser, sae_id: str,
+def feature_history(request: Request, session: SessionDep, user: CurrentUser, sae_id: SaeId,
                     index: IndexPath) -> HistoryOut:
     from app.api.label_schemas import RevisionOut
 
@@ -162,7 +165,7 @@ def feature_history(request: Request, session: SessionDep, user: CurrentUser, sa
 
 @router.post(FEATURE + "/labels/{label_id}/review", response_model=LabelOut,
              responses={**READ, 412: WRITE[412]}, summary="Accept, reject or send back a label")
-def review(request: Request, response: Response, user: ReviewerUser, sae_id: str,
+def review(request: Request, response: Response, user: ReviewerUser, sae_id: SaeId,
            index: IndexPath, label_id: Annotated[int, Path(ge=1, le=2**63 - 1)], body: ReviewIn,
            if_match: IfMatch = None) -> LabelOut:
     with read_session(request.app.state.db_engine) as session:
@@ -182,7 +185,7 @@ def review(request: Request, response: Response, user: ReviewerUser, sae_id: str
              responses={**READ, 204: {"description": "Nothing left to label"}},
              summary="Lease the next feature to label (or review)")
 def queue_next(
-    request: Request, user: AnnotatorUser, sae_id: str,
+    request: Request, user: AnnotatorUser, sae_id: SaeId,
     order: Literal["index", "density", "random", "active"] = "index",
     seed: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
     mode: Literal["unlabeled", "review"] = "unlabeled",
@@ -197,7 +200,7 @@ def queue_next(
 
 @router.post("/saes/{sae_id}/queue/{index}/skip", status_code=204, responses=READ,
              summary="Skip a feature: the queue does not offer it to me again")
-def queue_skip(request: Request, user: AnnotatorUser, sae_id: str, index: IndexPath) -> Response:
+def queue_skip(request: Request, user: AnnotatorUser, sae_id: SaeId, index: IndexPath) -> Response:
     _check_feature(request, sae_id, index)
     store.skip_feature(request.app.state.db_engine, sae_id=sae_id, index=index, user=user.name)
     return Response(status_code=204)
@@ -205,7 +208,7 @@ def queue_skip(request: Request, user: AnnotatorUser, sae_id: str, index: IndexP
 
 @router.get("/saes/{sae_id}/labels/progress", response_model=ProgressOut, responses=READ,
             summary="Labeled features and labels per person on one SAE")
-def progress(session: SessionDep, user: CurrentUser, sae_id: str) -> ProgressOut:
+def progress(session: SessionDep, user: CurrentUser, sae_id: SaeId) -> ProgressOut:
     sae = queries.get_sae(session=session, sae_id=sae_id)
     people = [ProgressRow(**row) for row in store.progress(session=session, sae_id=sae_id)]
     return ProgressOut(sae_id=sae_id, d_sae=sae.d_sae, labeled=sae.n_labeled, people=people)
@@ -219,9 +222,9 @@ def progress(session: SessionDep, user: CurrentUser, sae_id: str) -> ProgressOut
 def search(
     session: SessionDep, user: CurrentUser,
     q: Annotated[str, Query(max_length=200, description="Words; the last one is a prefix")] = "",
-    tag: Annotated[str | None, Query(max_length=64, description="Only labels with this tag")]
-    = None,
-    sae_id: Annotated[str | None, Query(max_length=200)] = None,
+    tag: Annotated[str | None, Query(max_length=64, pattern=NO_NUL,
+                                     description="Only labels with this tag")] = None,
+    sae_id: Annotated[str | None, Query(max_length=200, pattern=NO_NUL)] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
 ) -> SearchOut:
     hits = store.search_labels(session=session, q=q, tag=tag, sae_id=sae_id, limit=limit)
@@ -238,7 +241,7 @@ _MEDIA = {"jsonl": "application/x-ndjson", "csv": "text/csv", "neuronpedia": "ap
 def export(
     session: SessionDep, user: AdminUser,
     format: Literal["jsonl", "csv", "neuronpedia"] = "jsonl",  # noqa: A002 - public name
-    sae_id: Annotated[str | None, Query(max_length=200)] = None,
+    sae_id: Annotated[str | None, Query(max_length=200, pattern=NO_NUL)] = None,
 ) -> Response:
     text = store.export_text(session=session, fmt=format, sae_id=sae_id)
     suffix = {"jsonl": "jsonl", "csv": "csv", "neuronpedia": "json"}[format]

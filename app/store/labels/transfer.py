@@ -291,6 +291,7 @@ def import_records(engine: Engine, records: list[tuple[int, dict[str, Any]]]) ->
 
 
 def parse(text: str, fmt: str) -> list[tuple[int, dict[str, Any]]]:
+    text = text.removeprefix("\ufeff")  # a byte-order mark from a spreadsheet's "save as"
     if fmt == "jsonl":
         return parse_jsonl(text)
     if fmt == "csv":
