@@ -135,6 +135,7 @@ def test_sign_in_and_label_three_from_the_queue_by_keyboard(browser, token_serve
 def _save_label(page, text: str) -> None:
     box = page.locator("[data-label-form] textarea[name=description]")
     box.fill(text)
+    page.evaluate("document.querySelector('[data-label-status]').textContent = ''")
     page.click("[data-label-form] button[type=submit]")
     page.wait_for_function(
         "() => /saved|merge/.test(document.querySelector('[data-label-status]').textContent)")
@@ -147,8 +148,9 @@ def test_history_shows_word_diffs(page, shot) -> None:
     _save_label(page, "closing brackets in Python code")
     page.click("details.history summary")
     first = page.locator("[data-history-list] .revision").first
-    assert first.locator("del").all_inner_texts() == ["opening "]
-    assert first.locator("ins").all_inner_texts() == ["closing ", "Python "]
+    texts = "els => els.map(e => e.textContent)"
+    assert first.locator("del").evaluate_all(texts) == ["opening"]
+    assert first.locator("ins").evaluate_all(texts) == ["closing", "Python "]
     assert "v2" in first.inner_text() and "edit" in first.inner_text()
     shot("history")
 
@@ -187,7 +189,7 @@ def test_hostile_labels_render_literally_everywhere(page, server, shot) -> None:
 
     def check_no_markup() -> None:
         assert page.locator("img[src='x'], svg[onload], iframe").count() == 0
-        assert page.evaluate("document.body.offsetWidth") <= 1400  # long words wrap
+        assert page.evaluate("document.documentElement.scrollWidth") <= 1400  # words wrap
 
     page.goto(f"/{MODEL_ID}/{SAE_ID}?tag=hostile&per_page=50")
     for row in page.locator("table.features tbody tr").all():
