@@ -21,11 +21,12 @@ down_revision: str | None = '0001'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
-# The SQLite full-text table and the triggers that keep it in step with `labels`. A later batch
+# The SQLite full-text table (with prefix indexes: search-as-you-type makes the last word a prefix)
+# and the triggers that keep it in step with `labels`. A later batch
 # migration of `labels` on SQLite copies the table and drops these triggers: recreate them there.
 SQLITE_FTS = [
     "CREATE VIRTUAL TABLE labels_fts USING fts5(description, tags, notes, content='labels', "
-    "content_rowid='id', tokenize='unicode61 remove_diacritics 2')",
+    "content_rowid='id', tokenize='unicode61 remove_diacritics 2', prefix='2 3')",
     "CREATE TRIGGER labels_fts_insert AFTER INSERT ON labels BEGIN "
     "INSERT INTO labels_fts(rowid, description, tags, notes) "
     "VALUES (new.id, new.description, new.tags, new.notes); END",

@@ -62,3 +62,20 @@ def test_upgrade_keeps_labels_and_history(old_url):
         assert revs[0].before is None and revs[1].before["description"] == "opening brackets"
         assert revs[1].after["status"] == "accepted"
     engine.dispose()
+
+
+def test_migrated_labels_are_searchable_and_new_ids_follow(old_url):
+    from app.store import labels as store
+    from app.store.db import read_session
+
+    _insert_old(old_url)
+    upgrade(old_url)
+    engine = make_engine(old_url)
+    with read_session(engine) as session:
+        hits = store.search_labels(session=session, q="brackets")
+        assert [h.label.feature_index for h in hits] == [3]
+        old_ids = {lb.id for lb in store.feature_labels(session=session, sae_id="s", index=3)}
+    new = store.create_label(engine, sae_id="s", index=3, author="bob",
+                             edit=store.LabelEdit(description="new"))
+    assert new.id not in old_ids and new.id > max(old_ids)
+    engine.dispose()
