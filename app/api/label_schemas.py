@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field
 
+from app.api.deps import NO_NUL
 from app.api.schemas import ErrorOut
 from app.store.labels import MAX_DESCRIPTION, MAX_NOTES, MAX_TAGS
 from app.store.read_models import LabelHit, LabelInfo, RevisionInfo
@@ -19,14 +20,21 @@ def etag(label: LabelInfo) -> str:
     return f'"{label.id}-{label.version}"'
 
 
-class LabelIn(BaseModel):
-    """My label of a feature. Tags: lowercase, 1-64 of a-z 0-9 _ . : - (spaces become -)."""
+# What a tag may be as sent: letters, digits, _ . : - and spaces, starting (after spaces) with a
+# letter or digit; the store lowercases it and turns inner spaces into dashes. Only ASCII
+# whitespace, written out, so the schema and the server agree on what \s means.
+TAG_INPUT = r"^[ \t\n\r]*[A-Za-z0-9][A-Za-z0-9_.:\- \t\n\r]*$"
+Tag = Annotated[str, Field(max_length=64, pattern=TAG_INPUT)]
 
-    description: str = Field("", max_length=MAX_DESCRIPTION)
-    tags: list[str] = Field(default_factory=list, max_length=MAX_TAGS)
+
+class LabelIn(BaseModel):
+    """My label of a feature. Tags are stored lowercase, inner spaces as dashes."""
+
+    description: str = Field("", max_length=MAX_DESCRIPTION, pattern=NO_NUL)
+    tags: list[Tag] = Field(default_factory=list, max_length=MAX_TAGS)
     status: Status = "draft"
     confidence: float | None = Field(None, ge=0.0, le=1.0)
-    notes: str = Field("", max_length=MAX_NOTES)
+    notes: str = Field("", max_length=MAX_NOTES, pattern=NO_NUL)
 
 
 class LabelOut(BaseModel):
@@ -135,4 +143,5 @@ AUTH = {401: _err("Not signed in, or an unknown token"),
         403: _err("This role may not do that, or a cross-site request")}
 READ = {**AUTH, 404: _err("Unknown SAE, feature or label"), 422: _err("Invalid input")}
 WRITE = {**READ, 412: _err("Stale If-Match, or If-None-Match: * and the label exists"),
+         413: _err("Request body over this endpoint's limit"),
          428: _err("The label exists and the request has no If-Match")}

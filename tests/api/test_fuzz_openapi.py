@@ -32,6 +32,19 @@ values = ["²", "①", "9223372036854775808", " the", "fox", "7"]
 [parameters]
 "path.sae_id" = {{ dictionary = "saes", probability = 0.8 }}
 "query.token" = {{ dictionary = "tokens", probability = 0.3 }}
+
+# Label writes are conditional requests: a well-formed write whose precondition fails (412: a
+# stale If-Match; 428: no If-Match on an existing label) is the protocol working, not valid data
+# refused. An import's body is a file whose lines are checked beyond the schema (422).
+[[operations]]
+include-path-regex = "(/label|/review)$"
+checks.positive_data_acceptance.expected-statuses = [
+  "2xx", "3xx", "401", "403", "404", "409", "412", "428", "429", "5xx"]
+
+[[operations]]
+include-path = "/api/v1/labels/import"
+checks.positive_data_acceptance.expected-statuses = [
+  "2xx", "3xx", "401", "403", "404", "409", "422", "429", "5xx"]
 """
 
 

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.browser.conftest import REPO, Server, _env, _free_port
+from tests.live_server import REPO, Server, _env, _free_port
 
 pytestmark = pytest.mark.browser
 

@@ -6,9 +6,16 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Body, Header, Path, Query, Request, Response
-from fastapi.responses import PlainTextResponse
 
-from app.api.deps import AdminUser, AnnotatorUser, CurrentUser, ReviewerUser, SessionDep
+from app.api.deps import (
+    AdminUser,
+    AnnotatorUser,
+    CurrentUser,
+    ReviewerUser,
+    SaeIdPath,
+    SessionDep,
+    text_query,
+)
 from app.api.label_schemas import (
     AUTH,
     READ,
@@ -27,7 +34,6 @@ from app.api.label_schemas import (
     etag,
 )
 from app.errors import (
-    ConfigError,
     NotFoundError,
     PreconditionFailedError,
     PreconditionRequiredError,
@@ -43,11 +49,9 @@ transfer_router = APIRouter(prefix="/api/v1", tags=["labels"])
 IMPORT_MAX_BYTES = 64 * 1024 * 1024
 
 IndexPath = Annotated[int, Path(ge=0, le=2**31 - 1, description="Feature index, 0..d_sae-1")]
-# PostgreSQL text cannot hold NUL: refused here as a 422, not a database error there.
-NO_NUL = r"^[^\x00]*$"
-SaeId = Annotated[str, Path(max_length=200, pattern=NO_NUL, description="SAE id")]
 IfMatch = Annotated[str | None, Header(description="The label's ETag (edits, withdraw)")]
-IfNoneMatch = Annotated[str | None, Header(description="'*' to create my label")]
+IfNoneMatch = Annotated[str | None, Header(pattern=r"^\*$",
+                                           description="'*' to create my label")]
 FEATURE = "/saes/{sae_id}/features/{index}"
 
 
@@ -82,7 +86,7 @@ def _labeled(response: Response, label: LabelInfo) -> LabelOut:
 
 @router.get(FEATURE + "/label", response_model=LabelOut, responses=READ,
             summary="My label of a feature")
-def get_my_label(request: Request, response: Response, user: CurrentUser, sae_id: SaeId,
+def get_my_label(request: Request, response: Response, user: CurrentUser, sae_id: SaeIdPath,
                  index: IndexPath) -> LabelOut:
     _check_feature(request, sae_id, index)
     label = _mine(request, sae_id=sae_id, index=index, author=user.name)
@@ -95,7 +99,7 @@ def get_my_label(request: Request, response: Response, user: CurrentUser, sae_id
 @router.put(FEATURE + "/label", response_model=LabelOut, responses={
     **WRITE, 201: {"model": LabelOut, "description": "Created"}}, summary="Create or edit my label")
 def put_my_label(
-    request: Request, response: Response, user: AnnotatorUser, sae_id: SaeId, index: IndexPath,
+    request: Request, response: Response, user: AnnotatorUser, sae_id: SaeIdPath, index: IndexPath,
     body: LabelIn, if_match: IfMatch = None, if_none_match: IfNoneMatch = None,
 ) -> LabelOut:
     """Create my label with `If-None-Match: *` (412 if I have one by then); edit it with
@@ -105,8 +109,6 @@ def put_my_label(
     edit = store.LabelEdit(description=body.description, tags=body.tags, status=body.status,
                            confidence=body.confidence, notes=body.notes)
     if if_match is None:
-        if if_none_match is not None and if_none_match.strip() != "*":
-            raise ConfigError("If-None-Match: only '*' (create when I have no label)")
         existing = _mine(request, sae_id=sae_id, index=index, author=user.name)
         if existing is not None and if_none_match is None:
             raise PreconditionRequiredError(
@@ -128,7 +130,7 @@ def put_my_label(
 
 @router.delete(FEATURE + "/label", status_code=204, responses=WRITE,
                summary="Withdraw my label (its history stays)")
-def withdraw_my_label(request: Request, user: AnnotatorUser, sae_id: SaeId, index: IndexPath,
+def withdraw_my_label(request: Request, user: AnnotatorUser, sae_id: SaeIdPath, index: IndexPath,
                       if_match: IfMatch = None) -> Response:
     _check_feature(request, sae_id, index)
     current = _mine(request, sae_id=sae_id, index=index, author=user.name)
@@ -143,7 +145,7 @@ def withdraw_my_label(request: Request, user: AnnotatorUser, sae_id: SaeId, inde
 
 @router.get(FEATURE + "/labels", response_model=FeatureLabelsOut, responses=READ,
             summary="Everyone's labels of a feature, the shown one first")
-def feature_labels(request: Request, session: SessionDep, user: CurrentUser, sae_id: SaeId,
+def feature_labels(request: Request, session: SessionDep, user: CurrentUser, sae_id: SaeIdPath,
                    index: IndexPath) -> FeatureLabelsOut:
     _check_feature(request, sae_id, index)
     labels = store.feature_labels(session=session, sae_id=sae_id, index=index)
@@ -154,7 +156,7 @@ def feature_labels(request: Request, session: SessionDep, user: CurrentUser, sae
 
 @router.get(FEATURE + "/labels/history", response_model=HistoryOut, responses=READ,
             summary="Every revision of the feature's labels, newest first")
-def feature_history(request: Request, session: SessionDep, user: CurrentUser, sae_id: SaeId,
+def feature_history(request: Request, session: SessionDep, user: CurrentUser, sae_id: SaeIdPath,
                     index: IndexPath) -> HistoryOut:
     from app.api.label_schemas import RevisionOut
 
@@ -165,7 +167,7 @@ def feature_history(request: Request, session: SessionDep, user: CurrentUser, sa
 
 @router.post(FEATURE + "/labels/{label_id}/review", response_model=LabelOut,
              responses={**READ, 412: WRITE[412]}, summary="Accept, reject or send back a label")
-def review(request: Request, response: Response, user: ReviewerUser, sae_id: SaeId,
+def review(request: Request, response: Response, user: ReviewerUser, sae_id: SaeIdPath,
            index: IndexPath, label_id: Annotated[int, Path(ge=1, le=2**63 - 1)], body: ReviewIn,
            if_match: IfMatch = None) -> LabelOut:
     with read_session(request.app.state.db_engine) as session:
@@ -185,7 +187,7 @@ def review(request: Request, response: Response, user: ReviewerUser, sae_id: Sae
              responses={**READ, 204: {"description": "Nothing left to label"}},
              summary="Lease the next feature to label (or review)")
 def queue_next(
-    request: Request, user: AnnotatorUser, sae_id: SaeId,
+    request: Request, user: AnnotatorUser, sae_id: SaeIdPath,
     order: Literal["index", "density", "random", "active"] = "index",
     seed: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
     mode: Literal["unlabeled", "review"] = "unlabeled",
@@ -200,7 +202,8 @@ def queue_next(
 
 @router.post("/saes/{sae_id}/queue/{index}/skip", status_code=204, responses=READ,
              summary="Skip a feature: the queue does not offer it to me again")
-def queue_skip(request: Request, user: AnnotatorUser, sae_id: SaeId, index: IndexPath) -> Response:
+def queue_skip(request: Request, user: AnnotatorUser, sae_id: SaeIdPath,
+               index: IndexPath) -> Response:
     _check_feature(request, sae_id, index)
     store.skip_feature(request.app.state.db_engine, sae_id=sae_id, index=index, user=user.name)
     return Response(status_code=204)
@@ -208,7 +211,7 @@ def queue_skip(request: Request, user: AnnotatorUser, sae_id: SaeId, index: Inde
 
 @router.get("/saes/{sae_id}/labels/progress", response_model=ProgressOut, responses=READ,
             summary="Labeled features and labels per person on one SAE")
-def progress(session: SessionDep, user: CurrentUser, sae_id: SaeId) -> ProgressOut:
+def progress(session: SessionDep, user: CurrentUser, sae_id: SaeIdPath) -> ProgressOut:
     sae = queries.get_sae(session=session, sae_id=sae_id)
     people = [ProgressRow(**row) for row in store.progress(session=session, sae_id=sae_id)]
     return ProgressOut(sae_id=sae_id, d_sae=sae.d_sae, labeled=sae.n_labeled, people=people)
@@ -221,10 +224,9 @@ def progress(session: SessionDep, user: CurrentUser, sae_id: SaeId) -> ProgressO
             summary="Full-text search over label descriptions, tags and notes")
 def search(
     session: SessionDep, user: CurrentUser,
-    q: Annotated[str, Query(max_length=200, description="Words; the last one is a prefix")] = "",
-    tag: Annotated[str | None, Query(max_length=64, pattern=NO_NUL,
-                                     description="Only labels with this tag")] = None,
-    sae_id: Annotated[str | None, Query(max_length=200, pattern=NO_NUL)] = None,
+    q: Annotated[str, text_query(200, "Words; the last one is a prefix")] = "",
+    tag: Annotated[str | None, text_query(64, "Only labels with this tag")] = None,
+    sae_id: Annotated[str | None, text_query(200, "Only this SAE's labels")] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
 ) -> SearchOut:
     hits = store.search_labels(session=session, q=q, tag=tag, sae_id=sae_id, limit=limit)
@@ -234,14 +236,14 @@ def search(
 _MEDIA = {"jsonl": "application/x-ndjson", "csv": "text/csv", "neuronpedia": "application/json"}
 
 
-@transfer_router.get("/labels/export", response_class=PlainTextResponse, responses={
+@transfer_router.get("/labels/export", response_class=Response, responses={
     **AUTH, 422: READ[422], 200: {"content": {m: {} for m in _MEDIA.values()},
                                   "description": "The export file"}},
     summary="Export labels with history (admin)")
 def export(
     session: SessionDep, user: AdminUser,
     format: Literal["jsonl", "csv", "neuronpedia"] = "jsonl",  # noqa: A002 - public name
-    sae_id: Annotated[str | None, Query(max_length=200, pattern=NO_NUL)] = None,
+    sae_id: Annotated[str | None, text_query(200, "Only this SAE's labels")] = None,
 ) -> Response:
     text = store.export_text(session=session, fmt=format, sae_id=sae_id)
     suffix = {"jsonl": "jsonl", "csv": "csv", "neuronpedia": "json"}[format]
@@ -250,7 +252,8 @@ def export(
 
 
 @transfer_router.post(
-    "/labels/import", response_model=ImportOut, responses={**AUTH, 422: READ[422]},
+    "/labels/import", response_model=ImportOut,
+    responses={**AUTH, 422: READ[422], 413: WRITE[413]},
     summary="Import labels with history (admin); all or nothing; up to 64 MiB")
 def import_labels(
     request: Request, user: AdminUser,
