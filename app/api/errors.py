@@ -10,6 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.body_limit import MAX_BODY_SIZE_SCOPE_KEY
+from starlette.routing import Match
 from starlette.types import Scope
 
 from app.api.security_headers import add_security_headers
@@ -57,6 +58,17 @@ def _validation_message(exc: RequestValidationError) -> str:
     return "; ".join(parts) or "invalid request"
 
 
+def _allowed_methods(request: Request) -> str:
+    """Every method some route answers on this path: Starlette's 405 names only the first
+    matching route's, and one path may have several routes (GET, PUT and DELETE of a label)."""
+    allowed = []
+    for method in ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT"):
+        scope = {**request.scope, "method": method}
+        if any(route.matches(scope)[0] == Match.FULL for route in request.app.router.routes):
+            allowed.append(method)
+    return ", ".join(allowed)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(SaescopeError)
     async def _domain(request: Request, exc: SaescopeError) -> Response:
@@ -78,7 +90,10 @@ def install_error_handlers(app: FastAPI) -> None:
             # FastAPI's answer to a body that is not text (e.g. invalid UTF-8); other bad JSON
             # is already a 422 validation error, so this one is too.
             status_code, message = 422, f"body: not valid JSON ({exc.__cause__})"
-        return error_response(request, status_code, message, getattr(exc, "headers", None))
+        headers = getattr(exc, "headers", None)
+        if status_code == 405:
+            headers = {**(headers or {}), "Allow": _allowed_methods(request)}
+        return error_response(request, status_code, message, headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> Response:

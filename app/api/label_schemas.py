@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from app.api.deps import NO_NUL
 from app.api.schemas import ErrorOut
@@ -29,6 +29,9 @@ Tag = Annotated[str, Field(max_length=64, pattern=TAG_INPUT)]
 
 class LabelIn(BaseModel):
     """My label of a feature. Tags are stored lowercase, inner spaces as dashes."""
+
+    # Strict: false is not a confidence of 0, nor "0.5" a number.
+    model_config = ConfigDict(strict=True)
 
     description: str = Field("", max_length=MAX_DESCRIPTION, pattern=NO_NUL)
     tags: list[Tag] = Field(default_factory=list, max_length=MAX_TAGS)
@@ -93,6 +96,8 @@ class HistoryOut(BaseModel):
 
 
 class ReviewIn(BaseModel):
+    model_config = ConfigDict(strict=True)
+
     status: Status
 
 

@@ -32,6 +32,8 @@ def test_create_edit_conflict_and_withdraw(client):
     assert created.json()["etag"] == tag and created.json()["author"] == "local"
     assert _put(client, 3, "again", **{"If-None-Match": "*"}).status_code == 412
     assert _put(client, 3, "no precondition").status_code == 428
+    assert _put(client, 3, "theirs", **{"If-None-Match": tag}).status_code == 412
+    assert _put(client, 3, "other tag", **{"If-None-Match": '"9-9"'}).status_code == 428
     edited = _put(client, 3, "second", **{"If-Match": tag})
     assert edited.status_code == 200 and edited.headers["etag"] != tag
     stale = _put(client, 3, "stale", **{"If-Match": tag})
@@ -199,3 +201,9 @@ def test_nul_in_ids_and_text_is_422(client):
     r = client.put(f"{FEATURE}/3/label", json={"description": "a\x00b"},
                    headers={"If-None-Match": "*"})
     assert r.status_code == 422 and r.json()["error"]["message"].startswith("description")
+
+
+def test_405_lists_every_method_of_the_path(client):
+    r = client.request("OPTIONS", f"{FEATURE}/3/label")
+    assert r.status_code == 405
+    assert r.headers["allow"] == "DELETE, GET, PUT"

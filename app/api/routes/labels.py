@@ -49,9 +49,10 @@ transfer_router = APIRouter(prefix="/api/v1", tags=["labels"])
 IMPORT_MAX_BYTES = 64 * 1024 * 1024
 
 IndexPath = Annotated[int, Path(ge=0, le=2**31 - 1, description="Feature index, 0..d_sae-1")]
-IfMatch = Annotated[str | None, Header(description="The label's ETag (edits, withdraw)")]
-IfNoneMatch = Annotated[str | None, Header(pattern=r"^\*$",
-                                           description="'*' to create my label")]
+# Typed str, not str | None (routes default them to None): a header is absent or text, and an
+# OpenAPI "null" alternative would invite clients (and fuzzers) to send the word null.
+IfMatch = Annotated[str, Header(description="The label's ETag (edits, withdraw)")]
+IfNoneMatch = Annotated[str, Header(description="'*' to create my label")]
 FEATURE = "/saes/{sae_id}/features/{index}"
 
 
@@ -110,7 +111,11 @@ def put_my_label(
                            confidence=body.confidence, notes=body.notes)
     if if_match is None:
         existing = _mine(request, sae_id=sae_id, index=index, author=user.name)
-        if existing is not None and if_none_match is None:
+        if existing is not None and if_none_match is not None and (
+                if_none_match.strip() == "*" or etag(existing) in if_none_match):
+            raise PreconditionFailedError(
+                f"you have a label on this feature ({etag(existing)}); edit it with If-Match")
+        if existing is not None:
             raise PreconditionRequiredError(
                 f"you have a label on this feature ({etag(existing)}); send If-Match with its "
                 "ETag so a concurrent edit is not overwritten")

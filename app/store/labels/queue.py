@@ -7,7 +7,7 @@ people racing for one feature collide on the lease's primary key and the loser p
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Literal
 
 from sqlalchemy import BigInteger, Engine, and_, cast, delete, exists, insert, or_, select
@@ -16,7 +16,7 @@ from sqlalchemy.exc import IntegrityError
 from app.errors import ConfigError, NotFoundError
 from app.store.db import write_session
 from app.store.labels.reads import may_be_shown
-from app.store.tables import SAE, Feature, Label, LabelLease, LabelSkip, utcnow
+from app.store.tables import SAE, Feature, Label, LabelLease, LabelSkip, as_utc, utcnow
 
 QueueOrder = Literal["index", "density", "random", "active"]
 QueueMode = Literal["unlabeled", "review"]
@@ -42,7 +42,7 @@ def _order(order: str, seed: int) -> list:
 def next_feature(
     engine: Engine, *, sae_id: str, user: str, order: str = "index", seed: int = 0,
     mode: str = "unlabeled", lease_seconds: int = LEASE_SECONDS,
-) -> tuple[int, object] | None:
+) -> tuple[int, datetime] | None:
     """(feature index, lease expiry) of the next feature for `user`, or None when the queue is
     empty. `unlabeled`: alive features with no shown label and none by this user; `review`:
     features with a label that needs review (or an automatic draft) by someone else."""
@@ -83,7 +83,7 @@ def next_feature(
                 expires = now + timedelta(seconds=lease_seconds)
                 session.execute(insert(LabelLease).values(
                     sae_id=sae_id, feature_index=index, user_name=user, expires_at=expires))
-                return index, expires
+                return index, as_utc(expires)
         except IntegrityError:
             continue  # someone leased that feature between our read and our insert
     return None

@@ -147,14 +147,26 @@ def parse_jsonl(text: str) -> list[tuple[int, dict[str, Any]]]:
 
 
 def parse_csv(text: str) -> list[tuple[int, dict[str, Any]]]:
-    reader = csv.DictReader(io.StringIO(text))
+    # newline="" semantics: the csv module splits lines itself, so quoted fields keep their
+    # line breaks and a lone \r ends a line as in the file.
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    try:
+        fieldnames = reader.fieldnames or []
+    except csv.Error as exc:
+        raise ConfigError(f"line 1: not CSV ({exc})") from None
     missing = [f for f in ("sae_id", "feature_index", "author", "description")
-               if f not in (reader.fieldnames or [])]
+               if f not in fieldnames]
     if missing:
         raise ConfigError(f"line 1: the CSV header lacks {', '.join(missing)}")
     out = []
     line_no = reader.line_num
-    for row in reader:
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as exc:
+            raise ConfigError(f"line {reader.line_num}: not CSV ({exc})") from None
         try:
             record: dict[str, Any] = dict(row)
             record["tags"] = (row.get("tags") or "").split()
@@ -162,7 +174,7 @@ def parse_csv(text: str) -> list[tuple[int, dict[str, Any]]]:
             record["withdrawn"] = (row.get("withdrawn") or "").lower() == "true"
             record["revisions"] = json.loads(row["revisions"]) if row.get("revisions") else []
             record["reviewed_by"] = row.get("reviewed_by") or None
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, AttributeError) as exc:
             raise ConfigError(f"line {line_no + 1}: {exc}") from None
         out.append((line_no + 1, record))
         line_no = reader.line_num
