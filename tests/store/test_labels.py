@@ -183,6 +183,20 @@ def test_queue_hands_each_feature_to_one_person(engine):
     for t in threads:
         t.join()
     assert len(got) == 18
+    # Held leases: eight people asking at once get eight different features.
+    held: list[int] = []
+
+    def hold(user: str) -> None:
+        index, _ = store.next_feature(engine, sae_id=SAE_ID, user=user)
+        with lock:
+            held.append(index)
+
+    threads = [threading.Thread(target=hold, args=(f"h{i}",)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(held)) == len(held) == 8
 
 
 def _fill(engine) -> None:

@@ -1,8 +1,8 @@
 """The labeling queue: the next feature for one person, leased to them for a few minutes.
 
 Leases and skips are rows, so every server worker sees them. Handing out a feature is one write
-transaction that clears expired leases, picks the first candidate and inserts the lease; two
-people racing for one feature collide on the lease's primary key and the loser picks again.
+transaction that clears expired leases, reads the first candidates and leases the first one
+nobody else took meanwhile (the lease's primary key decides; the loser takes the next).
 """
 
 from __future__ import annotations
@@ -10,8 +10,9 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Literal
 
-from sqlalchemy import BigInteger, Engine, and_, cast, delete, exists, insert, or_, select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import BigInteger, Engine, and_, cast, delete, exists, or_, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
 
 from app.errors import ConfigError, NotFoundError
 from app.store.db import write_session
@@ -23,6 +24,7 @@ QueueMode = Literal["unlabeled", "review"]
 QUEUE_ORDERS = ("index", "density", "random", "active")
 LEASE_SECONDS = 300
 _ATTEMPTS = 5
+_CANDIDATES = 32  # tried in order within one transaction before reading again
 
 
 def _order(order: str, seed: int) -> list:
@@ -50,52 +52,62 @@ def next_feature(
         raise ConfigError(f"mode: {mode!r} is not one of unlabeled, review")
     ordering = _order(order, seed)
     for _ in range(_ATTEMPTS):
-        try:
-            with write_session(engine) as session:
-                sae = session.get(SAE, sae_id)
-                if sae is None:
-                    raise NotFoundError(f"no SAE {sae_id!r} in this database; see /api/v1/saes")
-                if sae.active_run_id is None:
-                    return None
-                now = utcnow()
-                session.execute(delete(LabelLease).where(
-                    LabelLease.sae_id == sae_id,
-                    or_(LabelLease.expires_at < now, LabelLease.user_name == user)))
-                on_feature = and_(Label.sae_id == sae_id, Label.feature_index == Feature.index)
-                if mode == "unlabeled":
-                    wanted = ~exists().where(on_feature, or_(
-                        and_(may_be_shown(), Label.description != ""), Label.author == user))
-                else:
-                    wanted = exists().where(on_feature, Label.author != user, or_(
-                        Label.status == "needs_review",
-                        and_(Label.author_kind == "automatic", Label.status == "draft")))
-                index = session.scalar(
-                    select(Feature.index).where(
-                        Feature.run_id == sae.active_run_id, Feature.count > 0, wanted,
-                        ~exists().where(LabelLease.sae_id == sae_id,
-                                        LabelLease.feature_index == Feature.index),
-                        ~exists().where(LabelSkip.user_name == user,
-                                        LabelSkip.sae_id == sae_id,
-                                        LabelSkip.feature_index == Feature.index),
-                    ).order_by(*ordering).limit(1))
-                if index is None:
-                    return None
-                expires = now + timedelta(seconds=lease_seconds)
-                session.execute(insert(LabelLease).values(
-                    sae_id=sae_id, feature_index=index, user_name=user, expires_at=expires))
-                return index, as_utc(expires)
-        except IntegrityError:
-            continue  # someone leased that feature between our read and our insert
+        with write_session(engine) as session:
+            sae = session.get(SAE, sae_id)
+            if sae is None:
+                raise NotFoundError(f"no SAE {sae_id!r} in this database; see /api/v1/saes")
+            if sae.active_run_id is None:
+                return None
+            now = utcnow()
+            session.execute(delete(LabelLease).where(
+                LabelLease.sae_id == sae_id,
+                or_(LabelLease.expires_at < now, LabelLease.user_name == user)))
+            on_feature = and_(Label.sae_id == sae_id, Label.feature_index == Feature.index)
+            if mode == "unlabeled":
+                wanted = ~exists().where(on_feature, or_(
+                    and_(may_be_shown(), Label.description != ""), Label.author == user))
+            else:
+                wanted = exists().where(on_feature, Label.author != user, or_(
+                    Label.status == "needs_review",
+                    and_(Label.author_kind == "automatic", Label.status == "draft")))
+            candidates = session.scalars(
+                select(Feature.index).where(
+                    Feature.run_id == sae.active_run_id, Feature.count > 0, wanted,
+                    ~exists().where(LabelLease.sae_id == sae_id,
+                                    LabelLease.feature_index == Feature.index),
+                    ~exists().where(LabelSkip.user_name == user,
+                                    LabelSkip.sae_id == sae_id,
+                                    LabelSkip.feature_index == Feature.index),
+                ).order_by(*ordering).limit(_CANDIDATES)).all()
+            if not candidates:
+                return None
+            expires = now + timedelta(seconds=lease_seconds)
+            # On PostgreSQL other people may be leasing the same candidates right now: ON
+            # CONFLICT DO NOTHING waits for their insert and skips the row instead of aborting
+            # the transaction, so we move on to the next candidate.
+            for index in candidates:
+                taken = session.execute(
+                    _insert_for(session)(LabelLease).values(
+                        sae_id=sae_id, feature_index=index, user_name=user, expires_at=expires,
+                    ).on_conflict_do_nothing().returning(LabelLease.feature_index)
+                ).first()
+                if taken is not None:
+                    return index, as_utc(expires)
     return None
+
+
+def _insert_for(session: Session):  # noqa: ANN202 - the dialect's insert construct
+    if session.get_bind().dialect.name == "postgresql":
+        return postgresql.insert
+    return sqlite.insert
 
 
 def skip_feature(engine: Engine, *, sae_id: str, index: int, user: str) -> None:
     """Remember that `user` skipped this feature, and release their lease on it."""
     with write_session(engine) as session:
-        exists_already = session.get(LabelSkip, (user, sae_id, index))
-        if exists_already is None:
-            session.add(LabelSkip(user_name=user, sae_id=sae_id, feature_index=index,
-                                  created_at=utcnow()))
+        session.execute(_insert_for(session)(LabelSkip).values(
+            user_name=user, sae_id=sae_id, feature_index=index, created_at=utcnow(),
+        ).on_conflict_do_nothing())
         session.execute(delete(LabelLease).where(
             LabelLease.sae_id == sae_id, LabelLease.feature_index == index,
             LabelLease.user_name == user))
