@@ -39,11 +39,17 @@ def _request(url: str, *, method: str = "GET", body: dict | None = None,
         "Content-Type": "application/json", **(headers or {})})
     try:
         with urllib.request.urlopen(req, timeout=30) as resp:
-            raw = resp.read()
-            return resp.status, dict(resp.headers), json.loads(raw) if raw else {}
+            return resp.status, dict(resp.headers), _json(resp.read())
     except urllib.error.HTTPError as exc:
-        raw = exc.read()
-        return exc.code, dict(exc.headers), json.loads(raw) if raw else {}
+        return exc.code, dict(exc.headers), _json(exc.read())
+
+
+def _json(raw: bytes) -> dict:
+    """A JSON body, or {} for an empty or HTML one (the sign-in page)."""
+    try:
+        return json.loads(raw) if raw else {}
+    except ValueError:
+        return {}
 
 
 @pytest.fixture(scope="session")
