@@ -11,6 +11,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -33,15 +34,15 @@ HOSTILE = [
 
 
 def _request(url: str, *, method: str = "GET", body: dict | None = None,
-             headers: dict[str, str] | None = None) -> tuple[int, dict, dict]:
+             headers: dict[str, str] | None = None) -> tuple[int, Any, dict]:
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(url, data=data, method=method, headers={
         "Content-Type": "application/json", **(headers or {})})
     try:
         with urllib.request.urlopen(req, timeout=30) as resp:
-            return resp.status, dict(resp.headers), _json(resp.read())
+            return resp.status, resp.headers, _json(resp.read())
     except urllib.error.HTTPError as exc:
-        return exc.code, dict(exc.headers), _json(exc.read())
+        return exc.code, exc.headers, _json(exc.read())
 
 
 def _json(raw: bytes) -> dict:
