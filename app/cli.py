@@ -13,7 +13,7 @@ from typing import Any
 
 import typer
 
-from app.errors import ConfigError, SaescopeError
+from app.errors import ConfigError, Interrupted, SaescopeError
 
 app = typer.Typer(
     help="saescope: explore, label and steer sparse-autoencoder features of language models.",
@@ -39,8 +39,10 @@ def clean_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except SaescopeError as exc:
             typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
             raise typer.Exit(code=2) from None
-        except KeyboardInterrupt:
-            typer.secho("interrupted; a later run with the same arguments resumes", err=True)
+        except KeyboardInterrupt as exc:
+            # Only the work itself knows whether it saved anything to resume from.
+            message = str(exc) if isinstance(exc, Interrupted) and str(exc) else "interrupted"
+            typer.secho(message, err=True)
             sys.exit(130)
 
     return wrapper

@@ -75,3 +75,7 @@ class PreconditionRequiredError(SaescopeError):
     """A write to an existing label without If-Match: the server cannot tell it is not stale."""
 
     status_code = 428
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, after the work saved what it could: the message says what and how it resumes."""

@@ -37,6 +37,7 @@ class BuildOptions:
     eval_tokens: int = 4096  # held-out positions for explained variance / CE loss recovered
     seed: int = 0
     checkpoint_every: int = 20  # batches
+    checkpoint_seconds: float = 60.0  # and at least this often
     use_activation_cache: bool = True
     progress: bool = True
 
@@ -49,5 +50,7 @@ def check_options(opts: BuildOptions) -> None:
                               f"(got {getattr(opts, name)})")
     if opts.context_size is not None and opts.context_size < 2:
         raise ConfigError(f"context size must be at least 2 (got {opts.context_size})")
+    if opts.checkpoint_seconds <= 0:
+        raise ConfigError(f"checkpoint seconds must be positive (got {opts.checkpoint_seconds})")
     if opts.eval_tokens < 0:
         raise ConfigError(f"eval tokens must be >= 0 (got {opts.eval_tokens})")

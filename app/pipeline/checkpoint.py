@@ -41,6 +41,19 @@ class Checkpoint:
             return None
         return int(meta["next_seq"]), state
 
+    def saved_seq(self) -> int | None:
+        """The position of a checkpoint of this run on disk (reads only its metadata)."""
+        if not self.path.exists():
+            return None
+        try:
+            with np.load(self.path, allow_pickle=False) as data:
+                meta = json.loads(bytes(data["__meta__"]).decode())
+        except (OSError, ValueError, EOFError, KeyError):
+            return None
+        if meta.get("key") != self.key or meta.get("version") != CHECKPOINT_VERSION:
+            return None
+        return int(meta["next_seq"])
+
     def save(self, *, next_seq: int, state: dict[str, np.ndarray]) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         meta = {"key": self.key, "version": CHECKPOINT_VERSION, "next_seq": int(next_seq)}

@@ -62,6 +62,12 @@ class TokenizedCorpus:
     def n_seq(self) -> int:
         return int(self.tokens.shape[0])
 
+    def real_tokens(self, stop_seq: int | None = None) -> int:
+        """Positions holding document text in the first ``stop_seq`` sequences (all: None)."""
+        if stop_seq is None:
+            return self.n_real_tokens
+        return int((~self.special_mask[:stop_seq]).sum())
+
     def select(self, rows: slice) -> TokenizedCorpus:
         """A contiguous slice of the sequences (all document names kept, so indices stay valid)."""
         special = self.special_mask[rows]

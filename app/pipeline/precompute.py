@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from app.errors import ConfigError
+from app.errors import ConfigError, Interrupted
 from app.pipeline.accumulators import FeatureAccumulators
 from app.pipeline.build_evals import evaluate, train_metrics
 from app.pipeline.build_inputs import ActivationSource, find_cache, load_inputs, tokenize
@@ -31,6 +31,7 @@ from app.pipeline.build_options import BuildOptions, Log, check_options
 from app.pipeline.build_records import PrecomputeRecords, make_records
 from app.pipeline.checkpoint import Checkpoint, open_checkpoint, run_key
 from app.pipeline.corpus import TokenizedCorpus
+from app.pipeline.interrupts import DeferredInterrupt
 from app.records import INTERVAL_FINE_BINS
 
 if TYPE_CHECKING:
@@ -75,56 +76,66 @@ def build(opts: BuildOptions, *, log: Log = print, lm: LanguageModel | None = No
     names the SAE. ``stop_after_batches`` (tests) returns after that many batches of this
     invocation, leaving the checkpoint as a kill would (``run_id`` None).
     """
-    from app.store.db import make_engine
-    from app.store.writer import write_run
+    from app.pipeline.outputs import check_database
 
-    _open_database(opts.db_url, create=False)  # a bad URL fails now, not after the whole pass
+    check_database(opts.db_url)  # before any model runs: a bad --db fails in a second
     records, result = compute_records(opts, log=log, lm=lm, sae=sae,
                                       stop_after_batches=stop_after_batches)
     if records is None:
         return result
     t = time.perf_counter()
-    log(f"writing run to {result.db_url}")
-    _open_database(result.db_url, create=True)
-    engine = make_engine(result.db_url)
+    log(f"writing run to {_shown(result.db_url)}")
     try:
-        result.run_id = write_run(engine_or_session=engine, **records.as_kwargs())
-    finally:
-        engine.dispose()
+        result.run_id = _write(result.db_url, records)
+    except ConfigError as exc:
+        # The pass is done and its state is checkpointed: say how to use it, keep it.
+        raise ConfigError(
+            f"{exc}. The finished pass is kept in {result.checkpoint_dir}: the same command "
+            "with a working --db resumes from it and only writes the run") from None
     result.timings["write"] = time.perf_counter() - t
     Checkpoint(result.checkpoint_dir, "").remove()
-    log(f"done: run {result.run_id} for SAE {result.sae_id} ({result.n_tokens} tokens)")
+    log(f"done: run {result.run_id} for SAE {result.sae_id} ({result.n_tokens:,} tokens)")
     return result
 
 
-def _open_database(db_url: str, *, create: bool) -> None:
-    """Check the URL (and reach a server) early, or create / upgrade the schema before the write;
-    connection failures become one clear error."""
+def _shown(db_url: str) -> str:
+    from app.store.db import display_url
+
+    return display_url(db_url)
+
+
+def _write(db_url: str, records: PrecomputeRecords) -> int:
+    """Create or upgrade the schema, then write the run in one transaction; a failure is one
+    ConfigError naming the database."""
+    from alembic.util import CommandError
     from sqlalchemy.exc import SQLAlchemyError
 
-    from app.store.db import is_sqlite, make_engine, upgrade
+    from app.store.db import make_engine, upgrade
+    from app.store.writer import write_run
 
     try:
-        if create:
-            upgrade(db_url)
-            return
+        upgrade(db_url)
         engine = make_engine(db_url)
         try:
-            if not is_sqlite(engine):
-                with engine.connect():
-                    pass
+            return write_run(engine_or_session=engine, **records.as_kwargs())
         finally:
             engine.dispose()
-    except SQLAlchemyError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"cannot open database {db_url}: {first}; check --db") from None
+    except (SQLAlchemyError, CommandError, OSError) as exc:
+        text = str(getattr(exc, "orig", None) or exc).strip()
+        reason = text.splitlines()[0] if text else type(exc).__name__
+        raise ConfigError(f"cannot write the run to {_shown(db_url)}: {reason}") from None
 
 
 def compute_records(opts: BuildOptions, *, log: Log = print, lm: LanguageModel | None = None,
                     sae: SAE | None = None, stop_after_batches: int | None = None
                     ) -> tuple[PrecomputeRecords | None, BuildResult]:
     """Everything ``build`` does except the database write (resumes from a checkpoint too)."""
+    from app.pipeline.outputs import check_corpus, check_writable_dir
+
     check_options(opts)
+    check_writable_dir(Path(opts.cache_dir), what="the data folder's cache",
+                       hint="set SAESCOPE_HOME to a writable folder")
+    check_corpus(str(opts.corpus), text_field=opts.text_field)
     timings: dict[str, float] = {}
     t = time.perf_counter()
     p = _prepare(opts, log=log, lm=lm, sae=sae)
@@ -139,7 +150,9 @@ def compute_records(opts: BuildOptions, *, log: Log = print, lm: LanguageModel |
         if loaded is not None:
             start_seq, state = loaded
             acc.load_state_dict(state)
-            log(f"resuming from checkpoint at sequence {start_seq} of {p.corpus.n_seq}")
+            log(f"resuming at {p.corpus.real_tokens(start_seq):,} of "
+                f"{p.corpus.real_tokens():,} tokens (sequence {start_seq} of {p.corpus.n_seq}, "
+                f"checkpoint in {p.ckpt.folder})")
         result = BuildResult(run_id=None, model_id=p.lm.model_id, sae_id=p.sae_id,
                              db_url=opts.db_url, n_tokens=n_tokens, resumed_at_seq=start_seq,
                              timings=timings, checkpoint_dir=p.ckpt.folder)
@@ -175,6 +188,10 @@ def compute_records(opts: BuildOptions, *, log: Log = print, lm: LanguageModel |
         timings["static_wait"] = time.perf_counter() - t
         timings["static_units_background"] = float(static.units_in_background)
         timings["static_units_total"] = float(static.units_total)
+    except KeyboardInterrupt as exc:
+        if isinstance(exc, Interrupted):
+            raise
+        raise Interrupted(_saved_message(p)) from None
     finally:
         p.static.stop()  # no-op once finished; an abandoned build leaves no worker behind
 
@@ -194,6 +211,15 @@ def compute_records(opts: BuildOptions, *, log: Log = print, lm: LanguageModel |
                            + timings["records"])
     result.sae_stats = records.run.sae_stats
     return records, result
+
+
+def _saved_message(p: _Prepared) -> str:
+    """What a Ctrl-C outside the stream leaves: the last checkpoint, if any."""
+    saved = p.ckpt.saved_seq()
+    if saved is None:
+        return "interrupted before the first checkpoint; a later run starts over"
+    return (f"interrupted; the checkpoint at {p.corpus.real_tokens(saved):,} of "
+            f"{p.corpus.real_tokens():,} tokens is kept: the same command resumes there")
 
 
 def _prepare(opts: BuildOptions, *, log: Log, lm: LanguageModel | None,
@@ -272,27 +298,37 @@ def _stream(*, acc: FeatureAccumulators, sae: SAE, source: ActivationSource,
         bar = tqdm(total=n_seq * ctx, initial=start_seq * ctx, unit="tok", unit_scale=True,
                    desc="precompute", dynamic_ncols=True, mininterval=0.5)
     done = 0
+    last_save = time.monotonic()
     try:
-        for s in range(start_seq, n_seq, bs):
-            e = min(s + bs, n_seq)
-            with torch.inference_mode():
-                acts = source.batch(corpus.tokens, s, e)
-                if sparse_code:  # no [tokens, d_sae] code at all (see SAE.encode_sparse)
-                    values, indices = sae.encode_sparse(acts)
-                    acc.update_sparse(values, indices, special_mask=corpus.special_mask[s:e],
-                                      seq_index=np.arange(s, e))
-                    del values, indices
-                else:
-                    acc.update(sae.encode(acts), special_mask=corpus.special_mask[s:e],
-                               seq_index=np.arange(s, e))
-            del acts
-            done += 1
-            if done % opts.checkpoint_every == 0 or e == n_seq:
-                ckpt.save(next_seq=e, state=acc.state_dict())
-            if bar is not None:
-                bar.update((e - s) * ctx)
-            if stop_after_batches is not None and done >= stop_after_batches and e < n_seq:
-                return True
+        with DeferredInterrupt() as interrupt:
+            for s in range(start_seq, n_seq, bs):
+                e = min(s + bs, n_seq)
+                with torch.inference_mode():
+                    acts = source.batch(corpus.tokens, s, e)
+                    if sparse_code:  # no [tokens, d_sae] code at all (see SAE.encode_sparse)
+                        values, indices = sae.encode_sparse(acts)
+                        acc.update_sparse(values, indices, special_mask=corpus.special_mask[s:e],
+                                          seq_index=np.arange(s, e))
+                        del values, indices
+                    else:
+                        acc.update(sae.encode(acts), special_mask=corpus.special_mask[s:e],
+                                   seq_index=np.arange(s, e))
+                del acts
+                done += 1
+                # A checkpoint every few batches, every checkpoint_seconds, at the end, and on
+                # Ctrl-C (which waits for the batch, so the state saved is whole).
+                if (done % opts.checkpoint_every == 0 or e == n_seq or interrupt.requested
+                        or time.monotonic() - last_save >= opts.checkpoint_seconds):
+                    ckpt.save(next_seq=e, state=acc.state_dict())
+                    last_save = time.monotonic()
+                if bar is not None:
+                    bar.update((e - s) * ctx)
+                if interrupt.requested:
+                    raise Interrupted(
+                        f"interrupted; saved a checkpoint at {corpus.real_tokens(e):,} of "
+                        f"{corpus.real_tokens():,} tokens: the same command resumes there")
+                if stop_after_batches is not None and done >= stop_after_batches and e < n_seq:
+                    return True
     finally:
         if bar is not None:
             bar.close()

@@ -271,13 +271,13 @@ def test_kill_9_at_several_points_then_resume_equals_uninterrupted(setup, tmp_pa
         assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
         outputs.append(proc.stdout)
     assert "resuming" not in outputs[0]
-    assert "resuming from checkpoint at sequence 8 " in outputs[1]
-    assert "resuming from checkpoint at sequence 16 " in outputs[2]
-    assert "resuming from checkpoint at sequence 16 " in outputs[3]
+    assert "(sequence 8 of " in outputs[1]
+    assert "(sequence 16 of " in outputs[2]
+    assert "(sequence 16 of " in outputs[3]
     assert "writing run" in outputs[3]
     final = run_build(killed, None)
     assert final.returncode == 0, final.stderr[-2000:]
-    assert f"resuming from checkpoint at sequence {N_SEQ} " in final.stdout
+    assert f"(sequence {N_SEQ} of " in final.stdout
     assert not any((tmp_path / "cache-killed" / "precompute").iterdir())  # spent checkpoint
     clean = run_build(plain, None)
     assert clean.returncode == 0, clean.stderr[-2000:]

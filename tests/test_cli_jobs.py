@@ -1,0 +1,192 @@
+"""Long commands as a user runs them (real subprocesses on tiny-llama): bad outputs and corpora fail
+in one line before any model runs, a failed write keeps the finished pass, Ctrl-C before the first
+checkpoint saves one and the rerun says where it resumes, the data folder is printed."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from app.engine.sae import SAE, SAEConfig
+
+REPO = Path(__file__).resolve().parents[1]
+CTX, D_SAE = 32, 96
+HOOK = "blocks.2.hook_resid_post"
+WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", ";", "def", "add",
+         "(", "a", ",", "b", ")", ":", "return", "+", "class", "Counter", "model", "feature",
+         "sparse", "layer", "token", "print", "range", "0", "1", "2", "10", "python"]
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("cli-jobs")
+    corpus = root / "docs"
+    corpus.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        (corpus / f"doc{i:02d}.txt").write_text(" ".join(rng.choice(WORDS, rng.integers(50, 400))))
+    cfg = SAEConfig(architecture="topk", d_in=64, d_sae=D_SAE, k=10, hook_name=HOOK,
+                    model_name="tiny-llama", context_size=CTX)
+    sae = SAE.from_config(cfg, seed=1)
+    with torch.no_grad():
+        sae.b_enc.copy_(torch.linspace(-0.5, 0.5, D_SAE))
+    sae.save(root / "sae")
+    return {"sae": root / "sae", "corpus": corpus}
+
+
+def build_args(inputs: dict[str, Path], *extra: str) -> list[str]:
+    return ["build", "--sae", str(inputs["sae"]), "--model", "tiny-llama", "--corpus",
+            str(inputs["corpus"]), "--tokens", str(40 * CTX), "--batch-size", "4",
+            "--eval-tokens", str(2 * CTX), *extra]
+
+
+def saescope(args: list[str], *, cwd: Path, home: Path | None = None, **kw
+             ) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    env.pop("SAESCOPE_HOME", None)
+    if home is not None:
+        env["SAESCOPE_HOME"] = str(home)
+    return subprocess.run([sys.executable, "-c", "from app.cli import app; app()", *args],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=300, **kw)
+
+
+def one_error_line(proc: subprocess.CompletedProcess, *, after_progress: bool = False) -> str:
+    """The one error line: all of stderr, or (after_progress) the last line after progress bars."""
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    if after_progress:
+        lines = [line for line in lines if "|" not in line]  # tqdm bars
+    assert len(lines) == 1, proc.stderr[-3000:]
+    assert lines[0].startswith("error: "), lines
+    return lines[0]
+
+
+def all_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file()) if folder.exists() else []
+
+
+# ------------------------------------------------------------------------------------- fail early
+
+
+@pytest.mark.parametrize(("db", "message"), [
+    ("sqlite:////proc/x.db", "cannot write the database sqlite:////proc/x.db"),
+    ("nosuch://x", "unknown database backend 'nosuch'"),
+])
+def test_build_with_an_unwritable_database_fails_before_any_model_runs(inputs, tmp_path, db,
+                                                                       message):
+    proc = saescope(build_args(inputs, "--db", db), cwd=tmp_path, home=tmp_path / "data")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert message in one_error_line(proc)
+    assert "loading" not in proc.stdout  # neither the SAE nor the model was loaded
+    assert all_files(tmp_path) == []  # no state file, no cache, no database
+
+
+def test_build_with_an_unwritable_data_folder_fails_before_any_model_runs(inputs, tmp_path):
+    proc = saescope(build_args(inputs, "--db", f"sqlite:///{tmp_path / 'x.db'}"), cwd=tmp_path,
+                    home=Path("/proc/saescope-data"))
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    line = one_error_line(proc)
+    assert "/proc/saescope-data/cache" in line and "SAESCOPE_HOME" in line
+    assert "loading" not in proc.stdout
+    assert all_files(tmp_path) == []
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty"])
+def test_a_missing_or_empty_corpus_fails_before_the_model_loads(inputs, tmp_path, kind):
+    corpus = tmp_path / "rows.csv"
+    if kind == "empty":
+        corpus.write_text("text\n\n")
+    args = build_args({**inputs, "corpus": corpus}, "--db", f"sqlite:///{tmp_path / 'x.db'}")
+    proc = saescope(args, cwd=tmp_path, home=tmp_path / "data")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    line = one_error_line(proc)
+    assert ("not found" if kind == "missing" else "is empty") in line, line
+    assert "loading" not in proc.stdout
+    assert all_files(tmp_path) == ([corpus] if kind == "empty" else [])
+
+
+def test_a_write_that_fails_after_the_pass_keeps_it_for_the_rerun(inputs, tmp_path):
+    # A database that passes the early checks, but whose schema no migration knows: the write
+    # fails only after the whole pass.
+    bad = tmp_path / "bad.db"
+    con = sqlite3.connect(bad)
+    con.execute("CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL)")
+    con.execute("INSERT INTO alembic_version VALUES ('not-a-revision')")
+    con.commit()
+    con.close()
+    home = tmp_path / "data"
+    proc = saescope(build_args(inputs, "--db", f"sqlite:///{bad}"), cwd=tmp_path, home=home)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    line = one_error_line(proc, after_progress=True)
+    assert f"cannot write the run to sqlite:///{bad}" in line
+    assert "the same command with a working --db resumes from it" in line
+    states = list((home / "cache" / "precompute").glob("*/state.npz"))
+    assert len(states) == 1 and str(states[0].parent) in line
+
+    good = tmp_path / "good.db"
+    proc = saescope(build_args(inputs, "--db", f"sqlite:///{good}"), cwd=tmp_path, home=home)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resuming at " in proc.stdout and "(sequence 40 of 40" in proc.stdout
+    assert not list((home / "cache" / "precompute").iterdir())  # spent checkpoint removed
+
+
+# ------------------------------------------------------------------------------- resume honestly
+
+# The real CLI, with a pause after the first batch so the test can press Ctrl-C at a known point
+# (long before the first periodic checkpoint, every 20 batches).
+PAUSED_CLI = textwrap.dedent("""
+    import sys
+    import app.pipeline.accumulators as acc
+    from app.cli import app
+    fed = {"n": 0}
+    update = acc.FeatureAccumulators.update_sparse
+    def paused(self, *a, **k):
+        update(self, *a, **k)
+        fed["n"] += 1
+        if fed["n"] == 1:
+            print("fed one batch", flush=True)
+            sys.stdin.readline()  # the test sends SIGINT, then a newline
+    acc.FeatureAccumulators.update_sparse = paused
+    app(sys.argv[1:])
+""")
+
+
+def test_ctrl_c_before_the_first_checkpoint_saves_one_and_the_rerun_resumes(inputs, tmp_path):
+    home = tmp_path / "data"
+    args = build_args(inputs, "--db", f"sqlite:///{tmp_path / 'x.db'}")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO),
+           "SAESCOPE_HOME": str(home)}
+    proc = subprocess.Popen([sys.executable, "-c", PAUSED_CLI, *args], cwd=tmp_path, env=env,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("fed one batch"):
+                break
+        proc.send_signal(signal.SIGINT)
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err[-3000:]
+    last = [line for line in err.splitlines() if line.strip()][-1]
+    assert last.startswith("interrupted; saved a checkpoint at "), err[-3000:]
+    assert "the same command resumes there" in last
+    saved_at = last.removeprefix("interrupted; saved a checkpoint at ").split(" of ")[0]
+    assert saved_at != "0"
+    assert len(list((home / "cache" / "precompute").glob("*/state.npz"))) == 1
+
+    rerun = saescope(args, cwd=tmp_path, home=home)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"resuming at {saved_at} of " in rerun.stdout and "(sequence 4 of 40" in rerun.stdout
