@@ -190,3 +190,56 @@ def test_ctrl_c_before_the_first_checkpoint_saves_one_and_the_rerun_resumes(inpu
     rerun = saescope(args, cwd=tmp_path, home=home)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert f"resuming at {saved_at} of " in rerun.stdout and "(sequence 4 of 40" in rerun.stdout
+
+
+PAUSED_TRAIN_CLI = textwrap.dedent("""
+    import sys
+    from app.engine.lm import LanguageModel
+    from app.cli import app
+    calls = {"n": 0}
+    run = LanguageModel.run_to_hook
+    def paused(self, *a, **k):
+        out = run(self, *a, **k)
+        calls["n"] += 1
+        if calls["n"] == 1:
+            print("ran one batch", flush=True)
+            sys.stdin.readline()  # the test sends SIGINT, then a newline
+        return out
+    LanguageModel.run_to_hook = paused
+    app(sys.argv[1:])
+""")
+
+
+def test_ctrl_c_while_caching_activations_keeps_them_and_the_rerun_resumes(inputs, tmp_path):
+    home = tmp_path / "data"
+    args = ["train-sae", "--model", "tiny-llama", "--hook", HOOK, "--d-sae", "64", "--k", "4",
+            "--corpus", str(inputs["corpus"]), "--tokens", "2048", "--eval-tokens", "128",
+            "--epochs", "1", "--out", str(tmp_path / "sae")]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO),
+           "SAESCOPE_HOME": str(home)}
+    proc = subprocess.Popen([sys.executable, "-c", PAUSED_TRAIN_CLI, *args], cwd=tmp_path,
+                            env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:
+            if line.startswith("ran one batch"):
+                break
+        proc.send_signal(signal.SIGINT)
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err[-3000:]
+    last = [line for line in err.splitlines() if line.strip()][-1]
+    assert last.startswith("interrupted; activations for "), err[-3000:]
+    assert last.endswith("are cached: the same command resumes there")
+    saved_at = last.removeprefix("interrupted; activations for ").split(" of ")[0]
+
+    rerun = saescope(args, cwd=tmp_path, home=home)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"activations: resuming at {saved_at} of " in rerun.stdout
+    assert (tmp_path / "sae" / "cfg.json").is_file()
+    again = saescope(args, cwd=tmp_path, home=home)  # the cache is complete now: reused, said so
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "activations: reusing the cache " in again.stdout

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from app.errors import ConfigError
+from app.errors import ConfigError, Interrupted
 
 CHECKPOINT_NAME = "checkpoint.pt"
 
@@ -289,13 +289,16 @@ def train_topk(
     checkpoint_dir: Path | None = None,
     progress: bool = True,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> TrainResult:
     """Train a TopK SAE on ``data`` [n_tokens, d_in] (float16/32 array or tensor, e.g. a memmap).
 
     Special-token positions must already be left out of ``data``. With ``checkpoint_dir`` the
     state is saved every ``cfg.checkpoint_every`` steps and a later call with the same data and
     config resumes from it. ``on_step(step, metrics)`` runs after each step (tests use it to
-    interrupt a run).
+    interrupt a run). When ``should_stop()`` turns true (Ctrl-C) the step in progress ends, the
+    state is checkpointed and ``Interrupted`` says where a later call resumes; ``log`` hears it.
     """
     n_rows, d_in = int(data.shape[0]), int(data.shape[1])
     steps_per_epoch = n_rows // cfg.batch_size
@@ -341,6 +344,9 @@ def train_topk(
             history = state["history"]
             start_step = state["step"]
             scale, variance = state["scale"], state["variance"]
+            if log is not None:
+                log(f"training: resuming at step {start_step:,} of {total_steps:,} "
+                    f"(checkpoint {ckpt_path})")
 
     bar = _progress_bar(total_steps * cfg.batch_size, start_step * cfg.batch_size, progress)
     smooth: dict[str, float] = {}
@@ -384,8 +390,9 @@ def train_topk(
             bar.set_postfix(nmse=f"{smooth['nmse']:.3f}", ev=f"{smooth['explained_variance']:.3f}",
                             l0=f"{smooth['l0']:.1f}", dead=f"{metrics['dead_frac']:.3f}",
                             refresh=False)
+        stop = should_stop is not None and should_stop()
         if ckpt_path is not None and ((step + 1) % cfg.checkpoint_every == 0
-                                      or step + 1 == total_steps):
+                                      or step + 1 == total_steps or stop):
             _save_checkpoint(ckpt_path, {
                 "run_key": run_key, "step": step + 1,
                 "params": {n: p.clone() for n, p in params.items()},
@@ -393,6 +400,14 @@ def train_topk(
                 "history": history, "scale": scale, "variance": variance})
         if on_step is not None:
             on_step(step + 1, metrics)
+        if stop and step + 1 < total_steps:
+            if bar is not None:
+                bar.close()
+            if ckpt_path is None:
+                raise Interrupted("interrupted; training had no checkpoint folder, so a later "
+                                  "run starts over")
+            raise Interrupted(f"interrupted; saved a training checkpoint at step {step + 1:,} "
+                              f"of {total_steps:,}: the same command resumes there")
     if bar is not None:
         bar.close()
 

@@ -34,13 +34,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from app.errors import ConfigError
+from app.errors import ConfigError, Interrupted
 from app.pipeline.corpus import (
     DEFAULT_CORPUS,
     TokenizedCorpus,
     corpus_fingerprint,
     load_corpus,
 )
+from app.pipeline.interrupts import DeferredInterrupt
 
 if TYPE_CHECKING:
     from app.engine.lm import LanguageModel
@@ -146,20 +147,24 @@ def get_activations(
     chunk_seqs: int = 128,
     progress: bool = True,
     on_chunk: Callable[[int], None] | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> ActivationCache:
     """Return the cached activations of ``hook_name`` over the first ``max_tokens`` of a corpus.
 
     Computes what is missing (resuming a partial cache), under a file lock so two processes
     asking for the same cache do the work once. ``tokenized`` skips re-tokenizing when the
     caller already has the corpus windows (they must be the ones this corpus and budget give).
-    ``on_chunk(done_seq)`` runs after each flushed chunk.
+    ``on_chunk(done_seq)`` runs after each flushed chunk. ``log`` hears whether the cache is
+    reused, resumed or computed. Ctrl-C saves the batches done and raises ``Interrupted``.
     """
+    say = log or (lambda _msg: None)
     cache_root = Path(cache_dir) / "activations"
     parts = cache_key_parts(lm=lm, hook_name=hook_name, corpus=corpus, text_field=text_field,
                             max_tokens=max_tokens, context_size=context_size)
     key = cache_key(parts)
     folder = cache_root / key
     if (folder / "complete.json").exists():
+        say(f"activations: reusing the cache {folder}")
         return open_cache(folder)
 
     if tokenized is None:
@@ -173,9 +178,17 @@ def get_activations(
     cache_root.mkdir(parents=True, exist_ok=True)
     with _locked(cache_root / f".{key}.lock"):
         if (folder / "complete.json").exists():  # another process finished it meanwhile
+            say(f"activations: reusing the cache {folder}")
             return open_cache(folder)
         acts, done = _prepare(folder, parts=parts, tokenized=tokenized, d_model=lm.d_model)
-        _fill(acts, tokens=tokenized.tokens, done=done, lm=lm, hook_name=parts["hook"],
+        total = tokenized.real_tokens()
+        if done:
+            say(f"activations: resuming at {tokenized.real_tokens(done):,} of {total:,} tokens "
+                f"(cache in {folder})")
+        else:
+            say(f"activations: running {lm.model_id} to {parts['hook']} over {total:,} tokens "
+                f"(cache in {folder})")
+        _fill(acts, tokens=tokenized, done=done, lm=lm, hook_name=parts["hook"],
               folder=folder, batch_size=batch_size, chunk_seqs=chunk_seqs, progress=progress,
               on_chunk=on_chunk)
         del acts
@@ -230,10 +243,10 @@ def _prepare(folder: Path, *, parts: dict[str, Any], tokenized: TokenizedCorpus,
     return acts, 0
 
 
-def _fill(acts: np.memmap, *, tokens: np.ndarray, done: int, lm: LanguageModel, hook_name: str,
-          folder: Path, batch_size: int, chunk_seqs: int, progress: bool,
+def _fill(acts: np.memmap, *, tokens: TokenizedCorpus, done: int, lm: LanguageModel,
+          hook_name: str, folder: Path, batch_size: int, chunk_seqs: int, progress: bool,
           on_chunk: Callable[[int], None] | None) -> None:
-    n_seq, ctx = tokens.shape
+    n_seq, ctx = tokens.tokens.shape
     # Chunks are whole batches, so resumed batches have the same composition as uninterrupted.
     chunk_seqs = max(batch_size, chunk_seqs // batch_size * batch_size)
     bar = None
@@ -242,21 +255,32 @@ def _fill(acts: np.memmap, *, tokens: np.ndarray, done: int, lm: LanguageModel, 
 
         bar = tqdm(total=n_seq * ctx, initial=done * ctx, unit="tok", unit_scale=True,
                    desc=f"activations {hook_name}", dynamic_ncols=True, mininterval=0.5)
+
+    def flushed(upto: int) -> None:
+        acts.flush()
+        _write_json(folder / "progress.json", {"done_seq": upto})
+        if on_chunk is not None:
+            on_chunk(upto)
+
     try:
-        for chunk_start in range(done, n_seq, chunk_seqs):
-            chunk_end = min(chunk_start + chunk_seqs, n_seq)
-            for s in range(chunk_start, chunk_end, batch_size):
-                e = min(s + batch_size, chunk_end)
-                ids = torch.from_numpy(np.ascontiguousarray(tokens[s:e])).long()
-                with torch.inference_mode():
-                    out = lm.run_to_hook(ids, hook_name)
-                acts[s:e] = out.to(torch.float16).cpu().numpy()
-                if bar is not None:
-                    bar.update((e - s) * ctx)
-            acts.flush()
-            _write_json(folder / "progress.json", {"done_seq": chunk_end})
-            if on_chunk is not None:
-                on_chunk(chunk_end)
+        with DeferredInterrupt() as interrupt:
+            for chunk_start in range(done, n_seq, chunk_seqs):
+                chunk_end = min(chunk_start + chunk_seqs, n_seq)
+                for s in range(chunk_start, chunk_end, batch_size):
+                    e = min(s + batch_size, chunk_end)
+                    ids = torch.from_numpy(np.ascontiguousarray(tokens.tokens[s:e])).long()
+                    with torch.inference_mode():
+                        out = lm.run_to_hook(ids, hook_name)
+                    acts[s:e] = out.to(torch.float16).cpu().numpy()
+                    if bar is not None:
+                        bar.update((e - s) * ctx)
+                    if interrupt.requested:  # Ctrl-C: keep the batches done, then stop
+                        flushed(e)
+                        raise Interrupted(
+                            f"interrupted; activations for {tokens.real_tokens(e):,} of "
+                            f"{tokens.real_tokens():,} tokens are cached: the same command "
+                            "resumes there")
+                flushed(chunk_end)
     finally:
         if bar is not None:
             bar.close()

@@ -25,6 +25,7 @@ from app.engine.train import CHECKPOINT_NAME, TrainConfig, train_topk
 from app.errors import ConfigError
 from app.pipeline.activations import cache_key, cache_key_parts, get_activations
 from app.pipeline.corpus import load_corpus
+from app.pipeline.interrupts import DeferredInterrupt
 
 if TYPE_CHECKING:
     from app.engine.lm import LanguageModel
@@ -133,7 +134,8 @@ def train_sae(
 
     cache = get_activations(lm=lm, hook_name=hook_name, corpus=corpus, max_tokens=tokens,
                             context_size=context_size, cache_dir=cache_dir,
-                            text_field=text_field, tokenized=train_windows, progress=progress)
+                            text_field=text_field, tokenized=train_windows, progress=progress,
+                            log=log)
     t_acts = time.perf_counter()
     data = cache.counted_activations()
     log(f"training on {len(data)} tokens ({cache.n_seq * context_size - len(data)} BOS/special/"
@@ -143,7 +145,9 @@ def train_sae(
                             max_tokens=tokens, context_size=context_size)
     run_key = cache_key({**parts, "train": asdict(cfg)})
     ckpt_dir = cache_dir / "train" / run_key
-    result = train_topk(data, cfg=cfg, checkpoint_dir=ckpt_dir, progress=progress)
+    with DeferredInterrupt() as interrupt:  # Ctrl-C ends the step, checkpoints, says so
+        result = train_topk(data, cfg=cfg, checkpoint_dir=ckpt_dir, progress=progress,
+                            should_stop=lambda: interrupt.requested, log=log)
     del data
     t_train = time.perf_counter()
 

@@ -147,3 +147,23 @@ def test_bad_settings_are_config_errors():
     with pytest.raises(ConfigError, match="fewer than one batch"):
         train_topk(torch.randn(10, 4), cfg=TrainConfig(d_sae=8, k=2, batch_size=64),
                    progress=False)
+
+
+def test_should_stop_checkpoints_the_step_and_says_where_it_resumes(tmp_path):
+    from app.errors import Interrupted
+
+    x = torch.randn(2048, 16)
+    cfg = TrainConfig(d_sae=32, k=4, epochs=2, batch_size=128, checkpoint_every=1000)
+    steps = {"n": 0}
+
+    def count(step, metrics):
+        steps["n"] = step
+
+    with pytest.raises(Interrupted, match="training checkpoint at step 5 of 32"):
+        train_topk(x, cfg=cfg, checkpoint_dir=tmp_path, progress=False, on_step=count,
+                   should_stop=lambda: steps["n"] >= 4)  # asked during step 5
+    said = []
+    resumed = train_topk(x, cfg=cfg, checkpoint_dir=tmp_path, progress=False, log=said.append)
+    assert said and said[0].startswith("training: resuming at step 5 of 32")
+    full = train_topk(x, cfg=cfg, progress=False)
+    assert torch.equal(resumed.weights.W_dec, full.weights.W_dec)
