@@ -48,6 +48,20 @@ def clean_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def data_folder_line(settings: Any, *, saes: bool = False) -> str:
+    """The data folder rule as it applies to this run, printed first by every long command."""
+
+    def where(name: str, default: str) -> str:
+        if name in settings.model_fields_set:
+            return f"SAESCOPE_{name.upper()}"
+        return f"{default} of the current folder; SAESCOPE_{name.upper()} moves it"
+
+    line = f"data folder: {settings.home} ({where('home', './data')})"
+    if saes:
+        line += f"; SAEs: {settings.saes_dir} ({where('saes_dir', './models/saes')})"
+    return line
+
+
 @app.command("models")
 @clean_errors
 def models_command() -> None:
@@ -96,6 +110,7 @@ def train_sae_command(
     from app.settings import get_settings
 
     settings = get_settings()
+    typer.echo(data_folder_line(settings, saes=not out))
     train_sae(model=model, hook_name=hook, d_sae=d_sae, k=k, corpus=corpus, tokens=tokens,
               epochs=epochs, eval_tokens=eval_tokens, seed=seed, text_field=text_field,
               out=Path(out) if out else None, sae_id=sae_id or None,
@@ -134,6 +149,7 @@ def build_command(
     from app.settings import get_settings
 
     settings = get_settings()
+    typer.echo(data_folder_line(settings))
     result = build(BuildOptions(
         sae_path=Path(sae), model=model, corpus=corpus, n_tokens=tokens,
         db_url=db or settings.db_url, cache_dir=settings.cache_dir, sae_id=sae_id,
@@ -170,6 +186,7 @@ def demo_command(
     from app.settings import get_settings
 
     settings = get_settings()
+    typer.echo(data_folder_line(settings, saes=True))
     typer.echo(f"[1/3] default SAE {DEFAULT_SAE_ID} on {DEFAULT_MODEL} ({DEFAULT_HOOK})")
     folder = ensure_sae(saes_dir=settings.saes_dir, cache_dir=settings.cache_dir, log=typer.echo)
     typer.echo(f"      using {folder}")

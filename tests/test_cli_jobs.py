@@ -136,6 +136,16 @@ def test_a_write_that_fails_after_the_pass_keeps_it_for_the_rerun(inputs, tmp_pa
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resuming at " in proc.stdout and "(sequence 40 of 40" in proc.stdout
     assert not list((home / "cache" / "precompute").iterdir())  # spent checkpoint removed
+    assert proc.stdout.splitlines()[0] == f"data folder: {home} (SAESCOPE_HOME)"
+
+    # Building the same SAE again: the budget rounding and the replaced run are both said.
+    args = build_args(inputs, "--db", f"sqlite:///{good}")
+    args[args.index("--tokens") + 1] = str(40 * CTX + 20)
+    proc = saescope(args, cwd=tmp_path, home=home)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"--tokens {40 * CTX + 20:,} rounded down to {40 * CTX:,}: 40 whole sequences" \
+        in proc.stdout
+    assert "replacing run 1 of SAE sae (" in proc.stdout and "its labels are kept" in proc.stdout
 
 
 # ------------------------------------------------------------------------------- resume honestly
@@ -243,3 +253,18 @@ def test_ctrl_c_while_caching_activations_keeps_them_and_the_rerun_resumes(input
     again = saescope(args, cwd=tmp_path, home=home)  # the cache is complete now: reused, said so
     assert again.returncode == 0, again.stderr[-3000:]
     assert "activations: reusing the cache " in again.stdout
+
+
+def test_the_data_folder_line_names_the_rule_that_chose_each_folder(tmp_path, monkeypatch):
+    from app.cli import data_folder_line
+    from app.settings import Settings
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("SAESCOPE_HOME", raising=False)
+    monkeypatch.delenv("SAESCOPE_SAES_DIR", raising=False)
+    assert data_folder_line(Settings(), saes=True) == (
+        f"data folder: {tmp_path / 'data'} (./data of the current folder; SAESCOPE_HOME moves "
+        f"it); SAEs: {tmp_path / 'models' / 'saes'} (./models/saes of the current folder; "
+        "SAESCOPE_SAES_DIR moves it)")
+    monkeypatch.setenv("SAESCOPE_HOME", str(tmp_path / "elsewhere"))
+    assert data_folder_line(Settings()) == f"data folder: {tmp_path / 'elsewhere'} (SAESCOPE_HOME)"

@@ -86,7 +86,7 @@ def build(opts: BuildOptions, *, log: Log = print, lm: LanguageModel | None = No
     t = time.perf_counter()
     log(f"writing run to {_shown(result.db_url)}")
     try:
-        result.run_id = _write(result.db_url, records)
+        result.run_id = _write(result.db_url, records, log=log)
     except ConfigError as exc:
         # The pass is done and its state is checkpointed: say how to use it, keep it.
         raise ConfigError(
@@ -104,9 +104,9 @@ def _shown(db_url: str) -> str:
     return display_url(db_url)
 
 
-def _write(db_url: str, records: PrecomputeRecords) -> int:
-    """Create or upgrade the schema, then write the run in one transaction; a failure is one
-    ConfigError naming the database."""
+def _write(db_url: str, records: PrecomputeRecords, *, log: Log) -> int:
+    """Create or upgrade the schema, say which run the new one replaces, then write it in one
+    transaction; a failure is one ConfigError naming the database."""
     from alembic.util import CommandError
     from sqlalchemy.exc import SQLAlchemyError
 
@@ -117,6 +117,7 @@ def _write(db_url: str, records: PrecomputeRecords) -> int:
         upgrade(db_url)
         engine = make_engine(db_url)
         try:
+            _say_replaced(engine, sae_id=records.sae.sae_id, log=log)
             return write_run(engine_or_session=engine, **records.as_kwargs())
         finally:
             engine.dispose()
@@ -124,6 +125,22 @@ def _write(db_url: str, records: PrecomputeRecords) -> int:
         text = str(getattr(exc, "orig", None) or exc).strip()
         reason = text.splitlines()[0] if text else type(exc).__name__
         raise ConfigError(f"cannot write the run to {_shown(db_url)}: {reason}") from None
+
+
+def _say_replaced(engine: Any, *, sae_id: str, log: Log) -> None:
+    """A rebuild replaces the SAE's active run (labels stay): say which one."""
+    from app.errors import NotFoundError
+    from app.store.db import make_sessionmaker
+    from app.store.queries import get_sae
+
+    try:
+        with make_sessionmaker(engine)() as session:
+            old = get_sae(session=session, sae_id=sae_id).run
+    except NotFoundError:
+        return
+    if old is not None:
+        log(f"replacing run {old.id} of SAE {sae_id} ({old.n_tokens_counted:,} tokens over "
+            f"{old.corpus}, written {old.created_at:%Y-%m-%d %H:%M}); its labels are kept")
 
 
 def compute_records(opts: BuildOptions, *, log: Log = print, lm: LanguageModel | None = None,
@@ -234,6 +251,9 @@ def _prepare(opts: BuildOptions, *, log: Log, lm: LanguageModel | None,
     if n_seq < 1:
         raise ConfigError(f"--tokens {opts.n_tokens} is less than one sequence of {ctx} tokens")
     n_tokens = n_seq * ctx
+    if n_tokens != opts.n_tokens:
+        log(f"--tokens {opts.n_tokens:,} rounded down to {n_tokens:,}: {n_seq} whole sequences "
+            f"of {ctx}")
     static = start_static_features(lm=lm, sae=sae, opts=opts)
     try:
         return _prepare_run(opts, log=log, lm=lm, sae=sae, hook=hook, sae_id=sae_id, ctx=ctx,

@@ -121,6 +121,9 @@ def train_sae(
     out = Path(out)
 
     n_train_seq = tokens // context_size
+    if n_train_seq * context_size != tokens:
+        log(f"--tokens {tokens:,} rounded down to {n_train_seq * context_size:,}: {n_train_seq} "
+            f"whole sequences of {context_size}")
     try:
         windows = load_corpus(corpus, lm=lm, text_field=text_field, context_size=context_size,
                               max_tokens=n_train_seq * context_size + eval_tokens)
