@@ -208,9 +208,11 @@ def demo_command(
 
 
 def _has_run(db_url: str, *, sae_id: str, n_tokens: int) -> bool:
-    """True when the database exists and its active run for `sae_id` read `n_tokens` tokens."""
+    """True when the database exists and its active run for `sae_id` was built with a budget of
+    `n_tokens` text tokens, packed as builds pack today."""
     from sqlalchemy.exc import SQLAlchemyError
 
+    from app.pipeline.corpus import PACKING
     from app.store.db import make_engine, make_sessionmaker
     from app.store.queries import get_sae
 
@@ -227,7 +229,8 @@ def _has_run(db_url: str, *, sae_id: str, n_tokens: int) -> bool:
         return False
     finally:
         engine.dispose()
-    return info.run is not None and info.run.n_tokens == n_tokens
+    return info.run is not None and info.run.config.get("token_budget") == n_tokens \
+        and info.run.config.get("packing") == PACKING
 
 
 def _serve(settings: Any) -> None:

@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 
 from app.cli import _has_run, app
 from app.engine.presets import is_installed, list_presets
+from app.pipeline.corpus import PACKING
 from app.store.db import display_url, upgrade
 from tests.factories import synthetic_database, synthetic_run
 
@@ -27,10 +28,15 @@ def test_has_run_matches_sae_and_token_count(tmp_path) -> None:
     upgrade(url)
     assert not _has_run(url, sae_id="1-res-topk-64", n_tokens=1)  # schema, but no such SAE
     rec = synthetic_run(sae_id="1-res-topk-64")
+    rec.run.config.update(token_budget=1000, packing=PACKING)
     synthetic_database(url, rec, migrate=False)
-    assert _has_run(url, sae_id="1-res-topk-64", n_tokens=rec.run.n_tokens)
-    assert not _has_run(url, sae_id="1-res-topk-64", n_tokens=rec.run.n_tokens + 1)
-    assert not _has_run(url, sae_id="other-sae", n_tokens=rec.run.n_tokens)
+    assert _has_run(url, sae_id="1-res-topk-64", n_tokens=1000)
+    assert not _has_run(url, sae_id="1-res-topk-64", n_tokens=1001)
+    assert not _has_run(url, sae_id="other-sae", n_tokens=1000)
+    old = synthetic_run(sae_id="old-layout")  # built before packing: rebuilt, not skipped
+    old.run.config.update(token_budget=1000)
+    synthetic_database(url, old, migrate=False)
+    assert not _has_run(url, sae_id="old-layout", n_tokens=1000)
 
 
 BAD_URLS = [

@@ -5,6 +5,7 @@ checkpoint saves one and the rerun says where it resumes, the data folder is pri
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -134,7 +135,7 @@ def test_a_write_that_fails_after_the_pass_keeps_it_for_the_rerun(inputs, tmp_pa
     good = tmp_path / "good.db"
     proc = saescope(build_args(inputs, "--db", f"sqlite:///{good}"), cwd=tmp_path, home=home)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "resuming at " in proc.stdout and "(sequence 40 of 40" in proc.stdout
+    assert re.search(r"resuming at [\d,]+ of [\d,]+ tokens \(sequence (\d+) of \1,", proc.stdout)
     assert not list((home / "cache" / "precompute").iterdir())  # spent checkpoint removed
     assert proc.stdout.splitlines()[0] == f"data folder: {home} (SAESCOPE_HOME)"
 
@@ -143,8 +144,8 @@ def test_a_write_that_fails_after_the_pass_keeps_it_for_the_rerun(inputs, tmp_pa
     args[args.index("--tokens") + 1] = str(40 * CTX + 20)
     proc = saescope(args, cwd=tmp_path, home=home)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"--tokens {40 * CTX + 20:,} rounded down to {40 * CTX:,}: 40 whole sequences" \
-        in proc.stdout
+    assert re.search(rf"--tokens {40 * CTX + 20:,} rounded down to [\d,]+: the text of \d+ "
+                     rf"whole sequences of {CTX}", proc.stdout), proc.stdout
     assert "replacing run 1 of SAE sae (" in proc.stdout and "its labels are kept" in proc.stdout
 
 
@@ -199,7 +200,7 @@ def test_ctrl_c_before_the_first_checkpoint_saves_one_and_the_rerun_resumes(inpu
 
     rerun = saescope(args, cwd=tmp_path, home=home)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert f"resuming at {saved_at} of " in rerun.stdout and "(sequence 4 of 40" in rerun.stdout
+    assert f"resuming at {saved_at} of " in rerun.stdout and "(sequence 4 of " in rerun.stdout
 
 
 PAUSED_TRAIN_CLI = textwrap.dedent("""
@@ -268,3 +269,64 @@ def test_the_data_folder_line_names_the_rule_that_chose_each_folder(tmp_path, mo
         "SAESCOPE_SAES_DIR moves it)")
     monkeypatch.setenv("SAESCOPE_HOME", str(tmp_path / "elsewhere"))
     assert data_folder_line(Settings()) == f"data folder: {tmp_path / 'elsewhere'} (SAESCOPE_HOME)"
+
+
+# ----------------------------------------------------------------------------- numbers in tokens
+
+
+def test_a_csv_of_short_rows_is_packed_and_every_figure_counts_text_tokens(inputs, tmp_path):
+    from app.engine.tiny import tiny_tokenizer
+
+    rows = tmp_path / "rows.csv"
+    texts = [" ".join(WORDS[(i * 7) % 20:(i * 7) % 20 + 3 + i % 5]) for i in range(600)]
+    rows.write_text("text\n" + "".join(f"{t}\n" for t in texts))
+    tok = tiny_tokenizer()
+    assert max(len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts) <= CTX // 2
+    home, db = tmp_path / "data", tmp_path / "x.db"
+    budget = 40 * CTX
+    args = build_args({**inputs, "corpus": rows}, "--db", f"sqlite:///{db}")
+    proc = saescope(args, cwd=tmp_path, home=home)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    done = re.search(r"done: run 1 for SAE sae \(([\d,]+) tokens\)", proc.stdout)
+    n_text = int(done.group(1).replace(",", ""))
+    assert budget - CTX < n_text <= budget  # the budget is text, not padding
+    con = sqlite3.connect(db)
+    n_tokens, counted, config = con.execute(
+        "SELECT n_tokens, n_tokens_counted, config FROM runs").fetchone()
+    con.close()
+    assert counted == n_text
+    # Positions are text or the BOS opening a row (no padding): short rows add one BOS each.
+    n_seq = n_tokens // CTX
+    assert n_tokens - counted <= n_seq + n_text // 3
+    assert '"packing": "bos-separated-packing"' in config and f'"token_budget": {budget}' in config
+
+    sae = tmp_path / "trained"
+    train = ["train-sae", "--model", "tiny-llama", "--hook", HOOK, "--d-sae", "64", "--k", "4",
+             "--corpus", str(rows), "--tokens", "3000", "--eval-tokens", "512", "--epochs", "1",
+             "--out", str(sae)]
+    proc = saescope(train, cwd=tmp_path, home=home)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import json
+
+    cfg = json.loads((sae / "cfg.json").read_text())
+    evals = json.loads((sae / "evals.json").read_text())
+    trained = cfg["metadata"]["training_tokens"]
+    assert 3000 - 128 < trained <= 3000 and evals["train_tokens"] == trained
+    assert f"training on {trained:,} tokens" in proc.stdout
+    assert 512 - 128 < evals["eval_tokens"] <= 512
+    assert f"evaluating on {evals['eval_tokens']:,} held-out tokens" in proc.stdout
+
+
+def test_train_sae_suggests_a_token_budget_that_works(inputs, tmp_path):
+    home = tmp_path / "data"
+    args = ["train-sae", "--model", "tiny-llama", "--hook", HOOK, "--d-sae", "64", "--k", "4",
+            "--corpus", str(inputs["corpus"]), "--tokens", "1000000", "--eval-tokens", "256",
+            "--epochs", "1", "--out", str(tmp_path / "sae")]
+    proc = saescope(args, cwd=tmp_path, home=home)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    line = one_error_line(proc)
+    most = re.search(r"lower --tokens to at most ([\d,]+)", line).group(1).replace(",", "")
+    args[args.index("--tokens") + 1] = most
+    proc = saescope(args, cwd=tmp_path, home=home)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "sae" / "cfg.json").is_file()

@@ -1,12 +1,13 @@
 """On-disk activation cache: one model pass per corpus, float16 memmaps for training and precompute.
 
 A cache lives in ``{cache_dir}/activations/{key}/`` where the key hashes (model, hook, corpus,
-token budget, context size). Layout::
+packing, text-token budget, context size). Layout::
 
     meta.json          what the key was made of, shapes, dtype
     tokens.npy         int32 [n_seq, ctx]
-    doc_index.npy      int64 [n_seq]
-    special_mask.npy   bool  [n_seq, ctx]   BOS / padding / special tokens (left out of stats)
+    doc_index.npy      int64 [n_seq]        the document each sequence starts in
+    doc_ids.npy        int32 [n_seq, ctx]   the document of each position (packed sequences)
+    special_mask.npy   bool  [n_seq, ctx]   BOS / special tokens (left out of stats)
     doc_names.json     list[str]
     acts.npy           float16 [n_seq, ctx, d_model]   (memory-mapped .npy)
     progress.json      {"done_seq": n}: rows of acts.npy written and flushed
@@ -37,6 +38,7 @@ import torch
 from app.errors import ConfigError, Interrupted
 from app.pipeline.corpus import (
     DEFAULT_CORPUS,
+    PACKING,
     TokenizedCorpus,
     corpus_fingerprint,
     load_corpus,
@@ -46,7 +48,7 @@ from app.pipeline.interrupts import DeferredInterrupt
 if TYPE_CHECKING:
     from app.engine.lm import LanguageModel
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 @dataclass
@@ -122,6 +124,7 @@ def cache_key_parts(*, lm: LanguageModel, hook_name: str, corpus: str, text_fiel
         "hook": lm.hook_point(hook_name).name,
         "corpus": str(corpus),
         "corpus_fingerprint": corpus_fingerprint(corpus, text_field=text_field),
+        "packing": PACKING,
         "max_tokens": int(max_tokens),
         "context_size": int(context_size),
     }
@@ -170,10 +173,10 @@ def get_activations(
     if tokenized is None:
         tokenized = load_corpus(corpus, lm=lm, text_field=text_field, context_size=context_size,
                                 max_tokens=max_tokens)
-    expected_seq = max_tokens // context_size
-    if tokenized.n_seq != expected_seq or tokenized.context_size != context_size:
-        raise ConfigError(f"tokenized corpus has {tokenized.n_seq} sequences of "
-                          f"{tokenized.context_size}, expected {expected_seq} of {context_size}")
+    if tokenized.real_tokens() > max_tokens or tokenized.context_size != context_size:
+        raise ConfigError(f"tokenized corpus has {tokenized.real_tokens():,} text tokens in "
+                          f"sequences of {tokenized.context_size}, expected at most "
+                          f"{max_tokens:,} in sequences of {context_size}")
 
     cache_root.mkdir(parents=True, exist_ok=True)
     with _locked(cache_root / f".{key}.lock"):
@@ -236,6 +239,8 @@ def _prepare(folder: Path, *, parts: dict[str, Any], tokenized: TokenizedCorpus,
     _save_npy(folder / "tokens.npy", tokenized.tokens.astype(np.int32))
     _save_npy(folder / "doc_index.npy", tokenized.doc_index.astype(np.int64))
     _save_npy(folder / "special_mask.npy", tokenized.special_mask.astype(bool))
+    if tokenized.doc_ids is not None:
+        _save_npy(folder / "doc_ids.npy", tokenized.doc_ids.astype(np.int32))
     _write_json(folder / "doc_names.json", tokenized.doc_names)
     acts = np.lib.format.open_memmap(folder / "acts.npy", mode="w+", dtype=np.float16,
                                      shape=tuple(shape))

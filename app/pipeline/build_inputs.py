@@ -49,36 +49,36 @@ def load_inputs(opts: BuildOptions, log: Log) -> tuple[LanguageModel, SAE, str, 
     return lm, sae, hook, sae_id, ctx
 
 
-def tokenize(lm: LanguageModel, opts: BuildOptions, ctx: int, n_tokens: int
+def tokenize(lm: LanguageModel, opts: BuildOptions, ctx: int
              ) -> tuple[TokenizedCorpus, np.ndarray, np.ndarray, bool]:
-    """The build's sequences, plus held-out sequences after them for the evaluations (or, when
-    the corpus has no more text, the build's last sequences: flagged not held out)."""
-    from app.pipeline.corpus import load_documents, tokenize_corpus
+    """The build's sequences (the most whole packed sequences holding at most ``--tokens`` text
+    tokens), plus the held-out sequences after them for the evaluations: up to
+    ``--eval-tokens`` text tokens, fewer when the corpus ends first. With no held-out text at
+    all there is no evaluation (``held_out`` False): the build never scores the SAE on the text
+    it built over."""
+    from app.pipeline.corpus import CorpusTooSmall, load_documents, tokenize_corpus
 
-    n_seq = n_tokens // ctx
-    n_eval = max(opts.eval_tokens // ctx, 0)
-
-    def tok(budget: int) -> TokenizedCorpus:
-        docs = load_documents(opts.corpus, text_field=opts.text_field)
-        return tokenize_corpus(docs, lm=lm, context_size=ctx, max_tokens=budget,
-                               source=str(opts.corpus))
-
-    held_out = True
+    docs = load_documents(opts.corpus, text_field=opts.text_field)
     try:
-        full = tok((n_seq + n_eval) * ctx) if n_eval else tok(n_seq * ctx)
-    except ConfigError:
-        if not n_eval:
-            raise
-        full = tok(n_seq * ctx)  # raises the corpus-too-small message for the build itself
-        held_out = False
-    corpus = full.select(slice(0, n_seq))
-    if not n_eval:  # no evaluation (not tokens[-0:], which is every sequence)
-        eval_tokens, eval_special = full.tokens[:0], full.special_mask[:0]
-    elif held_out:
-        eval_tokens, eval_special = full.tokens[n_seq:], full.special_mask[n_seq:]
-    else:
-        eval_tokens, eval_special = full.tokens[-n_eval:], full.special_mask[-n_eval:]
-    return corpus, eval_tokens, eval_special, held_out
+        full = tokenize_corpus(docs, lm=lm, context_size=ctx,
+                               max_tokens=opts.n_tokens + max(opts.eval_tokens, 0),
+                               source=str(opts.corpus), allow_short=True)
+    except CorpusTooSmall as exc:  # not even one whole sequence
+        raise ConfigError(str(exc)) from None
+    real = np.cumsum((~full.special_mask).sum(axis=1))
+    n_seq = int(np.searchsorted(real, opts.n_tokens, side="right"))
+    if n_seq == 0:
+        raise ConfigError(f"--tokens {opts.n_tokens:,} is less than one sequence ({ctx} "
+                          f"positions, {int(real[0]):,} of them text here); raise --tokens")
+    if n_seq == full.n_seq and real[-1] + (ctx - 1) <= opts.n_tokens:  # the corpus ended
+        have = int(real[-1])
+        raise CorpusTooSmall(
+            f"corpus {str(opts.corpus)!r} has only {have:,} text tokens in whole sequences of "
+            f"{ctx}; lower --tokens to at most {have:,} (at most {have - opts.eval_tokens:,} "
+            f"to keep {opts.eval_tokens:,} held out for the evaluation) or use a larger corpus",
+            available=have)
+    corpus, rest = full.split(opts.n_tokens, max(opts.eval_tokens, 0))
+    return corpus, rest.tokens, rest.special_mask, rest.n_seq > 0
 
 
 class ActivationSource:

@@ -18,7 +18,7 @@ import numpy as np
 
 from app.pipeline.corpus import corpus_fingerprint
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
 
 
 class Checkpoint:

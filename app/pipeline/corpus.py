@@ -1,11 +1,10 @@
 """Corpus sources (python-docs, local files, Hugging Face datasets) -> fixed-length token sequences.
 
-A corpus is a deterministic stream of ``Document(name, text)``. ``tokenize_corpus`` cuts each
-document into windows of ``context_size - 1`` tokens and puts BOS in front of each, so every
-sequence comes from exactly one document (``doc_index``) and can be traced back to it. A
-document's last, shorter window is right-padded; pads and BOS are flagged in ``special_mask`` so
-statistics and training skip them (right padding never changes earlier positions under causal
-attention).
+A corpus is a deterministic stream of ``Document(name, text)``. ``tokenize_corpus`` packs the
+documents into sequences as SAELens does: each sequence starts with BOS and documents follow one
+another, each opened by a BOS, so no forward pass is spent on padding; ``doc_ids`` records the
+documents each sequence holds. BOS and other special tokens are flagged in ``special_mask`` so
+statistics and training skip them, and token budgets count only the other (text) positions.
 """
 
 from __future__ import annotations
@@ -31,6 +30,9 @@ if TYPE_CHECKING:
     from app.engine.lm import LanguageModel
 
 DEFAULT_CORPUS = "python-docs"
+# How documents become sequences; part of every cache and run key, so a change of layout never
+# reuses activations or checkpoints made with another.
+PACKING = "bos-separated-packing"
 TEXT_SUFFIXES = (".txt", ".md")
 TABLE_SUFFIXES = (".jsonl", ".parquet", ".csv")
 # Standard-library folders that are tests, demos or bundled third-party code, not documentation.
@@ -55,7 +57,10 @@ class TokenizedCorpus:
     special_mask: np.ndarray  # bool [n_seq, context_size]: BOS, pads and other special tokens
     context_size: int
     source: str = ""
-    n_real_tokens: int = 0  # positions that hold document text (not BOS, not padding)
+    n_real_tokens: int = 0  # positions that hold document text (not BOS or other special)
+    # int32 [n_seq, context_size]: the document of each position (a BOS: the one it opens);
+    # ``doc_index`` is the document a sequence starts in.
+    doc_ids: np.ndarray | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -68,6 +73,17 @@ class TokenizedCorpus:
             return self.n_real_tokens
         return int((~self.special_mask[:stop_seq]).sum())
 
+    def split(self, *budgets: int) -> list[TokenizedCorpus]:
+        """Consecutive runs of sequences: each the most whole sequences, after the previous run,
+        holding at most its budget of text tokens (e.g. ``split(train, held_out)``)."""
+        real = np.concatenate([[0], np.cumsum((~self.special_mask).sum(axis=1))])
+        parts, at = [], 0
+        for budget in budgets:
+            end = int(np.searchsorted(real, real[at] + budget, side="right")) - 1
+            parts.append(self.select(slice(at, max(end, at))))
+            at = max(end, at)
+        return parts
+
     def select(self, rows: slice) -> TokenizedCorpus:
         """A contiguous slice of the sequences (all document names kept, so indices stay valid)."""
         special = self.special_mask[rows]
@@ -75,7 +91,14 @@ class TokenizedCorpus:
             tokens=self.tokens[rows], doc_index=self.doc_index[rows], doc_names=self.doc_names,
             special_mask=special, context_size=self.context_size, source=self.source,
             n_real_tokens=int((~special).sum()),
+            doc_ids=None if self.doc_ids is None else self.doc_ids[rows],
         )
+
+    def documents(self, seq: int) -> list[str]:
+        """Names of the documents sequence ``seq`` holds, in order."""
+        if self.doc_ids is None:
+            return [self.doc_names[int(self.doc_index[seq])]]
+        return [self.doc_names[i] for i in dict.fromkeys(self.doc_ids[seq].tolist())]
 
 
 # --------------------------------------------------------------------------------------- sources
@@ -301,6 +324,14 @@ def _hub_documents(repo_id: str, *, text_field: str) -> Iterator[Document]:
 # ------------------------------------------------------------------------------------ tokenizing
 
 
+class CorpusTooSmall(ConfigError):
+    """The corpus holds fewer text tokens than asked; ``available`` is the most it can give."""
+
+    def __init__(self, message: str, *, available: int) -> None:
+        super().__init__(message)
+        self.available = available
+
+
 def tokenize_corpus(
     docs: Iterable[Document],
     *,
@@ -310,34 +341,47 @@ def tokenize_corpus(
     max_tokens: int | None = None,
     prepend_bos: bool = True,
     source: str = "",
+    allow_short: bool = False,
 ) -> TokenizedCorpus:
-    """Cut documents into ``max_tokens // context_size`` sequences of ``context_size`` tokens.
+    """Pack documents into sequences of ``context_size`` tokens, as SAELens does.
 
-    Give ``lm`` (a LanguageModel) or a Hugging Face ``tokenizer``. ``max_tokens`` counts
-    positions (BOS and padding included); None takes the whole corpus. A budget larger than the
-    corpus, or an empty corpus, raises ConfigError.
+    Each sequence starts with BOS; documents follow one another, each opened by a BOS (the
+    sequence's own BOS opens a document that starts there), so no position is padding and a
+    sequence may hold several documents (``doc_ids`` says which, per position). A document that
+    does not fit goes on in the next sequence, after its BOS. ``max_tokens`` counts text tokens
+    (positions that are not BOS or another special token): the sequences kept are the longest
+    prefix holding at most that many; None keeps every whole sequence (a last, partial one is
+    dropped). The packing does not depend on the budget, so a smaller budget gives a prefix of
+    the sequences a larger one gives. A corpus holding fewer text tokens than ``max_tokens``
+    raises ``CorpusTooSmall`` (unless ``allow_short``); an empty corpus raises ConfigError.
     """
     if lm is None and tokenizer is None:
         raise TypeError("tokenize_corpus needs lm= or tokenizer=")
     tok = tokenizer if tokenizer is not None else lm.tokenizer
     bos_id = _bos_id(lm, tok) if prepend_bos else None
-    pad_id = next((i for i in (getattr(tok, "pad_token_id", None),
-                               getattr(tok, "eos_token_id", None), bos_id) if i is not None), 0)
     special_ids = set(getattr(tok, "all_special_ids", []) or [])
     if lm is not None:
         special_ids |= set(lm.special_token_ids)
-    special_ids |= {i for i in (bos_id, pad_id) if i is not None}
+    if bos_id is not None:
+        special_ids.add(bos_id)
+    special_arr = np.fromiter(special_ids, dtype=np.int64)
     if context_size < 2:
         raise ConfigError(f"context size must be at least 2 (got {context_size})")
-    if max_tokens is not None and max_tokens < context_size:
+    head = [bos_id] if bos_id is not None else []
+    body = context_size - len(head)
+    if max_tokens is not None and max_tokens < body:
         raise ConfigError(f"token budget {max_tokens} is smaller than one sequence "
-                          f"({context_size} tokens); raise --tokens")
-    target_seq = None if max_tokens is None else max_tokens // context_size
-    body = context_size - (1 if bos_id is not None else 0)
+                          f"({body} text tokens after BOS); raise --tokens")
 
     rows: list[np.ndarray] = []
-    doc_index: list[int] = []
+    row_docs: list[np.ndarray] = []
     doc_names: list[str] = []
+    n_real = 0
+    # The stream not yet cut into sequences: token ids and the document of each; a separating
+    # BOS is stored as -(doc + 1), so a sequence drops one that would follow its own BOS.
+    stream: list[int] = []
+    stream_doc: list[int] = []
+    full = False  # the budget is reached
     for batch in _batched(docs, 64):
         encoded = tok([d.text for d in batch], add_special_tokens=False)["input_ids"]
         for doc, ids in zip(batch, encoded, strict=True):
@@ -345,35 +389,47 @@ def tokenize_corpus(
                 continue
             doc_id = len(doc_names)
             doc_names.append(doc.name)
-            for start in range(0, len(ids), body):
-                chunk = ids[start:start + body]
-                row = np.full(context_size, pad_id, dtype=np.int32)
-                head = [bos_id] if bos_id is not None else []
-                row[:len(head) + len(chunk)] = head + chunk
+            if head and doc_id > 0:
+                stream.append(head[0])
+                stream_doc.append(-(doc_id + 1))
+            stream.extend(ids)
+            stream_doc.extend([doc_id] * len(ids))
+            at = 0
+            while True:
+                if head and at < len(stream) and stream_doc[at] < 0:
+                    at += 1  # the sequence's own BOS opens this document
+                if len(stream) - at < body:
+                    break
+                row = np.asarray(head + stream[at:at + body], dtype=np.int32)
+                real = int((~np.isin(row, special_arr)).sum())
+                if max_tokens is not None and n_real + real > max_tokens:
+                    full = True
+                    break
+                docs_part = [d if d >= 0 else -d - 1 for d in stream_doc[at:at + body]]
                 rows.append(row)
-                doc_index.append(doc_id)
-                if target_seq is not None and len(rows) == target_seq:
-                    return _finish(rows, doc_index, doc_names, special_ids=special_ids,
-                                   context_size=context_size, source=source)
-    if not rows:
+                row_docs.append(np.asarray(docs_part[:len(head)] + docs_part, dtype=np.int32))
+                n_real += real
+                at += body
+            del stream[:at], stream_doc[:at]
+            if full:
+                break
+        if full:
+            break
+    if not doc_names:
         raise ConfigError(f"corpus {source!r} is empty: no document holds any text")
-    if target_seq is not None and len(rows) < target_seq:
-        have = len(rows) * context_size
-        raise ConfigError(
-            f"corpus {source!r} has only {have} tokens ({len(rows)} sequences of {context_size}); "
-            f"lower --tokens to at most {have} or use a larger corpus")
-    return _finish(rows, doc_index, doc_names, special_ids=special_ids,
-                   context_size=context_size, source=source)
-
-
-def _finish(rows: list[np.ndarray], doc_index: list[int], doc_names: list[str], *,
-            special_ids: set[int], context_size: int, source: str
-            ) -> TokenizedCorpus:
-    tokens = np.stack(rows).astype(np.int32)
-    special = np.isin(tokens, np.fromiter(special_ids, dtype=np.int64))
-    return TokenizedCorpus(tokens=tokens, doc_index=np.asarray(doc_index, dtype=np.int64),
+    if not rows or (max_tokens is not None and not full and n_real < max_tokens
+                    and not allow_short):
+        # Fewer text tokens than asked: the most it holds is what its whole sequences hold.
+        raise CorpusTooSmall(
+            f"corpus {source!r} has only {n_real:,} text tokens in whole sequences of "
+            f"{context_size}; lower --tokens to at most {n_real:,} or use a larger corpus",
+            available=n_real)
+    tokens = np.stack(rows)
+    doc_ids = np.stack(row_docs)
+    special = np.isin(tokens, special_arr)
+    return TokenizedCorpus(tokens=tokens, doc_index=doc_ids[:, 0].astype(np.int64),
                            doc_names=doc_names, special_mask=special, context_size=context_size,
-                           source=source, n_real_tokens=int((~special).sum()))
+                           source=source, n_real_tokens=int((~special).sum()), doc_ids=doc_ids)
 
 
 def _bos_id(lm: LanguageModel | None, tok: Any) -> int:

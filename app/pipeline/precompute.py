@@ -30,7 +30,7 @@ from app.pipeline.build_inputs import ActivationSource, find_cache, load_inputs,
 from app.pipeline.build_options import BuildOptions, Log, check_options
 from app.pipeline.build_records import PrecomputeRecords, make_records
 from app.pipeline.checkpoint import Checkpoint, open_checkpoint, run_key
-from app.pipeline.corpus import TokenizedCorpus
+from app.pipeline.corpus import PACKING, TokenizedCorpus
 from app.pipeline.interrupts import DeferredInterrupt
 from app.records import INTERVAL_FINE_BINS
 
@@ -158,7 +158,7 @@ def compute_records(opts: BuildOptions, *, log: Log = print, lm: LanguageModel |
     p = _prepare(opts, log=log, lm=lm, sae=sae)
     timings["prepare"] = time.perf_counter() - t
     try:  # from here on every exit stops the static-features worker (finally below)
-        n_tokens = p.corpus.n_seq * p.corpus.context_size
+        n_tokens = p.corpus.real_tokens()
         acc = FeatureAccumulators(int(p.sae.cfg.d_sae), ctx=p.corpus.context_size, n_top=opts.n_top,
                                   window_len=opts.window_len, n_bands=opts.n_bands,
                                   per_band=opts.per_band, seed=opts.seed)
@@ -247,26 +247,27 @@ def _prepare(opts: BuildOptions, *, log: Log, lm: LanguageModel | None,
         hook = lm.hook_point(opts.hook_name or sae.cfg.hook_name).name
         sae_id = opts.sae_id or Path(opts.sae_path).resolve().name
         ctx = int(opts.context_size or sae.cfg.context_size or 128)
-    n_seq = opts.n_tokens // ctx
-    if n_seq < 1:
-        raise ConfigError(f"--tokens {opts.n_tokens} is less than one sequence of {ctx} tokens")
-    n_tokens = n_seq * ctx
-    if n_tokens != opts.n_tokens:
-        log(f"--tokens {opts.n_tokens:,} rounded down to {n_tokens:,}: {n_seq} whole sequences "
-            f"of {ctx}")
     static = start_static_features(lm=lm, sae=sae, opts=opts)
     try:
         return _prepare_run(opts, log=log, lm=lm, sae=sae, hook=hook, sae_id=sae_id, ctx=ctx,
-                            n_tokens=n_tokens, static=static)
+                            static=static)
     except BaseException:
         static.stop()
         raise
 
 
 def _prepare_run(opts: BuildOptions, *, log: Log, lm: LanguageModel, sae: SAE, hook: str,
-                 sae_id: str, ctx: int, n_tokens: int, static: StaticFeatures) -> _Prepared:
-    log(f"tokenizing corpus {opts.corpus} ({n_tokens} tokens, context {ctx})")
-    corpus, eval_tokens, eval_special, held_out = tokenize(lm, opts, ctx, n_tokens)
+                 sae_id: str, ctx: int, static: StaticFeatures) -> _Prepared:
+    log(f"tokenizing corpus {opts.corpus} ({opts.n_tokens:,} text tokens packed in sequences "
+        f"of {ctx})")
+    corpus, eval_tokens, eval_special, held_out = tokenize(lm, opts, ctx)
+    n_tokens = corpus.real_tokens()
+    if n_tokens != opts.n_tokens:
+        log(f"--tokens {opts.n_tokens:,} rounded down to {n_tokens:,}: the text of "
+            f"{corpus.n_seq} whole sequences of {ctx}")
+    if opts.eval_tokens and not held_out:
+        log("no evaluation: the corpus has no text after the build's tokens, and the SAE is "
+            "not scored on the text it is shown over (lower --tokens to hold some out)")
     cache = find_cache(lm=lm, hook_name=hook, opts=opts, n_tokens=n_tokens, ctx=ctx,
                        tokens=corpus.tokens)
     source = ActivationSource(lm=lm, hook_name=hook, cache=cache)
@@ -276,11 +277,12 @@ def _prepare_run(opts: BuildOptions, *, log: Log, lm: LanguageModel, sae: SAE, h
         "model": lm.model_id, "model_source": str(lm.source), "hook_name": hook,
         "sae_path": str(Path(opts.sae_path).resolve()), "sae_id": sae_id,
         "corpus": str(opts.corpus), "text_field": opts.text_field, "n_tokens": n_tokens,
-        "context_size": ctx, "batch_size": opts.batch_size, "n_top": opts.n_top,
+        "token_budget": opts.n_tokens, "packing": PACKING, "context_size": ctx,
+        "batch_size": opts.batch_size, "n_top": opts.n_top,
         "window_len": opts.window_len, "n_bands": opts.n_bands, "per_band": opts.per_band,
         "interval_fine_bins": INTERVAL_FINE_BINS,
         "n_logits": opts.n_logits, "n_neighbours": opts.n_neighbours,
-        "eval_tokens": int(eval_tokens.size), "seed": opts.seed,
+        "eval_tokens": int((~eval_special).sum()), "seed": opts.seed,
         "activations": source.source.split(":")[0],
     }
     key = run_key(config, sae_path=Path(opts.sae_path), corpus=opts.corpus,

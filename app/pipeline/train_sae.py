@@ -24,7 +24,7 @@ from app.engine.sae import SAE, SAEConfig
 from app.engine.train import CHECKPOINT_NAME, TrainConfig, train_topk
 from app.errors import ConfigError
 from app.pipeline.activations import cache_key, cache_key_parts, get_activations
-from app.pipeline.corpus import load_corpus
+from app.pipeline.corpus import CorpusTooSmall, load_corpus
 from app.pipeline.interrupts import DeferredInterrupt
 
 if TYPE_CHECKING:
@@ -120,20 +120,23 @@ def train_sae(
         check_destination(out)
     out = Path(out)
 
-    n_train_seq = tokens // context_size
-    if n_train_seq * context_size != tokens:
-        log(f"--tokens {tokens:,} rounded down to {n_train_seq * context_size:,}: {n_train_seq} "
-            f"whole sequences of {context_size}")
     try:
         windows = load_corpus(corpus, lm=lm, text_field=text_field, context_size=context_size,
-                              max_tokens=n_train_seq * context_size + eval_tokens)
-    except ConfigError as exc:
-        if "lower --tokens" not in str(exc):
-            raise
-        raise ConfigError(f"{exc} (the {eval_tokens} held-out tokens come after the training "
-                          "budget)") from None
-    train_windows = windows.select(slice(0, n_train_seq))
-    held_out = windows.select(slice(n_train_seq, windows.n_seq))
+                              max_tokens=tokens + eval_tokens)
+    except CorpusTooSmall as exc:
+        most = exc.available - eval_tokens
+        fix = (f"lower --tokens to at most {most:,}" if most >= context_size else
+               f"lower --eval-tokens or use a larger corpus (it holds {exc.available:,})")
+        raise ConfigError(f"corpus {corpus!r} has {exc.available:,} text tokens, fewer than "
+                          f"--tokens {tokens:,} plus the {eval_tokens:,} held-out tokens after "
+                          f"them; {fix}") from None
+    # The most whole packed sequences holding at most --tokens text tokens train; the rest are
+    # held out.
+    train_windows, held_out = windows.split(tokens, eval_tokens)
+    n_train_seq = train_windows.n_seq
+    if train_windows.real_tokens() != tokens:
+        log(f"--tokens {tokens:,} rounded down to {train_windows.real_tokens():,}: the text of "
+            f"{n_train_seq} whole sequences of {context_size}")
 
     cache = get_activations(lm=lm, hook_name=hook_name, corpus=corpus, max_tokens=tokens,
                             context_size=context_size, cache_dir=cache_dir,
@@ -141,8 +144,9 @@ def train_sae(
                             log=log)
     t_acts = time.perf_counter()
     data = cache.counted_activations()
-    log(f"training on {len(data)} tokens ({cache.n_seq * context_size - len(data)} BOS/special/"
-        f"padding positions left out), {epochs} epochs")
+    n_trained = len(data)  # text tokens: BOS and other special positions are left out
+    log(f"training on {len(data):,} tokens ({cache.n_seq * context_size - len(data):,} BOS/"
+        f"special positions left out), {epochs} epochs")
 
     parts = cache_key_parts(lm=lm, hook_name=hook_name, corpus=corpus, text_field=text_field,
                             max_tokens=tokens, context_size=context_size)
@@ -160,18 +164,18 @@ def train_sae(
         model_name=lm.model_id, apply_b_dec_to_input=True, normalize_activations="none",
         context_size=context_size, prepend_bos=True, exclude_special_tokens=True,
         neuronpedia_id=f"{lm.model_id}/{sae_id}",
-        metadata={"sae_id": sae_id, "dataset_path": corpus, "training_tokens": tokens,
+        metadata={"sae_id": sae_id, "dataset_path": corpus, "training_tokens": n_trained,
                   "training_epochs": epochs, "seed": seed, "trained_by": "saescope",
                   "train_config": asdict(cfg), "input_scale_folded": result.scale},
     )
     sae = SAE.from_tensors(sae_cfg, {"W_enc": w.W_enc, "b_enc": w.b_enc, "W_dec": w.W_dec,
                                      "b_dec": w.b_dec}, source="trained SAE")
-    log(f"evaluating on {held_out.n_seq * context_size} held-out tokens ...")
+    log(f"evaluating on {held_out.real_tokens():,} held-out tokens ...")
     evals = evaluate_sae(sae, lm, held_out.tokens, held_out.special_mask, progress=progress)
     t_eval = time.perf_counter()
     evals.update({
         "sae_id": sae_id, "model_id": lm.model_id, "corpus": corpus,
-        "train_tokens": tokens, "eval_tokens": held_out.n_seq * context_size, "epochs": epochs,
+        "train_tokens": n_trained, "eval_tokens": held_out.real_tokens(), "epochs": epochs,
         "seed": seed, "d_sae": d_sae, "k": k,
         "train": result.summary,
         "seconds": {"activations": t_acts - t_start, "train": t_train - t_acts,

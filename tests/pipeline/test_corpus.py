@@ -13,6 +13,7 @@ import pytest
 from app.engine.tiny import tiny_tokenizer
 from app.errors import ConfigError, OfflineError
 from app.pipeline.corpus import (
+    CorpusTooSmall,
     Document,
     corpus_fingerprint,
     load_corpus,
@@ -105,39 +106,71 @@ def test_hub_dataset_offline_is_a_clear_error(monkeypatch):
         list(load_documents("saescope-tests/no-such-dataset"))
 
 
-def test_windows_have_bos_doc_ids_and_padding_and_match_the_tokenizer(tok):
+def test_documents_are_packed_bos_separated_and_read_back_as_the_tokenizer_gives(tok):
     docs = [Document(name=f"d{i}", text=t) for i, t in enumerate(TEXTS)]
     corpus = tokenize_corpus(docs, tokenizer=tok, context_size=16)
+    bos = tok.bos_token_id
     assert corpus.tokens.dtype == np.int32 and corpus.tokens.shape[1] == 16
-    assert (corpus.tokens[:, 0] == tok.bos_token_id).all()
+    assert (corpus.tokens[:, 0] == bos).all()
     assert corpus.doc_names == ["d0", "d1", "d2"]
-    # Reference: each document's tokens, read back from its windows, equal the tokenizer's.
-    for i, text in enumerate(TEXTS):
-        expected = tok(text, add_special_tokens=False)["input_ids"]
-        rows = corpus.tokens[corpus.doc_index == i]
-        masks = corpus.special_mask[corpus.doc_index == i]
-        got = [int(t) for row, m in zip(rows, masks, strict=True) for t in row[~m]]
-        assert got == expected
-        assert len(rows) == -(-len(expected) // 15)
-        # padding only after the text of the last window
-        last = rows[-1][1:]
-        n_text = len(expected) - 15 * (len(rows) - 1)
-        assert (last[n_text:] == tok.pad_token_id).all()
-    assert corpus.special_mask[:, 0].all()
-    assert corpus.n_real_tokens == sum(len(tok(t)["input_ids"]) for t in TEXTS)
+    assert corpus.doc_ids is not None and corpus.doc_ids.shape == corpus.tokens.shape
+    assert tok.pad_token_id not in corpus.tokens  # no padding anywhere
+    # Reference: each document's text positions, in order, are the tokenizer's ids (the last
+    # document is cut where the last whole sequence ends).
+    text = ~corpus.special_mask
+    for i, source in enumerate(TEXTS):
+        expected = tok(source, add_special_tokens=False)["input_ids"]
+        got = corpus.tokens[(corpus.doc_ids == i) & text].tolist()
+        assert got == (expected if i < 2 else expected[:len(got)]) and got
+        # Each document is opened by a BOS: the sequence's own, or one right before it.
+        seq, pos = np.argwhere(corpus.doc_ids == i)[0]
+        assert corpus.tokens[seq, pos] == bos and corpus.special_mask[seq, pos]
+    # Short documents share sequences: fewer sequences than one per document start.
+    assert len(corpus.documents(int(corpus.doc_index[corpus.doc_ids[:, -1] == 2][0]))) >= 1
+    assert any(len(corpus.documents(s)) > 1 for s in range(corpus.n_seq))
+    assert corpus.n_real_tokens == int(text.sum()) == corpus.real_tokens()
+    assert corpus.n_real_tokens == corpus.n_seq * 16 - int(corpus.special_mask.sum())
 
 
-def test_budget_cuts_and_overflows(tok):
+def test_budget_counts_text_tokens_and_the_suggested_maximum_works(tok):
     docs = [Document(name=f"d{i}", text=t) for i, t in enumerate(TEXTS)]
     full = tokenize_corpus(docs, tokenizer=tok, context_size=16)
-    cut = tokenize_corpus(docs, tokenizer=tok, context_size=16, max_tokens=16 * 3 + 5)
-    assert cut.n_seq == 3
-    assert np.array_equal(cut.tokens, full.tokens[:3])
-    too_many = full.n_seq * 16 + 16
-    with pytest.raises(ConfigError, match=f"only {full.n_seq * 16} tokens.*lower --tokens"):
-        tokenize_corpus(docs, tokenizer=tok, context_size=16, max_tokens=too_many)
+    cut = tokenize_corpus(docs, tokenizer=tok, context_size=16, max_tokens=15 * 3 + 5)
+    real = np.cumsum((~full.special_mask).sum(axis=1))
+    n = int(np.searchsorted(real, 15 * 3 + 5, side="right"))
+    assert cut.n_seq == n and np.array_equal(cut.tokens, full.tokens[:n])  # a prefix
+    assert cut.real_tokens() <= 15 * 3 + 5 < cut.real_tokens() + int(real[n] - real[n - 1])
+    with pytest.raises(CorpusTooSmall, match=f"only {full.n_real_tokens:,} text tokens.*"
+                       f"lower --tokens to at most {full.n_real_tokens:,}") as err:
+        tokenize_corpus(docs, tokenizer=tok, context_size=16, max_tokens=full.n_real_tokens + 1)
+    assert err.value.available == full.n_real_tokens
+    exact = tokenize_corpus(docs, tokenizer=tok, context_size=16, max_tokens=err.value.available)
+    assert np.array_equal(exact.tokens, full.tokens)
     with pytest.raises(ConfigError, match="smaller than one sequence"):
         tokenize_corpus(docs, tokenizer=tok, context_size=16, max_tokens=8)
+
+
+def test_short_rows_of_a_csv_are_packed_with_no_padding(tmp_path, tok):
+    path = tmp_path / "rows.csv"
+    rows = [f"row {i} says hello" for i in range(200)]
+    with path.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["text"])
+        writer.writerows([r] for r in rows)
+    corpus = load_corpus(path, tokenizer=tok, context_size=32, max_tokens=1000)
+    lengths = [len(tok(r, add_special_tokens=False)["input_ids"]) for r in rows]
+    assert max(lengths) < 16  # every row is far shorter than a sequence
+    text = ~corpus.special_mask
+    # Every position is text or the BOS opening a row: no padding, and the budget is text.
+    assert int(text.sum()) == corpus.n_real_tokens <= 1000
+    assert corpus.n_real_tokens > 1000 - 31
+    bos = corpus.tokens == tok.bos_token_id
+    assert np.array_equal(bos, corpus.special_mask)
+    # A BOS inside a sequence sits between two documents (the boundary it marks).
+    seq, pos = np.nonzero(bos[:, 1:-1])
+    assert len(seq) > 50
+    assert (corpus.doc_ids[seq, pos] != corpus.doc_ids[seq, pos + 2]).all()
+    assert (corpus.doc_ids[seq, pos + 1] == corpus.doc_ids[seq, pos + 2]).all()
 
 
 def test_fingerprint_changes_with_the_files(tmp_path):
