@@ -330,3 +330,48 @@ def test_train_sae_suggests_a_token_budget_that_works(inputs, tmp_path):
     proc = saescope(args, cwd=tmp_path, home=home)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "sae" / "cfg.json").is_file()
+
+
+def test_build_never_scores_the_sae_on_text_it_was_trained_or_built_over(inputs, tmp_path):
+    import json
+
+    home, sae = tmp_path / "data", tmp_path / "trained"
+    train = ["train-sae", "--model", "tiny-llama", "--hook", HOOK, "--d-sae", "64", "--k", "4",
+             "--corpus", str(inputs["corpus"]), "--tokens", "2048", "--eval-tokens", "256",
+             "--epochs", "1", "--out", str(sae)]
+    proc = saescope(train, cwd=tmp_path, home=home)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trained = json.loads((sae / "cfg.json").read_text())["metadata"]["training_tokens"]
+
+    # A build over fewer tokens than the SAE was trained on evaluates after the training tokens,
+    # on train-sae's own held-out slice (so its evals.json is reused).
+    db = tmp_path / "x.db"
+    build = ["build", "--sae", str(sae), "--corpus", str(inputs["corpus"]), "--tokens", "512",
+             "--eval-tokens", "256", "--db", f"sqlite:///{db}"]
+    proc = saescope(build, cwd=tmp_path, home=home)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "held-out evals: reusing" in proc.stdout, proc.stdout
+    con = sqlite3.connect(db)
+    stats = json.loads(con.execute("SELECT sae_stats FROM runs").fetchone()[0])
+    con.close()
+    assert stats["eval"]["held_out_after_tokens"] == trained
+    assert "explained_variance" in stats
+
+    # No text left after the build's tokens: no evaluation at all, and it says why.
+    rows = tmp_path / "small.csv"
+    rows.write_text("text\n" + "".join(f"{' '.join(WORDS[i % 9:i % 9 + 12])}\n"
+                                        for i in range(40)))
+    small = ["build", "--sae", str(inputs["sae"]), "--model", "tiny-llama", "--corpus",
+             str(rows), "--tokens", "100000", "--eval-tokens", "256", "--db",
+             f"sqlite:///{tmp_path / 'small.db'}"]
+    proc = saescope(small, cwd=tmp_path, home=home)
+    assert proc.returncode == 2 and "lower --tokens to at most" in one_error_line(proc)
+    most = int(re.search(r"at most ([\d,]+)", proc.stderr).group(1).replace(",", ""))
+    small[small.index("--tokens") + 1] = str(most)
+    proc = saescope(small, cwd=tmp_path, home=home)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "no evaluation: the corpus has no text after the " in proc.stdout
+    con = sqlite3.connect(tmp_path / "small.db")
+    stats = json.loads(con.execute("SELECT sae_stats FROM runs").fetchone()[0])
+    con.close()
+    assert "explained_variance" not in stats and "eval" not in stats

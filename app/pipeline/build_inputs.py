@@ -6,6 +6,7 @@ matching activation cache, else from the model.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -49,19 +50,56 @@ def load_inputs(opts: BuildOptions, log: Log) -> tuple[LanguageModel, SAE, str, 
     return lm, sae, hook, sae_id, ctx
 
 
-def tokenize(lm: LanguageModel, opts: BuildOptions, ctx: int
-             ) -> tuple[TokenizedCorpus, np.ndarray, np.ndarray, bool]:
+def trained_on(sae: SAE, opts: BuildOptions) -> int:
+    """How many leading text tokens of the build's corpus the SAE was trained on (its cfg's
+    dataset_path and training_tokens; 0 when it names another corpus or nothing)."""
+    meta = sae.cfg.metadata or {}
+    dataset, trained = meta.get("dataset_path"), meta.get("training_tokens")
+    if not dataset or not isinstance(trained, int):
+        return 0
+    same = str(dataset) == str(opts.corpus)
+    if not same and Path(str(dataset)).exists() and Path(str(opts.corpus)).exists():
+        same = Path(str(dataset)).resolve() == Path(str(opts.corpus)).resolve()
+    return trained if same else 0
+
+
+# Held-out text further than this past the build's own tokens is not tokenized for the evaluation
+# (an SAE trained on a corpus far larger than the build reads).
+MAX_EVAL_SKIP = 10_000_000
+
+
+@dataclass
+class Tokenized:
+    """The build's sequences and the held-out ones for its evaluation (none: no evaluation)."""
+
+    corpus: TokenizedCorpus
+    eval_tokens: np.ndarray
+    eval_special: np.ndarray
+    eval_after: int  # text tokens of the corpus before the held-out ones
+    no_eval_reason: str = ""
+
+
+def tokenize(lm: LanguageModel, opts: BuildOptions, ctx: int, *, trained_tokens: int = 0
+             ) -> Tokenized:
     """The build's sequences (the most whole packed sequences holding at most ``--tokens`` text
-    tokens), plus the held-out sequences after them for the evaluations: up to
-    ``--eval-tokens`` text tokens, fewer when the corpus ends first. With no held-out text at
-    all there is no evaluation (``held_out`` False): the build never scores the SAE on the text
-    it built over."""
+    tokens) and up to ``--eval-tokens`` held-out text tokens for the evaluation, taken after
+    the build's tokens and after the ``trained_tokens`` the SAE was trained on when it was
+    trained on this corpus (train-sae's held-out slice then, so its evals.json is reused). The
+    SAE is never scored on text it was built or trained over: with no such text left there is
+    no evaluation, and ``no_eval_reason`` says why."""
     from app.pipeline.corpus import CorpusTooSmall, load_documents, tokenize_corpus
 
+    eval_budget = max(opts.eval_tokens, 0)
+    skip = max(trained_tokens - opts.n_tokens, 0) if eval_budget else 0
+    far = ""
+    if skip > MAX_EVAL_SKIP:
+        skip, eval_budget = 0, 0
+        far = (f"the SAE was trained on the first {trained_tokens:,} tokens of this corpus, "
+               "far past the build's")
     docs = load_documents(opts.corpus, text_field=opts.text_field)
     try:
         full = tokenize_corpus(docs, lm=lm, context_size=ctx,
-                               max_tokens=opts.n_tokens + max(opts.eval_tokens, 0),
+                               max_tokens=opts.n_tokens + skip + eval_budget,
                                source=str(opts.corpus), allow_short=True)
     except CorpusTooSmall as exc:  # not even one whole sequence
         raise ConfigError(str(exc)) from None
@@ -77,8 +115,22 @@ def tokenize(lm: LanguageModel, opts: BuildOptions, ctx: int
             f"{ctx}; lower --tokens to at most {have:,} (at most {have - opts.eval_tokens:,} "
             f"to keep {opts.eval_tokens:,} held out for the evaluation) or use a larger corpus",
             available=have)
-    corpus, rest = full.split(opts.n_tokens, max(opts.eval_tokens, 0))
-    return corpus, rest.tokens, rest.special_mask, rest.n_seq > 0
+    corpus = full.select(slice(0, n_seq))
+    # Held out: after the build's sequences and after the whole sequences the SAE trained on.
+    start = max(n_seq, int(np.searchsorted(real, opts.n_tokens + skip, side="right")))
+    (rest,) = full.select(slice(start, full.n_seq)).split(eval_budget)
+    why = ""
+    if not opts.eval_tokens:
+        why = "--eval-tokens 0"
+    elif not eval_budget:
+        why = far
+    elif not rest.n_seq:
+        read = ("the SAE was trained on" if trained_tokens > opts.n_tokens else
+                "the build reads")
+        why = f"the corpus has no text after the {max(trained_tokens, opts.n_tokens):,} {read}"
+    return Tokenized(corpus=corpus, eval_tokens=rest.tokens, eval_special=rest.special_mask,
+                     eval_after=int(real[start - 1]),
+                     no_eval_reason=why)
 
 
 class ActivationSource:

@@ -26,7 +26,13 @@ import torch
 from app.errors import ConfigError, Interrupted
 from app.pipeline.accumulators import FeatureAccumulators
 from app.pipeline.build_evals import evaluate, train_metrics
-from app.pipeline.build_inputs import ActivationSource, find_cache, load_inputs, tokenize
+from app.pipeline.build_inputs import (
+    ActivationSource,
+    find_cache,
+    load_inputs,
+    tokenize,
+    trained_on,
+)
 from app.pipeline.build_options import BuildOptions, Log, check_options
 from app.pipeline.build_records import PrecomputeRecords, make_records
 from app.pipeline.checkpoint import Checkpoint, open_checkpoint, run_key
@@ -221,7 +227,8 @@ def compute_records(opts: BuildOptions, *, log: Log = print, lm: LanguageModel |
         records.run.sae_stats.update({
             k: ev[k] for k in ("explained_variance", "ce_loss_clean", "ce_loss_sae",
                                "ce_loss_ablated", "ce_loss_recovered") if k in ev})
-        records.run.sae_stats["eval"] = {**ev, "held_out": p.held_out}
+        records.run.sae_stats["eval"] = {**ev, "held_out": p.held_out,
+                                         "held_out_after_tokens": p.config["eval_after_tokens"]}
     timings["records"] = time.perf_counter() - t
     # Everything after the stream but the evaluation (the build's fixed cost).
     timings["finalize"] = (timings["finalize_stats"] + timings["static_wait"]
@@ -260,14 +267,16 @@ def _prepare_run(opts: BuildOptions, *, log: Log, lm: LanguageModel, sae: SAE, h
                  sae_id: str, ctx: int, static: StaticFeatures) -> _Prepared:
     log(f"tokenizing corpus {opts.corpus} ({opts.n_tokens:,} text tokens packed in sequences "
         f"of {ctx})")
-    corpus, eval_tokens, eval_special, held_out = tokenize(lm, opts, ctx)
+    tok = tokenize(lm, opts, ctx, trained_tokens=trained_on(sae, opts))
+    corpus, eval_tokens, eval_special = tok.corpus, tok.eval_tokens, tok.eval_special
+    held_out = eval_tokens.size > 0
     n_tokens = corpus.real_tokens()
     if n_tokens != opts.n_tokens:
         log(f"--tokens {opts.n_tokens:,} rounded down to {n_tokens:,}: the text of "
             f"{corpus.n_seq} whole sequences of {ctx}")
-    if opts.eval_tokens and not held_out:
-        log("no evaluation: the corpus has no text after the build's tokens, and the SAE is "
-            "not scored on the text it is shown over (lower --tokens to hold some out)")
+    if tok.no_eval_reason and opts.eval_tokens:
+        log(f"no evaluation: {tok.no_eval_reason}, and the SAE is never scored on text it was "
+            "built or trained over")
     cache = find_cache(lm=lm, hook_name=hook, opts=opts, n_tokens=n_tokens, ctx=ctx,
                        tokens=corpus.tokens)
     source = ActivationSource(lm=lm, hook_name=hook, cache=cache)
@@ -282,7 +291,8 @@ def _prepare_run(opts: BuildOptions, *, log: Log, lm: LanguageModel, sae: SAE, h
         "window_len": opts.window_len, "n_bands": opts.n_bands, "per_band": opts.per_band,
         "interval_fine_bins": INTERVAL_FINE_BINS,
         "n_logits": opts.n_logits, "n_neighbours": opts.n_neighbours,
-        "eval_tokens": int((~eval_special).sum()), "seed": opts.seed,
+        "eval_tokens": int((~eval_special).sum()), "eval_after_tokens": tok.eval_after,
+        "seed": opts.seed,
         "activations": source.source.split(":")[0],
     }
     key = run_key(config, sae_path=Path(opts.sae_path), corpus=opts.corpus,

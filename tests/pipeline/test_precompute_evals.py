@@ -77,8 +77,8 @@ def test_the_build_reuses_matching_training_evals(trained):
 
 def test_the_build_recomputes_when_slice_or_weights_differ(trained):
     root, lm, corpus, out = trained
-    # another held-out slice: the build reads fewer tokens, so its held-out tokens start earlier
-    ev, _, _ = build_evals(root, lm, corpus, out.path, n_tokens=TOKENS - CTX)
+    # another held-out slice: fewer held-out tokens
+    ev, _, _ = build_evals(root, lm, corpus, out.path, eval_tokens=EVAL_TOKENS - CTX)
     assert ev["computed"].startswith("held_out_sha256 differs")
     # same slice, other weights
     changed = root / "changed-sae"
@@ -101,3 +101,14 @@ def test_eval_tokens_zero_means_no_evaluation(trained):
     assert "eval" not in records.run.sae_stats
     assert "ce_loss_recovered" not in records.run.sae_stats
     assert records.run.config["eval_tokens"] == 0
+
+
+def test_a_build_over_fewer_tokens_is_scored_after_the_training_tokens(trained):
+    """Text the SAE trained on is never its evaluation: a shorter build still holds out the
+    tokens after the training budget (train-sae's own slice, so its figures are reused)."""
+    root, lm, corpus, out = trained
+    ev, _, _ = build_evals(root, lm, corpus, out.path, n_tokens=TOKENS // 2)
+    assert "reused_from" in ev
+    trained_tokens = json.loads((out.path / "cfg.json").read_text())["metadata"][
+        "training_tokens"]
+    assert ev["held_out_after_tokens"] == trained_tokens
