@@ -126,7 +126,8 @@ def build_command(
                               "hub cache); default: the model the SAE names"),
     corpus: str = typer.Option("python-docs", "--corpus", help="python-docs, a .txt/.md file or "
                                "folder, .jsonl/.parquet/.csv, or a dataset id"),
-    tokens: int = typer.Option(100_000, "--tokens", min=1, help="token positions to process"),
+    tokens: int = typer.Option(100_000, "--tokens", min=1,
+                               help="text tokens to process (documents packed, BOS-separated)"),
     db: str = typer.Option(None, "--db", help="database URL (default: SAESCOPE_DATABASE_URL "
                            "or sqlite:///data/saescope.db)"),
     sae_id: str = typer.Option(None, "--sae-id", help="id in the database (default: the SAE "

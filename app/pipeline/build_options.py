@@ -22,7 +22,7 @@ class BuildOptions:
     cache_dir: Path  # activation caches, checkpoints, downloaded models
     model: str | None = None  # preset / folder / .gguf; default: the SAE's model_name
     corpus: str = DEFAULT_CORPUS
-    n_tokens: int = 100_000  # token positions processed (BOS and padding included)
+    n_tokens: int = 100_000  # text tokens processed (BOS and other special positions not counted)
     sae_id: str | None = None  # default: the SAE folder's name
     hook_name: str | None = None  # default: the SAE's hook
     context_size: int | None = None  # default: the SAE's context_size, else 128

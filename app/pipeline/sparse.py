@@ -3,7 +3,7 @@
 ``SparseBatch`` is made by ``sparsify`` (dense code) or ``sparse_records`` (TopK code).
 
 Every batch is the SAE encode output for whole sequences, ``acts [n_seq, ctx, d_sae]``.
-``sparsify`` leaves dense land at once: it zeroes the special (BOS / padding) rows, which touches
+``sparsify`` leaves dense land at once: it zeroes the special (BOS) rows, which touches
 only those rows, and makes two passes over the block (compare, then scan the bool mask), giving
 sparse records ``(token, feature, value)`` with value > 0. A TopK SAE's code arrives sparse
 (``SAE.encode_sparse``) and ``sparse_records`` makes the same records from it without any array
@@ -12,7 +12,7 @@ axis of a dense block.
 
 Notation: a record is ``(f, t, v)``: feature f, global token position ``t = seq * ctx + pos``
 (``seq`` is the sequence's index in the corpus stream), activation ``v > 0``. Only counted tokens
-(not BOS, padding or other special tokens) produce records.
+(not BOS or other special tokens) produce records.
 """
 
 from __future__ import annotations

@@ -183,7 +183,7 @@ def train_sae(
         "activation_cache": str(cache.path),
         # Lets `saescope build` reuse these figures when it evaluates the same thing.
         "held_out_sha256": held_out_fingerprint(held_out.tokens),
-        "notes": "special positions (BOS, padding, special tokens) keep their activation "
+        "notes": "special positions (BOS and other special tokens) keep their activation "
                  "when the SAE is spliced in or the hook is zero-ablated, and are excluded "
                  "from all metrics",
     })
