@@ -375,3 +375,13 @@ def test_build_never_scores_the_sae_on_text_it_was_trained_or_built_over(inputs,
     stats = json.loads(con.execute("SELECT sae_stats FROM runs").fetchone()[0])
     con.close()
     assert "explained_variance" not in stats and "eval" not in stats
+
+
+def test_train_sae_reports_a_missing_corpus_before_the_model_loads(tmp_path):
+    args = ["train-sae", "--model", "tiny-llama", "--hook", HOOK, "--corpus",
+            str(tmp_path / "nothing.csv"), "--out", str(tmp_path / "sae")]
+    proc = saescope(args, cwd=tmp_path, home=tmp_path / "data")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "not found" in one_error_line(proc)
+    assert "loading" not in proc.stdout
+    assert all_files(tmp_path) == []

@@ -26,6 +26,7 @@ from app.errors import ConfigError
 from app.pipeline.activations import cache_key, cache_key_parts, get_activations
 from app.pipeline.corpus import CorpusTooSmall, load_corpus
 from app.pipeline.interrupts import DeferredInterrupt
+from app.pipeline.outputs import check_corpus
 
 if TYPE_CHECKING:
     from app.engine.lm import LanguageModel
@@ -109,6 +110,7 @@ def train_sae(
         assert saes_dir is not None
         check_writable(saes_dir, what=f"the SAE folder {saes_dir}",
                        fix="pass --out or set SAESCOPE_SAES_DIR")
+    check_corpus(corpus, text_field=text_field)  # a missing or empty corpus: before the model
     if lm is None:
         log(f"loading {model} ...")
         lm = load_model(model, cache_dir=cache_dir)

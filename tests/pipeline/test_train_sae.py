@@ -155,7 +155,8 @@ def test_unwritable_out_fails_before_the_model_loads_and_writes_nothing(isolated
         result = _cli("--model", "tiny-llama", "--hook", "blocks.2.hook_resid_post",
                       "--corpus", str(text_corpus), "--out", out)
         assert result.exit_code == 2, result.output
-        lines = result.output.strip().splitlines()
+        lines = [line for line in result.output.strip().splitlines()
+                 if not line.startswith("data folder: ")]  # the banner every long command prints
         assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
         assert sorted(isolated_home.rglob("*")) == before  # no cache, no SAE, no probe left
     assert (keep / "todo.txt").read_text() == "mine"
