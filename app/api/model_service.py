@@ -6,7 +6,7 @@ The API never imports the engine (nor torch); the app's lifespan builds the real
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -30,6 +30,25 @@ class ModelService(Protocol):
     def feature_activations(self, *, sae_id: str, ids: list[int],
                             index: int) -> dict[str, Any]: ...
 
+    # Steering generators: one model forward per item (run them with ModelWorker.stream).
+
+    def steer_stream(
+        self, *, sae_id: str, prompt: str, features: Sequence[Mapping[str, Any]] = (),
+        vectors: Sequence[Mapping[str, Any]] = (), scope: str = "all", max_new_tokens: int = 64,
+        temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, chat_template: bool = False,
+        max_prompt_tokens: int = 1024, deadline: float | None = None,
+    ) -> Iterator[list[dict[str, Any]]]: ...
+
+    def steer_sweep(
+        self, *, sae_id: str, prompt: str, index: int, mode: str, values: Sequence[float],
+        scope: str = "all", max_new_tokens: int = 32, temperature: float = 0.0,
+        top_p: float = 1.0, seed: int = 0, chat_template: bool = False,
+        max_prompt_tokens: int = 1024, deadline: float | None = None,
+    ) -> Iterator[dict[str, Any] | None]: ...
+
+    def caa_vector(self, *, sae_id: str, positive: Sequence[str], negative: Sequence[str],
+                   position: str = "last", top_k: int = 10) -> dict[str, Any]: ...
+
 
 @dataclass
 class EngineState:
@@ -47,4 +66,4 @@ class EngineState:
         if self.status == "loading":
             raise UnavailableError("the model is still loading; retry in a few seconds",
                                    retry_after=5)
-        raise UnavailableError(f"text search needs a model: {self.message}")
+        raise UnavailableError(f"text search and steering need a model: {self.message}")

@@ -14,7 +14,7 @@ forwards only, so generations interleaved on one model thread never see each oth
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -171,6 +171,46 @@ class Generation:
         if self.top_p < 1:
             probs = top_p_filter(probs, self.top_p)
         return int(torch.multinomial(probs, 1, generator=generator))
+
+
+class IncrementalText:
+    """The text of a growing token list, handed out piece by piece: ``push(token)`` returns the
+    text that token completes ("" while a character spread over several tokens is unfinished),
+    ``flush()`` whatever is left at the end.
+
+    Each piece is decoded from a short window of recent tokens (the one before the last piece
+    and onwards), not from a single token, so tokenizers that join or strip spaces between
+    tokens give the same text as decoding the whole list at once.
+    """
+
+    def __init__(self, decode: Callable[[Sequence[int]], str]) -> None:
+        self._decode = decode
+        self.tokens: list[int] = []
+        self.text = ""  # handed out so far
+        self._prefix = 0  # window start: tokens before it are settled
+        self._read = 0  # tokens whose text is already handed out
+
+    def push(self, token: int) -> str:
+        self.tokens.append(token)
+        settled = self._decode(self.tokens[self._prefix:self._read])
+        window = self._decode(self.tokens[self._prefix:])
+        # U+FFFD at the end: the last token holds only part of a character's bytes.
+        if len(window) <= len(settled) or window.endswith("\ufffd"):
+            return ""
+        piece = window[len(settled):]
+        self._prefix, self._read = self._read, len(self.tokens)
+        self.text += piece
+        return piece
+
+    def flush(self) -> str:
+        """The rest of the text (an unfinished character shows as U+FFFD)."""
+        if self._read == len(self.tokens):
+            return ""
+        settled = self._decode(self.tokens[self._prefix:self._read])
+        piece = self._decode(self.tokens[self._prefix:])[len(settled):]
+        self._prefix = self._read = len(self.tokens)
+        self.text += piece
+        return piece
 
 
 def top_p_filter(probs: Tensor, top_p: float) -> Tensor:

@@ -9,7 +9,7 @@ comes in as plain `SAESpec` records: the app reads them from the store, the engi
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from app.engine import steered_generation, steering
 from app.engine.lm import LanguageModel
 from app.engine.loading import load_model
 from app.engine.presets import find_preset
@@ -171,6 +172,111 @@ class EngineService:
             # Every firing latent of a position is in its row: absent means 0.
             values = np.where(latents == index, codes, 0.0).sum(axis=1).tolist()
         return {"tokens": tokens, "token_ids": list(ids), "special": special, "values": values}
+
+    # ----- steering ---------------------------------------------------------------------------
+    # Generators: each item is one model forward, so the worker (ModelWorker.stream) interleaves
+    # them with other jobs and stops them between steps. All work, checks included, happens on
+    # the model thread once the worker takes the first step.
+
+    def prompt_ids(self, *, sae_id: str, prompt: str, chat_template: bool,
+                   max_tokens: int) -> list[int]:
+        """The prompt's token ids: the model's chat template around it as a user turn, or the
+        text as the SAE's training data was tokenized (BOS first when its cfg says so)."""
+        if chat_template:
+            if not self.lm.has_chat_template:
+                raise ConfigError(f"model {self.model_id} has no chat template; "
+                                  "set chat_template to false")
+            text = self.lm.tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], add_generation_prompt=True,
+                tokenize=False)
+            ids = self.lm.tokenize(str(text), prepend_bos=False)
+        else:
+            ids = self.tokenize(sae_id=sae_id, text=prompt)
+        if not ids:
+            raise ConfigError("the prompt is empty; write a few words")
+        if len(ids) > max_tokens:
+            raise ConfigError(f"the prompt is {len(ids)} tokens; the limit is {max_tokens} "
+                              "(SAESCOPE_MAX_TEXT_TOKENS): shorten it")
+        return ids
+
+    def _edits(self, *, sae_id: str, features: Sequence[Mapping[str, Any]],
+               vectors: Sequence[Mapping[str, Any]]) -> list[steering.Edit]:
+        edits: list[steering.Edit] = []
+        for feature in features:
+            loaded = self._get(feature.get("sae_id") or sae_id)
+            edits.append(steering.FeatureEdit(
+                sae=loaded.sae, hook_name=loaded.hook_name, index=int(feature["index"]),
+                mode=feature["mode"], value=float(feature.get("value", 0.0))))
+        for vector in vectors:
+            self.lm.hook_point(vector["hook_name"])
+            values = torch.tensor(vector["vector"], dtype=torch.float32, device=self.lm.device)
+            if values.shape != (self.lm.d_model,):
+                raise ConfigError(f"vector {vector.get('name', '')!r} has {values.numel()} values; "
+                                  f"the model's width is {self.lm.d_model}")
+            edits.append(steering.VectorEdit(hook_name=vector["hook_name"], vector=values,
+                                             value=float(vector.get("value", 1.0))))
+        return edits
+
+    @torch.inference_mode()
+    def steer_stream(
+        self, *, sae_id: str, prompt: str, features: Sequence[Mapping[str, Any]] = (),
+        vectors: Sequence[Mapping[str, Any]] = (), scope: str = "all", max_new_tokens: int = 64,
+        temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, chat_template: bool = False,
+        max_prompt_tokens: int = 1024, deadline: float | None = None,
+    ) -> Iterator[list[dict[str, Any]]]:
+        """Default and steered continuations side by side, one forward per item: lists of
+        ``token`` events ({which, index, text}), the last one ending with ``done`` (per stream:
+        text, tokens, token_ids, n_tokens, stop_reason). ``features``: [{index, mode, value,
+        sae_id?}]; ``vectors``: [{hook_name, vector, value}]; ``deadline``: time.monotonic()
+        after which the streams stop (stop_reason "time_limit")."""
+        edits = self._edits(sae_id=sae_id, features=features, vectors=vectors)
+        ids = self.prompt_ids(sae_id=sae_id, prompt=prompt, chat_template=chat_template,
+                              max_tokens=max_prompt_tokens)
+        yield from steered_generation.side_by_side(
+            self.lm, ids=ids, steering_edits=edits, scope=scope,  # type: ignore[arg-type]
+            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+            deadline=deadline)
+
+    @torch.inference_mode()
+    def steer_sweep(
+        self, *, sae_id: str, prompt: str, index: int, mode: str, values: Sequence[float],
+        scope: str = "all", max_new_tokens: int = 32, temperature: float = 0.0,
+        top_p: float = 1.0, seed: int = 0, chat_template: bool = False,
+        max_prompt_tokens: int = 1024, deadline: float | None = None,
+    ) -> Iterator[dict[str, Any] | None]:
+        """One feature at several strengths: None per forward, then {default, cells: [{value,
+        text, tokens, token_ids, stop_reason, realised, coherence}]}."""
+        loaded = self._get(sae_id)
+
+        def edit(value: float) -> steering.FeatureEdit:
+            return steering.FeatureEdit(sae=loaded.sae, hook_name=loaded.hook_name, index=index,
+                                        mode=mode, value=value)  # type: ignore[arg-type]
+
+        for value in values:
+            edit(value)  # every value checked before any forward
+        ids = self.prompt_ids(sae_id=sae_id, prompt=prompt, chat_template=chat_template,
+                              max_tokens=max_prompt_tokens)
+        yield from steered_generation.sweep(
+            self.lm, ids=ids, edit=edit, values=list(values), probe_hook=loaded.hook_name,
+            scope=scope, max_new_tokens=max_new_tokens,  # type: ignore[arg-type]
+            temperature=temperature, top_p=top_p, seed=seed, deadline=deadline)
+
+    @torch.inference_mode()
+    def caa_vector(self, *, sae_id: str, positive: Sequence[str], negative: Sequence[str],
+                   position: str = "last", top_k: int = 10) -> dict[str, Any]:
+        """A contrastive steering vector at the SAE's hook from two sets of prompts, with the
+        SAE's features most aligned with it: {hook_name, vector, norm, aligned: [{index,
+        cosine}]}."""
+        loaded = self._get(sae_id)
+        tokenized = [[self.tokenize(sae_id=sae_id, text=t) for t in texts]
+                     for texts in (positive, negative)]
+        vector = steering.caa_vector(self.lm, hook_name=loaded.hook_name,
+                                     positive=tokenized[0], negative=tokenized[1],
+                                     position=position)  # type: ignore[arg-type]
+        aligned = steering.aligned_features(vector, loaded.sae, top_k=top_k)
+        return {"hook_name": loaded.hook_name, "vector": vector.cpu().tolist(),
+                "norm": float(vector.norm()),
+                "aligned": [{"index": i, "cosine": c} for i, c in aligned]}
 
 
 def _top_over_text(

@@ -198,12 +198,16 @@ class FeatureProbe:
             with torch.no_grad():
                 self.values.append(self.sae.encode(t[:, generated])[..., self.index].float())
 
-    def mean(self) -> list[float]:
-        """Per batch row, the mean activation over the generated positions seen ([] if none)."""
+    def mean(self, counts: Sequence[int] | None = None) -> list[float | None]:
+        """Per batch row, the mean over the generated positions seen, or over the first
+        ``counts[row]`` of them (a stopped stream's row keeps running; what it holds after its
+        stop is not its text); None for a row with none."""
         if not self.values:
             return []
-        per_row = torch.cat(self.values, dim=1).mean(dim=1)
-        return [float(v) for v in per_row.cpu()]
+        values = torch.cat(self.values, dim=1).cpu()
+        counts = [values.shape[1]] * values.shape[0] if counts is None else counts
+        return [float(row[:n].mean()) if n > 0 else None
+                for row, n in zip(values, counts, strict=True)]
 
 
 def chain_hooks(*maps: Mapping[str, PositionalHookFn]) -> dict[str, PositionalHookFn]:
