@@ -197,3 +197,34 @@ class FeatureDetail:
     # The model's display strings by token id (the cached list; renderers index it by id).
     vocab: list[str] = field(default_factory=list, compare=False, repr=False)
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SteerRunInfo:
+    """A saved steering run; ``request`` is the generation request as it was sent."""
+
+    id: int
+    name: str
+    sae_id: str
+    author: str
+    created_at: datetime
+    request: dict[str, Any]
+    default_text: str
+    steered_text: str
+
+
+@dataclass(frozen=True)
+class SteerVectorInfo:
+    """A saved steering vector; ``vector`` is its float32 values [d_model] as a list."""
+
+    name: str
+    sae_id: str
+    hook_name: str
+    position: str
+    positive: list[str]
+    negative: list[str]
+    vector: list[float]
+    norm: float
+    aligned: list[dict[str, Any]]
+    author: str
+    created_at: datetime

@@ -1,4 +1,5 @@
-"""ORM tables: models, SAEs, precompute runs and their rows, and human data (people, labels).
+"""ORM tables: models, SAEs, precompute runs and their rows, and human data (people, labels,
+saved steering runs and steering vectors).
 
 Precomputed rows (sequences, features, feature_tokens, windows) belong to one run and are replaced
 as a whole when a new run is swapped in. Their tables are WITHOUT ROWID on SQLite: rows are stored
@@ -341,4 +342,41 @@ class LabelSkip(Base):
     user_name: Mapped[str] = mapped_column(String(64), primary_key=True)
     sae_id: Mapped[str] = mapped_column(String(200), primary_key=True)
     feature_index: Mapped[int] = mapped_column(Integer, primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class SteerRun(Base):
+    """A saved steering run: the request as sent and both outputs, so its page re-runs nothing."""
+
+    __tablename__ = "steer_runs"
+    __table_args__ = (Index("ix_steer_runs_sae", "sae_id", "created_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(200))
+    # The request's default SAE, as a plain string: a run outlives rebuilds, like a label.
+    sae_id: Mapped[str] = mapped_column(String(200))
+    request: Mapped[dict[str, Any]] = mapped_column(JSON)
+    default_text: Mapped[str] = mapped_column(Text)
+    steered_text: Mapped[str] = mapped_column(Text)
+    author: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class SteerVector(Base):
+    """A saved contrastive steering vector: the prompts it came from and the vector at its hook."""
+
+    __tablename__ = "steer_vectors"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    sae_id: Mapped[str] = mapped_column(String(200))
+    hook_name: Mapped[str] = mapped_column(String(200))
+    position: Mapped[str] = mapped_column(String(16))
+    positive: Mapped[list[str]] = mapped_column(JSON)
+    negative: Mapped[list[str]] = mapped_column(JSON)
+    vector: Mapped[bytes] = mapped_column(LargeBinary)  # float32 [d_model], little-endian
+    norm: Mapped[float] = mapped_column(Float)
+    # [{index, cosine}] of the SAE's most aligned decoder rows, computed once when saved.
+    aligned: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
+    author: Mapped[str] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
