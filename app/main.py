@@ -19,7 +19,7 @@ from app.api.middleware import HttpEdge
 from app.api.model_service import EngineState
 from app.api.model_worker import ModelWorker
 from app.api.public_paths import public_path
-from app.api.routes import features, labels, models, saes, search
+from app.api.routes import features, labels, models, saes, search, steer, steer_library
 from app.errors import SaescopeError
 from app.settings import Settings, get_settings
 from app.store import queries
@@ -128,6 +128,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                        dependencies=signed_in)
     app.include_router(labels.router, max_body_size=DEFAULT_MAX_BODY_BYTES)
     app.include_router(labels.transfer_router, max_body_size=labels.IMPORT_MAX_BYTES)
+    # Generation costs CPU: under auth=token only a signed-in person may run one.
+    app.include_router(steer.router, max_body_size=steer.MAX_BODY_BYTES, dependencies=signed_in)
+    app.include_router(steer_library.router, max_body_size=steer_library.MAX_BODY_BYTES,
+                       dependencies=signed_in)
     _mount_web(app)
     return app
 

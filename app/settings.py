@@ -28,6 +28,10 @@ class Settings(BaseSettings):
     # Model calls (text search, steering) waiting beyond this many get 503 + Retry-After.
     model_queue_size: int = 4
     max_text_tokens: int = 1024
+    # Steering: new tokens one generation may ask for, and the wall time after which its
+    # streams stop (stop reason "time_limit"), queueing included.
+    steer_max_new_tokens: int = 256
+    steer_time_limit_s: float = 120.0
     # Threads for the hot reads (feature JSON and pages). Few on purpose: reads are CPU-bound
     # Python, and many threads contending for the GIL stretch every request's latency.
     read_threads: int = 1

@@ -1,0 +1,333 @@
+"""The steering API on the real engine service (tiny random Llama + a random TopK SAE): JSON and
+server-sent events, streaming step by step with the model released by the test (no sleeps), a
+disconnect cancelling, bounds as 422s, a full queue as 503, sweeps, saved runs and vectors."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import orjson
+import pytest
+from fastapi.testclient import TestClient
+
+from app.api.auth import Principal
+from app.api.deps import current_user
+from app.engine.sae import SAE, SAEConfig
+from app.engine.tiny import build_tiny
+from app.main import create_app
+from app.records import ModelRecord, SAERecord
+from app.settings import Settings
+from app.store.db import make_engine, upgrade
+from app.store.writer import register_sae
+
+SAE_ID = "2-res-topk-48"
+HOOK = "blocks.2.hook_resid_post"
+PROMPT = "def add(a, b):"
+WAIT = 60  # seconds; only a broken server ever waits this long
+
+
+@pytest.fixture(scope="module")
+def database(tmp_path_factory) -> tuple[Path, str]:
+    home = tmp_path_factory.mktemp("steer")
+    lm = build_tiny("tiny-llama")
+    cfg = SAEConfig(architecture="topk", d_in=lm.d_model, d_sae=48, k=6, hook_name=HOOK,
+                    model_name="tiny-llama")
+    folder = home / "sae"
+    SAE.from_config(cfg, seed=3).save(folder)
+    url = f"sqlite:///{home / 'steer.db'}"
+    upgrade(url)
+    engine = make_engine(url)
+    register_sae(
+        engine_or_session=engine,
+        model=ModelRecord(model_id=lm.model_id, source=str(lm.source),
+                          architecture=lm.architecture, d_model=lm.d_model,
+                          n_layers=lm.n_layers, vocab_size=lm.vocab_size,
+                          token_strings=lm.token_strings(), bos_token_id=lm.bos_token_id),
+        sae=SAERecord(model_id=lm.model_id, sae_id=SAE_ID, hook_name=HOOK, architecture="topk",
+                      d_in=lm.d_model, d_sae=48, path=str(folder)),
+    )
+    engine.dispose()
+    return home, url
+
+
+def make_app(database, **overrides):
+    home, url = database
+    settings = Settings(home=home, database_url=url, load_model=True, max_text_tokens=32,
+                        steer_max_new_tokens=24, **overrides)
+    return create_app(settings)
+
+
+def wait_ready(app) -> None:
+    # The model loads on the model thread ahead of any job: a job submitted now runs after it.
+    app.state.model_worker.submit(lambda: None).result(WAIT)
+    assert app.state.engine_state.status == "ready", app.state.engine_state.message
+
+
+@pytest.fixture
+def client(database) -> Iterator[TestClient]:
+    with TestClient(make_app(database), raise_server_exceptions=False) as c:
+        wait_ready(c.app)
+        yield c
+
+
+def request(**overrides):
+    return {"sae_id": SAE_ID, "prompt": PROMPT, "max_new_tokens": 8, **overrides}
+
+
+STEERED = [{"index": 5, "mode": "add", "value": 60.0}]
+
+
+def parse_sse(raw: str) -> list[tuple[str, dict]]:
+    events = []
+    for block in re.split(r"\r?\n\r?\n", raw):
+        fields = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line)
+        if "event" in fields:
+            events.append((fields["event"], orjson.loads(fields["data"])))
+    return events
+
+
+def test_json_side_by_side(client):
+    plain = client.post("/api/v1/steer", json=request()).json()
+    assert plain["default"] == plain["steered"]  # greedy, no features: identical
+    steered = client.post("/api/v1/steer", json=request(features=STEERED)).json()
+    assert steered["default"] == plain["default"]
+    assert steered["steered"]["token_ids"] != steered["default"]["token_ids"]
+    assert set(steered["steered"]) == {"text", "tokens", "token_ids", "stop_reason"}
+    sampled = request(features=STEERED, temperature=1.0, top_p=0.9, seed=11)
+    assert client.post("/api/v1/steer", json=sampled).json() == client.post(
+        "/api/v1/steer", json=sampled).json()
+
+
+def test_sse_events_add_up_to_the_json_texts(client):
+    body = request(features=STEERED)
+    response = client.post("/api/v1/steer/stream", json=body)
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
+    events = parse_sse(response.text)
+    assert events[-1][0] == "done" and {e for e, _ in events[:-1]} == {"token"}
+    whole = client.post("/api/v1/steer", json=body).json()
+    for which in ("default", "steered"):
+        pieces = [d for e, d in events if e == "token" and d["which"] == which]
+        assert "".join(d["text"] for d in pieces) == whole[which]["text"]
+        indices = [d["index"] for d in pieces]
+        assert indices == sorted(indices)
+        assert events[-1][1][which] == {"tokens": len(whole[which]["token_ids"]),
+                                        "stop_reason": whole[which]["stop_reason"]}
+
+
+class SteppedService:
+    """The real service, with each step of a generation held until the test releases it."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.permits = threading.Semaphore(0)
+        self.closed = threading.Event()
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def steer_stream(self, **kwargs):
+        steps = self.inner.steer_stream(**kwargs)
+        try:
+            while True:
+                assert self.permits.acquire(timeout=WAIT), "the test never released a step"
+                try:
+                    item = next(steps)
+                except StopIteration:
+                    return
+                yield item
+        finally:
+            self.closed.set()
+
+
+class ASGICall:
+    """One POST driven straight through the ASGI app, so the test sees each body chunk as it is
+    sent and can disconnect at a moment of its choosing."""
+
+    def __init__(self, app, path: str, body: dict) -> None:
+        self.sent: asyncio.Queue[dict] = asyncio.Queue()
+        self.left = asyncio.Event()
+        payload = orjson.dumps(body)
+        delivered = False
+
+        async def receive() -> dict:
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                return {"type": "http.request", "body": payload, "more_body": False}
+            await self.left.wait()
+            return {"type": "http.disconnect"}
+
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+                 "method": "POST", "scheme": "http", "path": path, "raw_path": path.encode(),
+                 "query_string": b"", "root_path": "", "client": ("test", 1),
+                 "server": ("test", 80),
+                 "headers": [(b"host", b"test"), (b"content-type", b"application/json")]}
+        self.task = asyncio.create_task(app(scope, receive, self.sent.put))
+        self.text = ""
+
+    async def status(self) -> int:
+        message = await asyncio.wait_for(self.sent.get(), WAIT)
+        assert message["type"] == "http.response.start"
+        return message["status"]
+
+    async def until(self, predicate) -> list[tuple[str, dict]]:
+        """Read body chunks until the events so far satisfy predicate; the events."""
+        while not predicate(parse_sse(self.text)):
+            message = await asyncio.wait_for(self.sent.get(), WAIT)
+            self.text += message.get("body", b"").decode()
+        return parse_sse(self.text)
+
+
+def test_the_stream_delivers_tokens_as_the_model_steps(database):
+    app = make_app(database)
+
+    async def scenario() -> None:
+        async with app.router.lifespan_context(app):
+            await asyncio.to_thread(wait_ready, app)
+            stepped = SteppedService(app.state.engine_state.service)
+            app.state.engine_state.service = stepped
+            call = ASGICall(app, "/api/v1/steer/stream",
+                            request(features=STEERED, max_new_tokens=12))
+            stepped.permits.release()  # the prefill: each stream's first token
+            assert await call.status() == 200
+            first = await call.until(lambda ev: {d["which"] for _, d in ev} >= {"default",
+                                                                                 "steered"})
+            assert all(e == "token" for e, _ in first)
+            stepped.permits.release()  # one more token per stream, still no done
+            second = await call.until(lambda ev: len(ev) > len(first))
+            assert "done" not in {e for e, _ in second}
+            for _ in range(12):
+                stepped.permits.release()
+            events = await call.until(lambda ev: ev and ev[-1][0] == "done")
+            await asyncio.wait_for(call.task, WAIT)
+            assert events[-1][1]["steered"]["tokens"] >= 2
+            assert app.state.model_worker.pending == 0
+
+    asyncio.run(scenario())
+
+
+def test_a_client_that_leaves_cancels_its_generation(database):
+    app = make_app(database)
+
+    async def scenario() -> None:
+        async with app.router.lifespan_context(app):
+            await asyncio.to_thread(wait_ready, app)
+            stepped = SteppedService(app.state.engine_state.service)
+            app.state.engine_state.service = stepped
+            call = ASGICall(app, "/api/v1/steer/stream", request(max_new_tokens=20))
+            stepped.permits.release()
+            assert await call.status() == 200
+            await call.until(lambda ev: len(ev) > 0)
+            call.left.set()  # the browser goes away
+            await asyncio.wait_for(call.task, WAIT)
+            stepped.permits.release()  # the step the worker may be waiting in
+            assert await asyncio.to_thread(stepped.closed.wait, WAIT)
+            # The generator was closed on the model thread; the job no longer counts.
+            await asyncio.wrap_future(app.state.model_worker.submit(lambda: None))
+            assert app.state.model_worker.pending == 0
+            assert "done" not in call.text
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("path", ["/api/v1/steer", "/api/v1/steer/stream"])
+@pytest.mark.parametrize("bad,status,words", [
+    ({"max_new_tokens": 25}, 422, "SAESCOPE_STEER_MAX_NEW_TOKENS"),
+    ({"max_new_tokens": 0}, 422, "max_new_tokens"),
+    ({"temperature": 2.5}, 422, "temperature"),
+    ({"top_p": 0}, 422, "top_p"),
+    ({"features": [{"index": 1, "value": 1e9}]}, 422, "value"),
+    ({"features": [{"index": 48}]}, 422, "features 0..47"),
+    ({"features": [{"index": 1, "mode": "boost"}]}, 422, "mode"),
+    ({"features": [{"index": 1}] * 17}, 422, "features"),
+    ({"sae_id": "nope"}, 422, "nope"),
+    ({"features": [{"index": 1, "sae_id": "nope"}]}, 422, "nope"),
+    ({"vectors": [{"name": "missing"}]}, 404, "missing"),
+    ({"prompt": " ".join(["word"] * 40)}, 422, "SAESCOPE_MAX_TEXT_TOKENS"),
+    ({"chat_template": True}, 422, "chat template"),
+    ({"prompt": ""}, 422, "prompt"),
+])
+def test_bad_requests_are_clear_errors(client, path, bad, status, words):
+    response = client.post(path, json=request(**bad))
+    assert response.status_code == status, response.text
+    assert words in response.json()["error"]["message"]
+
+
+def test_a_full_queue_refuses_a_generation_at_once(database):
+    app = make_app(database, model_queue_size=1)
+
+    async def scenario() -> None:
+        async with app.router.lifespan_context(app):
+            await asyncio.to_thread(wait_ready, app)
+            stepped = SteppedService(app.state.engine_state.service)
+            app.state.engine_state.service = stepped
+            first = ASGICall(app, "/api/v1/steer/stream", request())
+            while app.state.model_worker.pending < 1:
+                await asyncio.sleep(0)  # until the first request is admitted (no model step)
+            for path in ("/api/v1/steer", "/api/v1/steer/stream", "/api/v1/steer/sweep"):
+                refused = ASGICall(app, path, request(index=1, values=[1.0]))
+                assert await refused.status() == 503
+                message = await asyncio.wait_for(refused.sent.get(), WAIT)
+                assert b"busy" in message["body"]
+            first.left.set()
+            stepped.permits.release()
+            await asyncio.wait_for(first.task, WAIT)
+
+    asyncio.run(scenario())
+
+
+def test_sweep(client):
+    response = client.post("/api/v1/steer/sweep", json=request(
+        index=5, mode="clamp", values=[0, 5, 50], max_new_tokens=6))
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert [c["value"] for c in body["cells"]] == [0, 5, 50]
+    for cell in [body["default"], *body["cells"]]:
+        assert cell["coherence"] < 0 and cell["realised"] is not None
+    assert body["cells"][2]["realised"] > body["cells"][0]["realised"]
+    too_many = client.post("/api/v1/steer/sweep", json=request(index=5, values=[1.0] * 13))
+    assert too_many.status_code == 422
+
+
+def test_saved_runs(client):
+    out = client.post("/api/v1/steer", json=request(features=STEERED)).json()
+    saved = client.post("/api/v1/steer/runs", json={
+        "name": "tabs to fox", "request": request(features=STEERED),
+        "default_text": out["default"]["text"], "steered_text": out["steered"]["text"]})
+    assert saved.status_code == 201, saved.text
+    run = saved.json()
+    assert run["author"] == "local" and run["request"]["features"][0]["value"] == 60.0
+    assert client.get(f"/api/v1/steer/runs/{run['id']}").json() == run
+    listed = client.get("/api/v1/steer/runs", params={"sae_id": SAE_ID}).json()
+    assert run["id"] in [r["id"] for r in listed["data"]]
+    client.app.dependency_overrides[current_user] = lambda: Principal(name="someone else",
+                                                                      role="annotator")
+    assert client.delete(f"/api/v1/steer/runs/{run['id']}").status_code == 403
+    del client.app.dependency_overrides[current_user]
+    assert client.delete(f"/api/v1/steer/runs/{run['id']}").status_code == 204
+    assert client.get(f"/api/v1/steer/runs/{run['id']}").status_code == 404
+    bad = client.post("/api/v1/steer/runs", json={
+        "name": "x", "request": request(sae_id="nope"), "default_text": "", "steered_text": ""})
+    assert bad.status_code == 422
+
+
+def test_saved_vectors(client):
+    body = {"name": "fox-vs-code", "sae_id": SAE_ID, "positive": ["The quick brown fox"],
+            "negative": ["for i in range(10):"], "position": "mean"}
+    made = client.post("/api/v1/steer/vectors", json=body)
+    assert made.status_code == 201, made.text
+    vector = made.json()
+    assert vector["hook_name"] == HOOK and len(vector["aligned"]) == 10
+    assert client.post("/api/v1/steer/vectors", json=body).status_code == 409
+    assert client.get("/api/v1/steer/vectors/fox-vs-code").json() == vector
+    assert client.get("/api/v1/steer/vectors").json()["count"] == 1
+    steered = client.post("/api/v1/steer", json=request(
+        vectors=[{"name": "fox-vs-code", "value": 20.0}])).json()
+    assert steered["steered"]["token_ids"] != steered["default"]["token_ids"]
+    assert client.delete("/api/v1/steer/vectors/fox-vs-code").status_code == 204
+    assert client.get("/api/v1/steer/vectors/fox-vs-code").status_code == 404
