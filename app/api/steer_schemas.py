@@ -8,9 +8,9 @@ the ones a deployment sets (max new tokens, prompt tokens) are checked by the ro
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from app.api.schemas import MODEL_CALL_RESPONSES, ErrorOut
 
@@ -30,6 +30,7 @@ LIBRARY_MAX_BODY_BYTES = max(
     (MAX_PROMPT_CHARS + 2 * MAX_RUN_TEXT_CHARS) * 6,
     2 * MAX_CAA_PROMPTS * MAX_CAA_PROMPT_CHARS * 6,
 ) + 64 * 1024
+MIN_TEMPERATURE = 0.01  # below it (but above 0) logits / temperature overflow; 0 is greedy
 
 Strength = Field(0.0, ge=-MAX_STRENGTH, le=MAX_STRENGTH, allow_inf_nan=False)
 
@@ -61,11 +62,18 @@ class GenerationSettings(BaseModel):
                          "generated tokens'")
     max_new_tokens: int = Field(32, ge=1, description="At most SAESCOPE_STEER_MAX_NEW_TOKENS")
     temperature: float = Field(0.0, ge=0.0, le=2.0, allow_inf_nan=False,
-                               description="0: greedy")
+                               description=f"0 (greedy) or {MIN_TEMPERATURE} to 2")
     top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
     seed: int = Field(0, ge=0, le=2**32 - 1)
     chat_template: bool = Field(False, description="Wrap the prompt in the model's chat "
                                 "template as a user turn (chat models only)")
+
+    @field_validator("temperature")
+    @classmethod
+    def _greedy_or_sampled(cls, value: float) -> float:
+        if 0 < value < MIN_TEMPERATURE:
+            raise ValueError(f"use 0 for greedy decoding or at least {MIN_TEMPERATURE}")
+        return value
 
 
 class SteerIn(GenerationSettings):
@@ -144,12 +152,15 @@ class RunList(BaseModel):
 # --- steering vectors (contrastive activation addition) -----------------------------------------
 
 
+CaaPrompt = Annotated[str, Field(min_length=1, max_length=MAX_CAA_PROMPT_CHARS)]
+
+
 class VectorCreate(BaseModel):
     name: str = Field(min_length=1, max_length=200, pattern=r"^[\w .:-]+$")
     sae_id: str = Field(min_length=1, max_length=200, description="Its hook is the SAE's hook; "
                         "its aligned features are this SAE's")
-    positive: list[str] = Field(min_length=1, max_length=MAX_CAA_PROMPTS)
-    negative: list[str] = Field(min_length=1, max_length=MAX_CAA_PROMPTS)
+    positive: list[CaaPrompt] = Field(min_length=1, max_length=MAX_CAA_PROMPTS)
+    negative: list[CaaPrompt] = Field(min_length=1, max_length=MAX_CAA_PROMPTS)
     position: Literal["last", "mean"] = Field("last", description="Each prompt read at its last "
                                                "token, or averaged over its non-special tokens")
 

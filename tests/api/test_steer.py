@@ -240,6 +240,7 @@ def test_a_client_that_leaves_cancels_its_generation(database):
     ({"max_new_tokens": 25}, 422, "SAESCOPE_STEER_MAX_NEW_TOKENS"),
     ({"max_new_tokens": 0}, 422, "max_new_tokens"),
     ({"temperature": 2.5}, 422, "temperature"),
+    ({"temperature": 1e-300}, 422, "greedy"),
     ({"top_p": 0}, 422, "top_p"),
     ({"features": [{"index": 1, "value": 1e9}]}, 422, "value"),
     ({"features": [{"index": 48}]}, 422, "features 0..47"),

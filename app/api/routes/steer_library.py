@@ -132,10 +132,6 @@ async def create_vector(body: VectorCreate, request: Request, user: CurrentUser,
     """Contrastive activation addition: the mean activation at the SAE's hook over the positive
     prompts minus that over the negative ones, saved by name, with the SAE's features whose
     decoder rows are most aligned with it."""
-    for text in (*body.positive, *body.negative):
-        if not 0 < len(text) <= 2000:
-            raise ConfigError("each prompt of a vector holds 1 to 2000 characters")
-
     def check(session: Session) -> None:
         if not _sae_known(session, body.sae_id):
             raise ConfigError(f"no SAE {body.sae_id!r} in this database")
