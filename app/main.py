@@ -146,7 +146,7 @@ def _mount_web(app: FastAPI) -> None:
         raise
     from fastapi.staticfiles import StaticFiles
 
-    from app.web import docs
+    from app.web import docs, steer_pages
     from app.web.error_pages import render_html_error
     from app.web.templating import STATIC_DIR, STATIC_PREFIX
 
@@ -155,7 +155,10 @@ def _mount_web(app: FastAPI) -> None:
         app.mount(STATIC_PREFIX, StaticFiles(directory=STATIC_DIR), name="static")
     if docs.mount_swagger_assets(app):
         app.include_router(docs.router, max_body_size=DEFAULT_MAX_BODY_BYTES)
-    # Before pages.router, whose /{model_id}/{sae_id} would take /labels/search.
+    # Before pages.router, whose /{model_id}/{sae_id} would take /labels/search, and
+    # /{model_id}/{sae_id}/{index} /steer/runs/{id}.
     app.include_router(label_pages.router, max_body_size=DEFAULT_MAX_BODY_BYTES)
+    app.include_router(steer_pages.router, max_body_size=DEFAULT_MAX_BODY_BYTES,
+                       dependencies=[Depends(label_pages.page_user)])
     app.include_router(pages.router, max_body_size=DEFAULT_MAX_BODY_BYTES,
                        dependencies=[Depends(label_pages.page_user)])
