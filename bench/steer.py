@@ -1,0 +1,192 @@
+"""Benchmark: steered generation on the default model, printing ratios measured in one run.
+
+    .venv/bin/python bench/steer.py [--tokens 256] [--features 16384] [--no-server]
+
+In this process, on smollm2-135m with a random TopK SAE at blocks.15.hook_resid_post (the
+bench/serve.py database and SAE folder, built once under data/):
+  - unsteered decode tokens/s of our cached loop (app/engine/generate.py) vs transformers'
+    own `generate` with its KV cache, greedy, same prompt and token count (target >= 1.0);
+  - steered (one feature added, one clamped) vs unsteered decode tokens/s (target >= 0.95);
+  - time to first token of each;
+  - mean decode step time of tokens 1-32 vs 225-256 of a 256-token generation (target <= 1.2:
+    the KV cache keeps a step's cost flat);
+  - default beside steered (one batch of two) wall time vs one stream (target <= 1.3).
+Then, with `saescope serve` in a subprocess over that database (unless --no-server):
+  - text search p50 while two streamed generations run vs idle (target <= 2);
+  - feature JSON p50 while two streamed generations run vs idle (target <= 2).
+The machine is shared and has 2 cores: figures are noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from bench.serve import HOOK, MODEL, PROMPT, build_demo_db, post, start_server  # noqa: E402
+
+
+def decode_run(lm, ids, *, tokens: int, hooks=None, batch: int = 1):  # noqa: ANN001
+    """(time to first token, per-step times, wall) of one greedy generation of `tokens`."""
+    from app.engine.generate import Generation
+
+    gen = Generation(lm, max_new_tokens=tokens, stop_ids=(), hooks=hooks)
+    t0 = time.perf_counter()
+    gen.prefill([ids] * batch)
+    ttft = time.perf_counter() - t0
+    steps = []
+    while not gen.done:
+        s = time.perf_counter()
+        gen.step()
+        steps.append(time.perf_counter() - s)
+    return ttft, steps, time.perf_counter() - t0
+
+
+def hf_generate(lm, ids, *, tokens: int) -> tuple[float, float]:  # noqa: ANN001
+    """(time to first token, wall) of transformers' generate with its KV cache, greedy."""
+    import torch
+
+    input_ids = torch.tensor([ids])
+    kwargs = dict(do_sample=False, use_cache=True, pad_token_id=lm.bos_token_id)
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        lm.hf_model.generate(input_ids, max_new_tokens=1, min_new_tokens=1, **kwargs)
+        ttft = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        out = lm.hf_model.generate(input_ids, max_new_tokens=tokens, min_new_tokens=tokens,
+                                   **kwargs)
+        wall = time.perf_counter() - t0
+    assert out.shape[1] == len(ids) + tokens
+    return ttft, wall
+
+
+def engine_part(lm, sae, *, tokens: int) -> None:  # noqa: ANN001
+    import torch
+
+    from app.engine.steering import FeatureEdit, Steering
+
+    ids = lm.tokenize(PROMPT)
+    edits = [FeatureEdit(sae=sae, hook_name=HOOK, index=11, mode="add", value=8.0),
+             FeatureEdit(sae=sae, hook_name=HOOK, index=12, mode="clamp", value=4.0)]
+    with torch.inference_mode():
+        decode_run(lm, ids, tokens=8)  # warm-up
+        hf_ttft, hf_wall = hf_generate(lm, ids, tokens=tokens)
+        ttft, steps, wall = decode_run(lm, ids, tokens=tokens)
+        s_ttft, _, s_wall = decode_run(lm, ids, tokens=tokens,
+                                             hooks=Steering(edits).hooks())
+        _, _, pair_wall = decode_run(lm, ids, tokens=tokens, batch=2,
+                                     hooks=Steering(edits, rows=[1]).hooks())
+    ours = tokens / wall
+    hf = tokens / hf_wall
+    steered = tokens / s_wall
+    early = statistics.mean(steps[:32])
+    late = statistics.mean(steps[-32:])
+    print(f"\n{MODEL}, prompt {len(ids)} tokens, {tokens} new tokens, greedy")
+    print(f"{'measure':<52} {'value':>10}  target")
+    print(f"{'decode tokens/s: ours / transformers generate':<52} {ours / hf:>10.2f}  >= 1.0"
+          f"   ({ours:.1f} vs {hf:.1f} tokens/s)")
+    print(f"{'decode tokens/s: steered / unsteered':<52} {steered / ours:>10.2f}  >= 0.95"
+          f"  ({steered:.1f} vs {ours:.1f})")
+    print(f"{'time to first token, ms: ours / steered / generate':<52} "
+          f"{ttft * 1e3:>5.0f} / {s_ttft * 1e3:.0f} / {hf_ttft * 1e3:.0f}")
+    print(f"{'step time, tokens 225-256 / tokens 1-32':<52} {late / early:>10.2f}  <= 1.2"
+          f"   ({late * 1e3:.1f} vs {early * 1e3:.1f} ms)")
+    print(f"{'side by side (batch of 2) / one stream, wall':<52} {pair_wall / wall:>10.2f}  "
+          f"<= 1.3")
+
+
+def _p50_ms(fn, n: int) -> float:  # noqa: ANN001
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def server_part(lm, db_url: str, *, tokens: int) -> None:  # noqa: ANN001
+    data_dir = REPO / "data"
+    proc, base = start_server(db_url, search=True, workers=1,
+                              log_path=data_dir / "bench-steer.log")
+    try:
+        saes = json.loads(urllib.request.urlopen(base + "/api/v1/saes").read())["data"]
+        sae_id, d_sae = saes[0]["id"], saes[0]["d_sae"]
+        text = lm.decode(lm.tokenize(PROMPT)[1:65])
+        search_url = f"{base}/api/v1/saes/{sae_id}/search"
+        deadline = time.monotonic() + 300
+        while post(search_url, {"text": text})[0] != 200:  # the model loads after start
+            if time.monotonic() > deadline:
+                raise SystemExit("the server's model did not load; see data/bench-steer.log")
+            time.sleep(1)
+        rng = random.Random(0)
+
+        def search() -> None:
+            assert post(search_url, {"text": text})[0] == 200
+
+        def feature() -> None:
+            url = f"{base}/api/v1/saes/{sae_id}/features/{rng.randrange(d_sae)}"
+            urllib.request.urlopen(url).read()
+
+        idle_search, idle_json = _p50_ms(search, 10), _p50_ms(feature, 200)
+        stop = threading.Event()
+
+        def generate() -> None:
+            body = json.dumps({"sae_id": sae_id, "prompt": PROMPT, "max_new_tokens": tokens,
+                               "features": [{"index": 11, "mode": "add", "value": 8.0}]})
+            while not stop.is_set():
+                req = urllib.request.Request(base + "/api/v1/steer/stream", data=body.encode(),
+                                             headers={"Content-Type": "application/json"})
+                with urllib.request.urlopen(req, timeout=600) as resp:
+                    for _ in resp:  # consume the events as they come
+                        if stop.is_set():
+                            break
+
+        threads = [threading.Thread(target=generate, daemon=True) for _ in range(2)]
+        for t in threads:
+            t.start()
+        time.sleep(3)  # both generations past their prefill
+        busy_search, busy_json = _p50_ms(search, 10), _p50_ms(feature, 200)
+        stop.set()
+        print(f"\nserver: SAE {sae_id}, two {tokens}-token generations streaming")
+        print(f"{'text search p50: during / idle':<52} {busy_search / idle_search:>10.2f}  <= 2"
+              f"     ({busy_search:.0f} vs {idle_search:.0f} ms)")
+        print(f"{'feature JSON p50: during / idle':<52} {busy_json / idle_json:>10.2f}  <= 2"
+              f"     ({busy_json:.1f} vs {idle_json:.1f} ms)")
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=256)
+    parser.add_argument("--features", type=int, default=16384)
+    parser.add_argument("--no-server", action="store_true")
+    args = parser.parse_args()
+
+    from app.engine.loading import load_model
+    from app.engine.sae import SAE
+    from app.settings import get_settings
+
+    lm = load_model(MODEL, cache_dir=get_settings().cache_dir)
+    data_dir = REPO / "data"
+    data_dir.mkdir(exist_ok=True)
+    db_url = build_demo_db(data_dir / f"bench-serve-{args.features}-v2.db", d_sae=args.features,
+                           lm=lm)
+    sae = SAE.load(data_dir / f"bench-serve-sae-{args.features}", hook_name=HOOK).eval()
+    engine_part(lm, sae, tokens=args.tokens)
+    if not args.no_server:
+        server_part(lm, db_url, tokens=args.tokens)
+
+
+if __name__ == "__main__":
+    main()
