@@ -235,6 +235,28 @@ def test_a_client_that_leaves_cancels_its_generation(database):
     asyncio.run(scenario())
 
 
+def test_a_json_client_that_leaves_cancels_its_generation(database):
+    app = make_app(database)
+
+    async def scenario() -> None:
+        async with app.router.lifespan_context(app):
+            await asyncio.to_thread(wait_ready, app)
+            stepped = SteppedService(app.state.engine_state.service)
+            app.state.engine_state.service = stepped
+            call = ASGICall(app, "/api/v1/steer", request(max_new_tokens=20))
+            stepped.permits.release()  # the prefill
+            while app.state.model_worker.pending < 1:
+                await asyncio.sleep(0)
+            call.left.set()
+            stepped.permits.release()  # the route sees the disconnect after this step
+            assert await asyncio.wait_for(call.task, WAIT) is None
+            assert await asyncio.to_thread(stepped.closed.wait, WAIT)
+            await asyncio.wrap_future(app.state.model_worker.submit(lambda: None))
+            assert app.state.model_worker.pending == 0
+
+    asyncio.run(scenario())
+
+
 @pytest.mark.parametrize("path", ["/api/v1/steer", "/api/v1/steer/stream"])
 @pytest.mark.parametrize("bad,status,words", [
     ({"max_new_tokens": 25}, 422, "SAESCOPE_STEER_MAX_NEW_TOKENS"),

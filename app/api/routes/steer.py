@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import orjson
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 from sqlalchemy.orm import Session
 from sse_starlette import EventSourceResponse
 
@@ -42,6 +42,7 @@ from app.store.read_models import SAEBrief
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/api/v1/steer", tags=["steer"])
 MAX_BODY_BYTES = GENERATION_MAX_BODY_BYTES
+CLIENT_GONE = 499  # nginx's "client closed request": logged, never received
 
 STREAM_RESPONSES: dict[int | str, dict[str, Any]] = {
     **STEER_RESPONSES,
@@ -131,7 +132,7 @@ async def _open_stream(request: Request, *, engine_state: Any, worker: ModelWork
 
 @router.post("", response_model=SteerOut, responses=STEER_RESPONSES)
 async def steer(body: SteerIn, request: Request, settings: SettingsDep, worker: ModelWorkerDep,
-                engine_state: EngineStateDep) -> SteerOut:
+                engine_state: EngineStateDep) -> SteerOut | Response:
     """Default and steered continuations of the prompt, side by side, as JSON once both end."""
     stream = await _open_stream(
         request, engine_state=engine_state, worker=worker,
@@ -141,6 +142,9 @@ async def steer(body: SteerIn, request: Request, settings: SettingsDep, worker: 
     async with stream:
         async for events in stream:
             done.update(next((e["data"] for e in events if e["event"] == "done"), {}))
+            if not done and await request.is_disconnected():
+                # Leaving the block cancels the job after this step; nobody reads the answer.
+                return Response(status_code=CLIENT_GONE)
     return SteerOut.model_validate(done)
 
 
@@ -190,7 +194,7 @@ async def _sse(stream: ModelStream[Any], first: list[dict[str, Any]]
 
 @router.post("/sweep", response_model=SweepOut, responses=STEER_RESPONSES)
 async def sweep(body: SweepIn, request: Request, settings: SettingsDep, worker: ModelWorkerDep,
-                engine_state: EngineStateDep) -> SweepOut:
+                engine_state: EngineStateDep) -> SweepOut | Response:
     """One feature at several strengths in one batch: each strength's text, the feature's
     realised activation on the generated tokens, and the text's mean log-probability under the
     unsteered model (where it drops, the text stops being coherent)."""
@@ -203,5 +207,7 @@ async def sweep(body: SweepIn, request: Request, settings: SettingsDep, worker: 
         async for item in stream:
             if item is not None:
                 result = item
+            elif await request.is_disconnected():
+                return Response(status_code=CLIENT_GONE)
     return SweepOut.model_validate({"sae_id": body.sae_id, "index": body.index,
                                     "mode": body.mode, **result})
