@@ -180,3 +180,15 @@ def test_steer_from_a_feature_page_stream_save_and_sweep(lab_page, lab, server) 
     traces = page.evaluate("document.getElementById('steer-sweep-plot').data.length")
     assert traces == 2
     _shot(page, "steer-sweep")
+
+    # A contrastive vector from two sets of prompts, with its aligned features linked.
+    page.fill("#steer-vector-positive", "Once upon a time\nthe quick brown fox")
+    page.fill("#steer-vector-negative", "def scale(x, y):\nreturn x * 2 + y")
+    page.fill("#steer-vector-name", "story-vs-code")
+    page.click("#steer-vector-go")
+    aligned = page.locator("#steer-vector-aligned tbody tr")
+    aligned.first.wait_for()
+    assert aligned.count() == 10
+    href = aligned.first.locator("a").get_attribute("href")
+    assert href.startswith(f"/{MODEL_ID}/{SAE_ID}/")
+    assert page.input_value("#steer-vector-pick") == "story-vs-code"

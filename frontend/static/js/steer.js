@@ -312,6 +312,37 @@ async function loadRuns() {
   if (!runs.length) list.append(el("li", { className: "muted", textContent: "none yet" }));
 }
 
+// --- new steering vector -------------------------------------------------------------------
+
+$("steer-vector-form").addEventListener("submit", async (ev) => {
+  ev.preventDefault();
+  const vectorStatus = $("steer-vector-status");
+  const lines = (id) => $(id).value.split("\n").map((t) => t.trim()).filter(Boolean);
+  vectorStatus.textContent = "running the prompts…";
+  $("steer-vector-go").disabled = true;
+  try {
+    const made = await postJSON(`${api}/vectors`, {
+      name: $("steer-vector-name").value, sae_id: saeSelect.value,
+      positive: lines("steer-vector-positive"), negative: lines("steer-vector-negative"),
+      position: $("steer-vector-position").value,
+    });
+    vectorStatus.textContent = `saved ${made.name} (norm ${fmtNum(made.norm)}); add it above`;
+    const table = $("steer-vector-aligned");
+    table.tBodies[0].replaceChildren(...made.aligned.map((a) => el("tr", {},
+      el("td", {}, el("a", { href: featureUrl(made.sae_id, a.index), textContent: `#${a.index}` })),
+      el("td", { className: "num", textContent: fmtNum(a.cosine) }),
+      el("td", { className: "label-cell" }, el("span", {
+        className: a.label ? "label" : "label unlabeled", textContent: a.label || "unlabeled" })))));
+    table.hidden = false;
+    await loadVectors();
+    vectorPick.value = made.name;
+  } catch (err) {
+    vectorStatus.textContent = err.message;
+  } finally {
+    $("steer-vector-go").disabled = false;
+  }
+});
+
 // --- sweep ---------------------------------------------------------------------------------
 
 $("steer-sweep").addEventListener("submit", async (ev) => {
