@@ -124,3 +124,24 @@ def test_caa_vector_and_its_aligned_features(service):
     _, done = run(service, vectors=[{"hook_name": HOOK, "vector": (20 * vector).tolist(),
                                      "value": 1.0}], max_new_tokens=6)
     assert done["steered"]["token_ids"] != done["default"]["token_ids"]
+
+
+@pytest.mark.integration
+def test_smollm2_chat_template_prompt_and_a_steered_stream():
+    from app.engine.loading import load_model
+    from app.settings import get_settings
+
+    lm = load_model("smollm2-135m", cache_dir=get_settings().cache_dir)
+    hook = "blocks.15.hook_resid_post"
+    cfg = SAEConfig(architecture="topk", d_in=lm.d_model, d_sae=256, k=8, hook_name=hook)
+    sae = SAE.from_config(cfg, seed=0).eval().requires_grad_(False)
+    service = EngineService(lm, {"s": LoadedSAE(sae_id="s", hook_name=hook, sae=sae)})
+    ids = service.prompt_ids(sae_id="s", prompt="Name a colour.", chat_template=True,
+                             max_tokens=256)
+    assert "Name a colour." in lm.decode(ids)
+    assert lm.decode(ids).rstrip().endswith("assistant")  # the assistant turn is opened
+    items = list(service.steer_stream(sae_id="s", prompt="Name a colour.", chat_template=True,
+                                      max_new_tokens=12,
+                                      features=[{"index": 3, "mode": "add", "value": 30.0}]))
+    done = items[-1][-1]["data"]
+    assert done["default"]["text"] and done["steered"]["text"] != done["default"]["text"]

@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 from sse_starlette import EventSourceResponse
 
 from app.api.deps import EngineStateDep, ModelWorkerDep, SettingsDep, run_read
-from app.api.model_service import ModelService
+from app.api.model_service import EngineState, ModelService
 from app.api.model_worker import ModelStream, ModelWorker
 from app.api.steer_schemas import (
     GENERATION_MAX_BODY_BYTES,
@@ -120,7 +120,7 @@ def sweep_plan(session: Session, body: SweepIn, settings: Settings) -> dict[str,
             "values": list(body.values)}
 
 
-async def _open_stream(request: Request, *, engine_state: Any, worker: ModelWorker,
+async def _open_stream(request: Request, *, engine_state: EngineState, worker: ModelWorker,
                        plan: Callable[[Session], dict[str, Any]],
                        steps: Callable[[ModelService, dict[str, Any]], Iterator[Any]],
                        ) -> ModelStream[Any]:
