@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, field_validator
 
+from app.api.deps import NO_NUL
 from app.api.schemas import MODEL_CALL_RESPONSES, ErrorOut
 
 Mode = Literal["add", "clamp", "multiply", "ablate"]
@@ -36,7 +37,6 @@ Strength = Field(0.0, ge=-MAX_STRENGTH, le=MAX_STRENGTH, allow_inf_nan=False)
 
 STEER_RESPONSES: dict[int | str, dict[str, Any]] = {
     **MODEL_CALL_RESPONSES,
-    413: {"model": ErrorOut, "description": "Request body over this endpoint's limit"},
     404: {"model": ErrorOut, "description": "Unknown SAE, feature or saved vector"},
 }
 
@@ -46,17 +46,20 @@ class FeatureIn(BaseModel):
     mode: Mode = Field("add", description="add: value x the decoder row; clamp: set the "
                        "activation to value; multiply: activation x value; ablate: set to 0")
     value: float = Strength
-    sae_id: str | None = Field(None, description="The feature's SAE (default: the request's)")
+    sae_id: str | None = Field(None, max_length=200, pattern=NO_NUL,
+                               description="The feature's SAE (default: the request's)")
 
 
 class VectorIn(BaseModel):
-    name: str = Field(min_length=1, max_length=200, description="A saved steering vector")
+    name: str = Field(min_length=1, max_length=200, pattern=NO_NUL,
+                      description="A saved steering vector")
     value: float = Strength
 
 
 class GenerationSettings(BaseModel):
-    sae_id: str = Field(min_length=1, max_length=200, description="The default SAE (its "
-                        "tokenization, and the SAE of features without their own sae_id)")
+    sae_id: str = Field(min_length=1, max_length=200, pattern=NO_NUL, description="The default "
+                        "SAE (its tokenization, and the SAE of features without their own "
+                        "sae_id)")
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
     scope: Scope = Field("all", description="Positions steered: all, the prompt's, or the "
                          "generated tokens'")
@@ -124,7 +127,7 @@ class SweepOut(BaseModel):
 
 
 class RunIn(BaseModel):
-    name: str = Field(min_length=1, max_length=200)
+    name: str = Field(min_length=1, max_length=200, pattern=NO_NUL)
     request: SteerIn
     default_text: str = Field(max_length=MAX_RUN_TEXT_CHARS)
     steered_text: str = Field(max_length=MAX_RUN_TEXT_CHARS)
@@ -157,8 +160,8 @@ CaaPrompt = Annotated[str, Field(min_length=1, max_length=MAX_CAA_PROMPT_CHARS)]
 
 class VectorCreate(BaseModel):
     name: str = Field(min_length=1, max_length=200, pattern=r"^[\w .:-]+$")
-    sae_id: str = Field(min_length=1, max_length=200, description="Its hook is the SAE's hook; "
-                        "its aligned features are this SAE's")
+    sae_id: str = Field(min_length=1, max_length=200, pattern=NO_NUL, description="Its hook is "
+                        "the SAE's hook; its aligned features are this SAE's")
     positive: list[CaaPrompt] = Field(min_length=1, max_length=MAX_CAA_PROMPTS)
     negative: list[CaaPrompt] = Field(min_length=1, max_length=MAX_CAA_PROMPTS)
     position: Literal["last", "mean"] = Field("last", description="Each prompt read at its last "

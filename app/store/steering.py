@@ -20,6 +20,12 @@ from app.store.tables import SteerRun, SteerVector
 MAX_LISTED = 500
 
 
+def _storable(text: str) -> str:
+    """Model text as a text column takes it: PostgreSQL refuses NUL, which a byte-level
+    tokenizer can generate; it shows as the replacement character, as undecodable bytes do."""
+    return text.replace("\x00", "\ufffd")
+
+
 def _run_info(row: SteerRun) -> SteerRunInfo:
     return SteerRunInfo(id=row.id, name=row.name, sae_id=row.sae_id, author=row.author,
                         created_at=row.created_at, request=dict(row.request),
@@ -28,8 +34,9 @@ def _run_info(row: SteerRun) -> SteerRunInfo:
 
 def save_run(*, session: Session, name: str, sae_id: str, request: dict[str, Any],
              default_text: str, steered_text: str, author: str) -> SteerRunInfo:
-    row = SteerRun(name=name, sae_id=sae_id, request=request, default_text=default_text,
-                   steered_text=steered_text, author=author)
+    row = SteerRun(name=name, sae_id=sae_id, request=request,
+                   default_text=_storable(default_text), steered_text=_storable(steered_text),
+                   author=author)
     session.add(row)
     session.flush()
     return _run_info(row)

@@ -17,6 +17,7 @@ from app.api.steer_schemas import MAX_INTERVENTIONS, MAX_SWEEP_VALUES
 from app.settings import Settings
 from app.store import queries
 from app.store import steering as saved
+from app.web.csp import PLOT_PAGE_HEADERS
 from app.web.templating import feature_url, templates
 
 router = APIRouter(tags=["pages"], include_in_schema=False)
@@ -65,7 +66,7 @@ async def steer_page(
         }
         return templates.get_template("pages/steer.html").render(request=request, **context)
 
-    return HTMLResponse(await run_read(request, render))
+    return HTMLResponse(await run_read(request, render), headers=PLOT_PAGE_HEADERS)
 
 
 @router.get("/steer/runs/{run_id}", response_class=HTMLResponse)

@@ -17,7 +17,8 @@ from app.engine.generate import IncrementalText
 from app.engine.tiny import build_tiny
 from app.main import create_app
 from app.settings import Settings
-from tests.browser.conftest import ARTIFACTS, MODEL_ID, SAE_ID
+from tests.browser.conftest import ARTIFACTS
+from tests.live_server import MODEL_ID, SAE_ID
 
 pytestmark = pytest.mark.browser
 
@@ -88,6 +89,9 @@ def lab_page(browser, lab):
     page.on("pageerror", lambda exc: problems.append(f"pageerror: {exc}"))
     page.on("console", lambda msg: problems.append(f"console: {msg.text}")
             if msg.type == "error" and "404" not in msg.text else None)
+    # Content-Security-Policy violations (the lab runs under the pages' strict policy).
+    page.add_init_script("window.__csp = []; document.addEventListener("
+                         "'securitypolicyviolation', e => window.__csp.push(e.violatedDirective));")
     page.set_default_timeout(30_000)
     yield page
     context.close()
@@ -179,6 +183,7 @@ def test_steer_from_a_feature_page_stream_save_and_sweep(lab_page, lab, server) 
     assert page.locator("#steer-sweep-grid tbody tr").count() == 5  # default + 4 values
     traces = page.evaluate("document.getElementById('steer-sweep-plot').data.length")
     assert traces == 2
+    assert page.evaluate("window.__csp") == []
     _shot(page, "steer-sweep")
 
     # A contrastive vector from two sets of prompts, with its aligned features linked.

@@ -5,11 +5,19 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Query, Request, Response
+from fastapi import APIRouter, Path, Request, Response
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from app.api.deps import CurrentUser, EngineStateDep, ModelWorkerDep, SessionDep, run_read
+from app.api.deps import (
+    NO_NUL,
+    CurrentUser,
+    EngineStateDep,
+    ModelWorkerDep,
+    SessionDep,
+    run_read,
+    text_query,
+)
 from app.api.schemas import ErrorOut
 from app.api.steer_schemas import (
     LIBRARY_MAX_BODY_BYTES,
@@ -34,9 +42,11 @@ MAX_BODY_BYTES = LIBRARY_MAX_BODY_BYTES
 
 NOT_FOUND = {404: {"model": ErrorOut, "description": "No such run or vector"}}
 INVALID = {422: {"model": ErrorOut, "description": "Invalid input"}}
+TOO_LARGE = {413: {"model": ErrorOut, "description": "Request body over this endpoint's limit"}}
 FORBIDDEN = {403: {"model": ErrorOut, "description": "Only the author may delete it"}}
 VECTOR_CREATE_RESPONSES = {
     **INVALID,
+    **TOO_LARGE,
     404: {"model": ErrorOut, "description": "The SAE is not loaded in this server"},
     409: {"model": ErrorOut, "description": "A vector of that name exists"},
     503: {"model": ErrorOut, "description": "Model queue full or model not loaded (Retry-After)"},
@@ -50,14 +60,15 @@ def _run_out(run: SteerRunInfo) -> RunOut:
 
 
 @router.get("/runs", response_model=RunList, responses=INVALID)
-def list_runs(session: SessionDep,
-              sae_id: str | None = Query(None, description="Only the runs of this SAE")) -> RunList:
+def list_runs(session: SessionDep, sae_id: Annotated[
+        str | None, text_query(200, "Only the runs of this SAE")] = None) -> RunList:
     runs = saved.list_runs(session=session, sae_id=sae_id)
     return RunList(data=[RunBrief(id=r.id, name=r.name, sae_id=r.sae_id, author=r.author,
                                   created_at=r.created_at) for r in runs], count=len(runs))
 
 
-@router.post("/runs", response_model=RunOut, status_code=201, responses=INVALID)
+@router.post("/runs", response_model=RunOut, status_code=201,
+             responses={**INVALID, **TOO_LARGE})
 def save_run(body: RunIn, request: Request, user: CurrentUser) -> RunOut:
     """Save a generation (its request and both texts) by name; its id makes its URL."""
     with write_session(request.app.state.db_engine, durable=True) as session:
@@ -110,14 +121,15 @@ def _vector_out(session: Session, vector: SteerVectorInfo) -> VectorOut:
 
 
 @router.get("/vectors", response_model=VectorList, responses=INVALID)
-def list_vectors(session: SessionDep, sae_id: str | None = Query(
-        None, description="Only the vectors read at this SAE's hook")) -> VectorList:
+def list_vectors(session: SessionDep, sae_id: Annotated[
+        str | None, text_query(200, "Only the vectors read at this SAE's hook")] = None,
+                 ) -> VectorList:
     vectors = [_vector_out(session, v) for v in saved.list_vectors(session=session,
                                                                    sae_id=sae_id)]
     return VectorList(data=vectors, count=len(vectors))
 
 
-VectorName = Annotated[str, Path(min_length=1, max_length=200)]
+VectorName = Annotated[str, Path(min_length=1, max_length=200, pattern=NO_NUL)]
 
 
 @router.get("/vectors/{name}", response_model=VectorOut, responses={**NOT_FOUND, **INVALID})
