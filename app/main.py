@@ -12,6 +12,7 @@ from typing import Any
 from fastapi import Depends, FastAPI
 from starlette.concurrency import run_in_threadpool
 
+from app.api import steer_schemas
 from app.api.auth import check_auth_settings, install_gate
 from app.api.deps import current_user
 from app.api.errors import install_error_handlers
@@ -133,7 +134,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(steer_library.router, max_body_size=steer_library.MAX_BODY_BYTES,
                        dependencies=signed_in)
     _mount_web(app)
+    _document_deployment_bounds(app, settings)
     return app
+
+
+def _document_deployment_bounds(app: FastAPI, settings: Settings) -> None:
+    """OpenAPI with this deployment's bounds where a route checks a setting, built once."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            steer_schemas.document_bounds(build(), max_new_tokens=settings.steer_max_new_tokens)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def _mount_web(app: FastAPI) -> None:

@@ -10,14 +10,15 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field
 
 from app.api.deps import NO_NUL
 from app.api.schemas import MODEL_CALL_RESPONSES, ErrorOut
 
 Mode = Literal["add", "clamp", "multiply", "ablate"]
 Scope = Literal["all", "prompt", "generated"]
-MAX_INTERVENTIONS = 16  # features plus vectors in one request
+MAX_FEATURES = 16  # in one request
+MAX_VECTORS = 8
 MAX_STRENGTH = 1000.0  # |value| of an intervention; far past where any text stays coherent
 MAX_SWEEP_VALUES = 12
 MAX_PROMPT_CHARS = 20_000  # before tokenizing; the token limit is SAESCOPE_MAX_TEXT_TOKENS
@@ -31,14 +32,16 @@ LIBRARY_MAX_BODY_BYTES = max(
     (MAX_PROMPT_CHARS + 2 * MAX_RUN_TEXT_CHARS) * 6,
     2 * MAX_CAA_PROMPTS * MAX_CAA_PROMPT_CHARS * 6,
 ) + 64 * 1024
-MIN_TEMPERATURE = 0.01  # below it (but above 0) logits / temperature overflow; 0 is greedy
 
 Strength = Field(0.0, ge=-MAX_STRENGTH, le=MAX_STRENGTH, allow_inf_nan=False)
 
 STEER_RESPONSES: dict[int | str, dict[str, Any]] = {
     **MODEL_CALL_RESPONSES,
-    404: {"model": ErrorOut, "description": "Unknown SAE, feature or saved vector"},
+    404: {"model": ErrorOut, "description": "Unknown SAE, feature or saved vector, or an SAE "
+                                            "this server did not load"},
 }
+MAX_NEW_TOKENS_CEILING = 4096  # the schema's bound; the deployment's (lower) one is documented
+# in OpenAPI by document_bounds and checked by the routes
 
 
 class FeatureIn(BaseModel):
@@ -63,25 +66,19 @@ class GenerationSettings(BaseModel):
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
     scope: Scope = Field("all", description="Positions steered: all, the prompt's, or the "
                          "generated tokens'")
-    max_new_tokens: int = Field(32, ge=1, description="At most SAESCOPE_STEER_MAX_NEW_TOKENS")
+    max_new_tokens: int = Field(32, ge=1, le=MAX_NEW_TOKENS_CEILING,
+                                description="At most SAESCOPE_STEER_MAX_NEW_TOKENS")
     temperature: float = Field(0.0, ge=0.0, le=2.0, allow_inf_nan=False,
-                               description=f"0 (greedy) or {MIN_TEMPERATURE} to 2")
+                               description="0: greedy")
     top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
     seed: int = Field(0, ge=0, le=2**32 - 1)
     chat_template: bool = Field(False, description="Wrap the prompt in the model's chat "
                                 "template as a user turn (chat models only)")
 
-    @field_validator("temperature")
-    @classmethod
-    def _greedy_or_sampled(cls, value: float) -> float:
-        if 0 < value < MIN_TEMPERATURE:
-            raise ValueError(f"use 0 for greedy decoding or at least {MIN_TEMPERATURE}")
-        return value
-
 
 class SteerIn(GenerationSettings):
-    features: list[FeatureIn] = Field(default_factory=list, max_length=MAX_INTERVENTIONS)
-    vectors: list[VectorIn] = Field(default_factory=list, max_length=MAX_INTERVENTIONS)
+    features: list[FeatureIn] = Field(default_factory=list, max_length=MAX_FEATURES)
+    vectors: list[VectorIn] = Field(default_factory=list, max_length=MAX_VECTORS)
 
 
 class StreamOut(BaseModel):
@@ -101,7 +98,8 @@ class SweepIn(GenerationSettings):
     index: int = Field(ge=0)
     mode: Mode = "add"
     values: list[float] = Field(min_length=1, max_length=MAX_SWEEP_VALUES)
-    max_new_tokens: int = Field(24, ge=1, description="At most SAESCOPE_STEER_MAX_NEW_TOKENS")
+    max_new_tokens: int = Field(24, ge=1, le=MAX_NEW_TOKENS_CEILING,
+                                description="At most SAESCOPE_STEER_MAX_NEW_TOKENS")
 
 
 class SweepCell(StreamOut):
@@ -190,3 +188,13 @@ class VectorOut(BaseModel):
 class VectorList(BaseModel):
     data: list[VectorOut]
     count: int
+
+
+def document_bounds(openapi: dict[str, Any], *, max_new_tokens: int) -> None:
+    """Put this deployment's max_new_tokens bound into the OpenAPI schema (in place), so a
+    client, or a fuzzer, reading it knows which values the routes accept."""
+    for name in ("SteerIn", "SweepIn"):
+        properties = openapi.get("components", {}).get("schemas", {}).get(name, {}).get(
+            "properties", {})
+        if "max_new_tokens" in properties:
+            properties["max_new_tokens"]["maximum"] = min(max_new_tokens, MAX_NEW_TOKENS_CEILING)

@@ -167,7 +167,10 @@ class Generation:
     def _sample(self, logits: Tensor, generator: torch.Generator) -> int:
         if self.temperature == 0:
             return int(logits.argmax())
-        probs = torch.softmax(logits / self.temperature, dim=-1)
+        # Shifted by the max first and in float64 (the temperature too): the same distribution,
+        # and a tiny temperature gives a one-hot one instead of NaN.
+        logits = logits.double()
+        probs = torch.softmax((logits - logits.max()) / self.temperature, dim=-1)
         if self.top_p < 1:
             probs = top_p_filter(probs, self.top_p)
         return int(torch.multinomial(probs, 1, generator=generator))

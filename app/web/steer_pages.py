@@ -13,7 +13,7 @@ from fastapi.responses import HTMLResponse
 from sqlalchemy.orm import Session
 
 from app.api.deps import run_read
-from app.api.steer_schemas import MAX_INTERVENTIONS, MAX_SWEEP_VALUES
+from app.api.steer_schemas import MAX_FEATURES, MAX_SWEEP_VALUES, MAX_VECTORS
 from app.settings import Settings
 from app.store import queries
 from app.store import steering as saved
@@ -60,7 +60,7 @@ async def steer_page(
         context = {
             "saes": choices, "prefill": prefill,
             "limits": {"max_new_tokens": settings.steer_max_new_tokens,
-                       "max_interventions": MAX_INTERVENTIONS,
+                       "max_features": MAX_FEATURES, "max_vectors": MAX_VECTORS,
                        "max_sweep_values": MAX_SWEEP_VALUES},
             **_chrome(choices, [("steering lab", None)]),
         }

@@ -97,6 +97,10 @@ def test_json_side_by_side(client):
     assert steered["default"] == plain["default"]
     assert steered["steered"]["token_ids"] != steered["default"]["token_ids"]
     assert set(steered["steered"]) == {"text", "tokens", "token_ids", "stop_reason"}
+    # A tiny temperature samples from a one-hot distribution: the greedy text.
+    tiny = client.post("/api/v1/steer", json=request(features=STEERED, temperature=1e-300,
+                                                      seed=3)).json()
+    assert tiny == steered
     sampled = request(features=STEERED, temperature=1.0, top_p=0.9, seed=11)
     assert client.post("/api/v1/steer", json=sampled).json() == client.post(
         "/api/v1/steer", json=sampled).json()
@@ -262,14 +266,15 @@ def test_a_json_client_that_leaves_cancels_its_generation(database):
     ({"max_new_tokens": 25}, 422, "SAESCOPE_STEER_MAX_NEW_TOKENS"),
     ({"max_new_tokens": 0}, 422, "max_new_tokens"),
     ({"temperature": 2.5}, 422, "temperature"),
-    ({"temperature": 1e-300}, 422, "greedy"),
     ({"top_p": 0}, 422, "top_p"),
     ({"features": [{"index": 1, "value": 1e9}]}, 422, "value"),
-    ({"features": [{"index": 48}]}, 422, "features 0..47"),
+    ({"features": [{"index": 48}]}, 404, "features 0..47"),
     ({"features": [{"index": 1, "mode": "boost"}]}, 422, "mode"),
     ({"features": [{"index": 1}] * 17}, 422, "features"),
-    ({"sae_id": "nope"}, 422, "nope"),
-    ({"features": [{"index": 1, "sae_id": "nope"}]}, 422, "nope"),
+    ({"vectors": [{"name": "v"}] * 9}, 422, "vectors"),
+    ({"sae_id": "nope"}, 404, "nope"),
+    ({"features": [{"index": 1, "sae_id": "nope"}]}, 404, "nope"),
+    ({"sae_id": "a\x00b"}, 422, "sae_id"),
     ({"vectors": [{"name": "missing"}]}, 404, "missing"),
     ({"prompt": " ".join(["word"] * 40)}, 422, "SAESCOPE_MAX_TEXT_TOKENS"),
     ({"chat_template": True}, 422, "chat template"),
@@ -336,7 +341,7 @@ def test_saved_runs(client):
     assert client.get(f"/api/v1/steer/runs/{run['id']}").status_code == 404
     bad = client.post("/api/v1/steer/runs", json={
         "name": "x", "request": request(sae_id="nope"), "default_text": "", "steered_text": ""})
-    assert bad.status_code == 422
+    assert bad.status_code == 404
 
 
 def test_saved_vectors(client):
@@ -354,3 +359,16 @@ def test_saved_vectors(client):
     assert steered["steered"]["token_ids"] != steered["default"]["token_ids"]
     assert client.delete("/api/v1/steer/vectors/fox-vs-code").status_code == 204
     assert client.get("/api/v1/steer/vectors/fox-vs-code").status_code == 404
+
+
+def test_openapi_states_the_deployments_bounds_and_405_names_every_method(client):
+    spec = client.get("/openapi.json").json()
+    for name in ("SteerIn", "SweepIn"):
+        assert spec["components"]["schemas"][name]["properties"]["max_new_tokens"][
+            "maximum"] == 24  # steer_max_new_tokens
+    # Two routes serve /runs (GET and POST): a 405 there lists both.
+    for path, allowed in (("/api/v1/steer/runs", "GET, POST"),
+                          ("/api/v1/steer/runs/1", "DELETE, GET"),
+                          ("/api/v1/steer", "POST")):
+        response = client.put(path, json={})
+        assert response.status_code == 405 and response.headers["allow"] == allowed, path

@@ -25,7 +25,6 @@ from app.api.model_service import EngineState, ModelService
 from app.api.model_worker import ModelStream, ModelWorker
 from app.api.steer_schemas import (
     GENERATION_MAX_BODY_BYTES,
-    MAX_INTERVENTIONS,
     STEER_RESPONSES,
     GenerationSettings,
     SteerIn,
@@ -33,7 +32,7 @@ from app.api.steer_schemas import (
     SweepIn,
     SweepOut,
 )
-from app.errors import ConfigError, SaescopeError
+from app.errors import ConfigError, NotFoundError, SaescopeError
 from app.settings import Settings
 from app.store import queries
 from app.store import steering as saved
@@ -54,11 +53,10 @@ STREAM_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 
 def _sae(session: Session, sae_id: str, cache: dict[str, SAEBrief]) -> SAEBrief:
+    """The SAE's brief row (NotFoundError when unknown: a well-formed request for something
+    this database does not hold is a 404, as in the read routes)."""
     if sae_id not in cache:
-        try:
-            cache[sae_id] = queries.get_sae_brief(session=session, sae_id=sae_id)
-        except SaescopeError as exc:  # a body field, not a path: 422
-            raise ConfigError(str(exc)) from exc
+        cache[sae_id] = queries.get_sae_brief(session=session, sae_id=sae_id)
     return cache[sae_id]
 
 
@@ -69,7 +67,7 @@ def _check_feature(session: Session, *, sae_id: str, index: int, model_id: str,
         raise ConfigError(f"SAE {sae_id!r} reads model {sae.model_id!r}, not {model_id!r}: "
                           "steer with SAEs of one model")
     if index >= sae.d_sae:
-        raise ConfigError(f"SAE {sae_id!r} has features 0..{sae.d_sae - 1}; no feature {index}")
+        raise NotFoundError(f"SAE {sae_id!r} has features 0..{sae.d_sae - 1}; no feature {index}")
 
 
 def _check_settings(body: GenerationSettings, settings: Settings) -> None:
@@ -90,9 +88,6 @@ def steer_plan(session: Session, body: SteerIn, settings: Settings) -> dict[str,
     """The service's steer_stream arguments for a checked request (ConfigError / NotFoundError
     saying what is wrong)."""
     _check_settings(body, settings)
-    if len(body.features) + len(body.vectors) > MAX_INTERVENTIONS:
-        raise ConfigError(f"{len(body.features) + len(body.vectors)} features and vectors; "
-                          f"at most {MAX_INTERVENTIONS} in one request")
     cache: dict[str, SAEBrief] = {}
     model_id = _sae(session, body.sae_id, cache).model_id
     features = []

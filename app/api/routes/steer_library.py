@@ -31,7 +31,7 @@ from app.api.steer_schemas import (
     VectorList,
     VectorOut,
 )
-from app.errors import ConfigError, ConflictError, NotFoundError
+from app.errors import ConflictError
 from app.store import queries
 from app.store import steering as saved
 from app.store.db import write_session
@@ -47,7 +47,7 @@ FORBIDDEN = {403: {"model": ErrorOut, "description": "Only the author may delete
 VECTOR_CREATE_RESPONSES = {
     **INVALID,
     **TOO_LARGE,
-    404: {"model": ErrorOut, "description": "The SAE is not loaded in this server"},
+    404: {"model": ErrorOut, "description": "Unknown SAE, or one this server did not load"},
     409: {"model": ErrorOut, "description": "A vector of that name exists"},
     503: {"model": ErrorOut, "description": "Model queue full or model not loaded (Retry-After)"},
 }
@@ -68,25 +68,17 @@ def list_runs(session: SessionDep, sae_id: Annotated[
 
 
 @router.post("/runs", response_model=RunOut, status_code=201,
-             responses={**INVALID, **TOO_LARGE})
+             responses={**INVALID, **TOO_LARGE,
+                        404: {"model": ErrorOut, "description": "Unknown SAE"}})
 def save_run(body: RunIn, request: Request, user: CurrentUser) -> RunOut:
     """Save a generation (its request and both texts) by name; its id makes its URL."""
     with write_session(request.app.state.db_engine, durable=True) as session:
-        if not _sae_known(session, body.request.sae_id):
-            raise ConfigError(f"no SAE {body.request.sae_id!r} in this database")
+        queries.get_sae_brief(session=session, sae_id=body.request.sae_id)  # 404 if unknown
         run = saved.save_run(session=session, name=body.name, sae_id=body.request.sae_id,
                              request=body.request.model_dump(mode="json"),
                              default_text=body.default_text, steered_text=body.steered_text,
                              author=user.name)
     return _run_out(run)
-
-
-def _sae_known(session: Session, sae_id: str) -> bool:
-    try:
-        queries.get_sae_brief(session=session, sae_id=sae_id)
-    except NotFoundError:
-        return False
-    return True
 
 
 RunId = Annotated[int, Path(ge=1, le=2**62)]
@@ -145,8 +137,7 @@ async def create_vector(body: VectorCreate, request: Request, user: CurrentUser,
     prompts minus that over the negative ones, saved by name, with the SAE's features whose
     decoder rows are most aligned with it."""
     def check(session: Session) -> None:
-        if not _sae_known(session, body.sae_id):
-            raise ConfigError(f"no SAE {body.sae_id!r} in this database")
+        queries.get_sae_brief(session=session, sae_id=body.sae_id)  # 404 if unknown
         if saved.vector_exists(session=session, name=body.name):  # before the model runs
             raise ConflictError(f"a steering vector named {body.name!r} exists; pick another "
                                 "name or delete it first")

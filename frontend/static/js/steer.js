@@ -8,7 +8,8 @@ import { fmtNum, onSubmitOrCtrlEnter, postJSON } from "./tokens.js";
 const root = document.querySelector("[data-steer-lab]");
 const api = root.dataset.api;
 const saesApi = root.dataset.saesApi;
-const maxInterventions = Number(root.dataset.maxInterventions);
+const maxFeatures = Number(root.dataset.maxFeatures);
+const maxVectors = Number(root.dataset.maxVectors);
 const saes = JSON.parse(document.getElementById("steer-saes").textContent);
 const prefill = JSON.parse(document.getElementById("steer-prefill").textContent);
 const $ = (id) => document.getElementById(id);
@@ -54,8 +55,8 @@ async function describeFeature(feature) {
 }
 
 function addFeature(spec) {
-  if (features.length + vectors.length >= maxInterventions) {
-    status.textContent = `at most ${maxInterventions} features and vectors`;
+  if (features.length >= maxFeatures) {
+    status.textContent = `at most ${maxFeatures} features`;
     return;
   }
   const feature = {
@@ -136,6 +137,10 @@ async function loadVectors() {
 }
 $("steer-add-vector").addEventListener("click", () => {
   if (!vectorPick.value) return;
+  if (vectors.length >= maxVectors) {
+    status.textContent = `at most ${maxVectors} vectors`;
+    return;
+  }
   vectors.push({ name: vectorPick.value, value: 1 });
   renderVectors();
 });
