@@ -34,11 +34,14 @@ LIBRARY_MAX_BODY_BYTES = max(
 ) + 64 * 1024
 
 Strength = Field(0.0, ge=-MAX_STRENGTH, le=MAX_STRENGTH, allow_inf_nan=False)
+StrengthValue = Annotated[float, Field(ge=-MAX_STRENGTH, le=MAX_STRENGTH, allow_inf_nan=False)]
 
 STEER_RESPONSES: dict[int | str, dict[str, Any]] = {
     **MODEL_CALL_RESPONSES,
     404: {"model": ErrorOut, "description": "Unknown SAE, feature or saved vector, or an SAE "
                                             "this server did not load"},
+    409: {"model": ErrorOut, "description": "The loaded model cannot do what was asked (a chat "
+                                            "template it does not have)"},
 }
 MAX_NEW_TOKENS_CEILING = 4096  # the schema's bound; the deployment's (lower) one is documented
 # in OpenAPI by document_bounds and checked by the routes
@@ -97,7 +100,7 @@ class SteerOut(BaseModel):
 class SweepIn(GenerationSettings):
     index: int = Field(ge=0)
     mode: Mode = "add"
-    values: list[float] = Field(min_length=1, max_length=MAX_SWEEP_VALUES)
+    values: list[StrengthValue] = Field(min_length=1, max_length=MAX_SWEEP_VALUES)
     max_new_tokens: int = Field(24, ge=1, le=MAX_NEW_TOKENS_CEILING,
                                 description="At most SAESCOPE_STEER_MAX_NEW_TOKENS")
 

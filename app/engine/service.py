@@ -22,7 +22,7 @@ from app.engine.lm import LanguageModel
 from app.engine.loading import load_model
 from app.engine.presets import find_preset
 from app.engine.sae import SAE
-from app.errors import ConfigError, NotFoundError
+from app.errors import ConfigError, ConflictError, NotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -183,9 +183,9 @@ class EngineService:
         """The prompt's token ids: the model's chat template around it as a user turn, or the
         text as the SAE's training data was tokenized (BOS first when its cfg says so)."""
         if chat_template:
-            if not self.lm.has_chat_template:
-                raise ConfigError(f"model {self.model_id} has no chat template; "
-                                  "set chat_template to false")
+            if not self.lm.has_chat_template:  # a fine request this model cannot serve
+                raise ConflictError(f"model {self.model_id} has no chat template; "
+                                    "set chat_template to false")
             text = self.lm.tokenizer.apply_chat_template(
                 [{"role": "user", "content": prompt}], add_generation_prompt=True,
                 tokenize=False)

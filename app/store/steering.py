@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 from app.errors import ConflictError, ForbiddenError, NotFoundError
 from app.store.codec import FLOAT32, from_blob, to_blob
 from app.store.read_models import SteerRunInfo, SteerVectorInfo
-from app.store.tables import SteerRun, SteerVector
+from app.store.tables import SteerRun, SteerVector, as_utc
 
 MAX_LISTED = 500
 
@@ -28,7 +28,7 @@ def _storable(text: str) -> str:
 
 def _run_info(row: SteerRun) -> SteerRunInfo:
     return SteerRunInfo(id=row.id, name=row.name, sae_id=row.sae_id, author=row.author,
-                        created_at=row.created_at, request=dict(row.request),
+                        created_at=as_utc(row.created_at), request=dict(row.request),
                         default_text=row.default_text, steered_text=row.steered_text)
 
 
@@ -71,7 +71,7 @@ def _vector_info(row: SteerVector) -> SteerVectorInfo:
         name=row.name, sae_id=row.sae_id, hook_name=row.hook_name, position=row.position,
         positive=list(row.positive), negative=list(row.negative),
         vector=from_blob(row.vector, FLOAT32).tolist(), norm=row.norm,
-        aligned=list(row.aligned), author=row.author, created_at=row.created_at)
+        aligned=list(row.aligned), author=row.author, created_at=as_utc(row.created_at))
 
 
 def save_vector(*, session: Session, name: str, sae_id: str, hook_name: str, position: str,

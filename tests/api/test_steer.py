@@ -277,7 +277,7 @@ def test_a_json_client_that_leaves_cancels_its_generation(database):
     ({"sae_id": "a\x00b"}, 422, "sae_id"),
     ({"vectors": [{"name": "missing"}]}, 404, "missing"),
     ({"prompt": " ".join(["word"] * 40)}, 422, "SAESCOPE_MAX_TEXT_TOKENS"),
-    ({"chat_template": True}, 422, "chat template"),
+    ({"chat_template": True}, 409, "chat template"),
     ({"prompt": ""}, 422, "prompt"),
 ])
 def test_bad_requests_are_clear_errors(client, path, bad, status, words):

@@ -12,7 +12,7 @@ from app.engine.generate import IncrementalText
 from app.engine.sae import SAE, SAEConfig
 from app.engine.service import EngineService, LoadedSAE
 from app.engine.tiny import build_tiny
-from app.errors import ConfigError, NotFoundError
+from app.errors import ConfigError, ConflictError, NotFoundError
 
 SAE_ID = "1-res-topk-48"
 HOOK = "blocks.1.hook_resid_post"
@@ -94,7 +94,7 @@ def test_bad_inputs_fail_before_any_forward(service):
                                         "sae_id": "nope"}]), NotFoundError),
                        (dict(vectors=[{"hook_name": HOOK, "vector": [1.0], "value": 1}]),
                         ConfigError),
-                       (dict(chat_template=True), ConfigError),
+                       (dict(chat_template=True), ConflictError),
                        (dict(max_prompt_tokens=3), ConfigError)):
         with pytest.raises(error):
             run(service, **bad)

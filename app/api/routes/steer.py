@@ -47,8 +47,11 @@ STREAM_RESPONSES: dict[int | str, dict[str, Any]] = {
     **STEER_RESPONSES,
     200: {"description": "Server-sent events: `token` {which, index, text} as text completes, "
                          "`error` {message} for a failure after the stream began, then `done` "
-                         "{default, steered: {tokens, stop_reason}}",
-          "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+                         "{default, steered: {tokens, stop_reason}}; each event's data is JSON",
+          "content": {"text/event-stream": {"schema": {
+              "type": "object", "required": ["event", "data"],
+              "properties": {"event": {"type": "string", "enum": ["token", "error", "done"]},
+                             "data": {"type": "string"}}}}}},
 }
 
 
