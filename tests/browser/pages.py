@@ -31,6 +31,17 @@ def _run_test_box(page: Any) -> None:
     page.eval_on_selector_all("details.band", "ds => ds.forEach(d => { d.open = true; })")
 
 
+def _steer_and_sweep(page: Any) -> None:
+    """Generate side by side, then sweep: both columns, the grid and the chart shown."""
+    page.fill("#steer-prompt", "Once upon a time")
+    page.fill("#steer-max-new", "6")
+    page.click("#steer-go")
+    page.wait_for_selector("[data-steer-lab][data-state=done]")
+    page.fill("#steer-sweep-values", "0, 20")
+    page.click("#steer-sweep-go")
+    page.wait_for_selector("#steer-sweep-plot[data-rendered=yes]")
+
+
 @dataclass(frozen=True)
 class AppPage:
     name: str
@@ -52,6 +63,8 @@ PAGES: list[AppPage] = [
     AppPage("search-empty", "/{model}/{sae}/search"),
     AppPage("search", "/{model}/{sae}/search?text=the+quick+brown+fox%0A%09def+f(x)%3A",
             ready="#search-tokens .t", act=_open_search_feature),
+    AppPage("steer", "/steer?sae={sae}&feature={feature}&value=20",
+            ready="#steer-features tbody tr", act=_steer_and_sweep),
     AppPage("docs", "/docs", ready=".opblock"),
     AppPage("not-found", "/{model}/no-such-sae", status=404),
 ]
