@@ -150,7 +150,7 @@ def _save_label(page, text: str) -> None:
 
 def test_history_shows_word_diffs(page, shot) -> None:
     page.goto(f"/{MODEL_ID}/{SAE_ID}/10")
-    page.wait_for_selector("[data-history-list] li")
+    page.wait_for_selector("[data-history-list] li", state="attached")  # editor loaded
     _save_label(page, "opening brackets in code")
     _save_label(page, "closing brackets in Python code")
     page.click("details.history summary")
@@ -167,7 +167,7 @@ def test_conflict_between_two_pages_is_merged(page, browser, server, shot) -> No
     other = page.context.new_page()
     for p in (page, other):
         p.goto(url)
-        p.wait_for_selector("[data-history-list] li")
+        p.wait_for_selector("[data-history-list] li", state="attached")  # editor loaded
     _save_label(other, "alpha: the saved text")
     _save_label(page, "beta: my text")  # based on no label: 412, both texts shown
     conflict = page.locator("[data-conflict]")

@@ -164,8 +164,10 @@ export function labelEditor(box) {
     const { res, data } = await api(`${base}/label`, { method: "PUT", body: formValues(form), headers });
     if (res.ok) {
       conflict.hidden = true;
-      status.textContent = `saved (v${data.version})`;
+      // Reload first, then say "saved": a save made right after this one is then based on
+      // the new version (ETag) and the history already lists this revision.
       await refresh();
+      status.textContent = `saved (v${data.version})`;
       return;
     }
     if (res.status === 412) {
