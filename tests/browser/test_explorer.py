@@ -85,7 +85,7 @@ def test_overview_filters_and_searches(page, server) -> None:
     rows = page.locator("table.features tbody tr[data-index]")
     assert rows.count() == labeled["count"] == 2
 
-    page.fill('input[name="q"]', "fox")
+    page.fill('.table-search input[name="q"]', "fox")  # the header also has a q box
     page.click(".table-search button")
     page.wait_for_url(re.compile(r"q=fox"))
     assert page.locator("table.features tbody tr[data-index]").evaluate_all(
@@ -95,9 +95,9 @@ def test_overview_filters_and_searches(page, server) -> None:
     feature = server.get_json(f"/api/v1/saes/{SAE_ID}/features?per_page=1&filter=alive")["data"][0]
     token = feature["top_tokens"][0]
     page.goto(f"/{MODEL_ID}/{SAE_ID}")
-    page.fill('input[name="token"]', token)
+    page.fill('.table-search input[name="token"]', token)
     page.click(".table-search button")
-    page.wait_for_load_state()
+    page.wait_for_url(re.compile(r"[?&]token="))
     api = server.get_json(f"/api/v1/saes/{SAE_ID}/features?per_page=50&token={quote(token)}")
     shown = page.locator("table.features tbody tr[data-index]").evaluate_all(
         "rows => rows.map(r => Number(r.dataset.index))")
