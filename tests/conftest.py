@@ -1,6 +1,6 @@
 """Fixtures shared across test folders: the live server (tests/live_server.py), started once per
-session for the browser and fuzz tests, its log attached to any failing test that used it; a
-guard that records and refuses network attempts."""
+session for the browser tests, its log attached to any failing test that used it (the fuzz test
+starts its own, since it writes); a guard that records and refuses network attempts."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):  # noqa
     report = yield
     # A failing test that used the live server shows what the server said.
     funcargs = getattr(item, "funcargs", {})
-    srv = funcargs.get("live_server") or funcargs.get("server")
+    srv = funcargs.get("live_server") or funcargs.get("server") or funcargs.get("fuzz_server")
     if report.failed and isinstance(srv, Server):
         report.sections.append(("server log", srv.log()[-8000:]))
     return report

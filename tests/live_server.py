@@ -1,8 +1,8 @@
 """A real saescope server for the browser and fuzz tests: a database built by `saescope build`
 over tiny-llama (plus hostile text written through the store), served by uvicorn on a free port.
 
-`tests/conftest.py` starts one per test session (`live_server`), so the browser tests and the
-schemathesis run share the build. Its log is printed when a test that used it fails.
+`tests/conftest.py` starts one per test session (`live_server`) for the browser tests; the
+schemathesis run starts its own, because the fuzzer writes labels, runs and vectors. Its log is printed when a test that used it fails.
 """
 
 from __future__ import annotations
