@@ -2,7 +2,8 @@
 over tiny-llama (plus hostile text written through the store), served by uvicorn on a free port.
 
 `tests/conftest.py` starts one per test session (`live_server`) for the browser tests; the
-schemathesis run starts its own, because the fuzzer writes labels, runs and vectors. Its log is printed when a test that used it fails.
+schemathesis run starts its own, because the fuzzer writes labels, runs and vectors. Its log
+is printed when a test that used it fails.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+import httpx
 
 REPO = Path(__file__).resolve().parents[1]
 XSS = "</script><img src=x onerror=alert(1)>"
@@ -118,10 +121,22 @@ def _build_database(root: Path, db_url: str | None = None) -> str:
     return db_url
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def first_answer(url: str, proc: subprocess.Popen, *, timeout: float = 60.0) -> httpx.Response:
+    """GET `url` until the server started as `proc` answers; fails if it exits or takes longer."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return httpx.get(url, timeout=2)
+        except httpx.TransportError:
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else proc.returncode
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.2)
 
 
 def _wait_ready(server: Server, proc: subprocess.Popen, *, timeout: float = 180.0) -> None:
@@ -145,7 +160,7 @@ def running_server(root: Path, db_url: str | None = None) -> Iterator[Server]:
     """Build the database (a SQLite file under `root` unless `db_url`), start the server, and
     stop it on exit."""
     db_url = _build_database(root, db_url)
-    port = _free_port()
+    port = free_port()
     log_path = root / "server.log"
     env = _env(root / "home")
     env.update(SAESCOPE_DATABASE_URL=db_url, SAESCOPE_MODEL=MODEL_ID)

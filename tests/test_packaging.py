@@ -11,23 +11,18 @@ import os
 import re
 import shutil
 import site
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
+
+from tests.live_server import first_answer, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 SOURCES = ("pyproject.toml", "setup.py", "README.md", "app", "frontend", "migrations",
            "models/presets.toml")
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _build_wheel(tmp_path: Path) -> Path:
@@ -81,20 +76,12 @@ def test_wheel_installs_and_serves_from_outside_the_checkout(tmp_path):
     assert (work / "data" / "saescope.db").is_file()  # the data folder rule: ./data
     assert not list(venv.rglob("saescope.db"))
 
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen([cli, "serve", "--port", str(port), "--no-model"], cwd=work,
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                home = httpx.get(f"http://127.0.0.1:{port}/", timeout=2)
-                break
-            except httpx.TransportError:
-                assert server.poll() is None, server.stdout.read()
-                assert time.monotonic() < deadline, "server did not start"
-                time.sleep(0.2)
+        home = first_answer(f"http://127.0.0.1:{port}/", server)
         assert home.status_code == 200
         assert "saescope" in home.text
         css = re.search(r'<link rel="stylesheet" href="([^"]+)"', home.text)

@@ -14,14 +14,10 @@ from alembic.script import ScriptDirectory
 
 from app.store.db import alembic_config
 from tests.factories import synthetic_database, synthetic_run
+from tests.live_server import first_answer, free_port
 
 CLI = [sys.executable, "-c", "from app.cli import app; app()"]
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("workers", [1, 2])
@@ -37,22 +33,14 @@ def test_db_upgrade_then_serve(tmp_path, workers):
     assert f"revision {head}" in done.stdout
     synthetic_database(url, synthetic_run(d_sae=16), migrate=False)  # the CLI migrated it
 
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         [*CLI, "serve", "--db", url, "--port", str(port), "--no-model", "--workers", str(workers)],
         env=env,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                response = httpx.get(f"http://127.0.0.1:{port}/api/v1/saes", timeout=2)
-                break
-            except httpx.TransportError:
-                assert server.poll() is None, server.stdout.read()
-                assert time.monotonic() < deadline, "server did not start"
-                time.sleep(0.2)
+        response = first_answer(f"http://127.0.0.1:{port}/api/v1/saes", server)
         assert response.status_code == 200
         assert [s["id"] for s in response.json()["data"]] == ["1-res-topk-64"]
         feature = httpx.get(f"http://127.0.0.1:{port}/api/v1/saes/1-res-topk-64/features/5")

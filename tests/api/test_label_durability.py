@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,16 +15,12 @@ from sqlalchemy import text
 from app.store.db import make_engine, read_session
 from app.store.labels import own_label, search_labels
 from tests.factories import synthetic_database, synthetic_run
+from tests.live_server import free_port
 from tests.store.conftest import _new_pg_database, pg_server  # noqa: F401 - fixture
 
 CLI = [sys.executable, "-c", "from app.cli import app; app()"]
 SAE_ID = "1-res-topk-64"
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _serve(url: str, port: int, env: dict[str, str]) -> subprocess.Popen:
@@ -47,7 +42,7 @@ def test_acknowledged_label_survives_kill_9(tmp_path):
     url = f"sqlite:///{tmp_path / 'durable.db'}"
     synthetic_database(url, synthetic_run(d_sae=16))
     env = {**os.environ, "SAESCOPE_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1"}
-    port = _free_port()
+    port = free_port()
     server = _serve(url, port, env)
     try:
         r = httpx.put(f"http://127.0.0.1:{port}/api/v1/saes/{SAE_ID}/features/3/label",

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.live_server import REPO, Server, _env, _free_port
+from tests.live_server import REPO, Server, _env, free_port
 
 pytestmark = pytest.mark.browser
 
@@ -64,7 +64,7 @@ def token_server(server: Server, tmp_path_factory: pytest.TempPathFactory
     _, token = add_user(engine, name="browser-ann", role="annotator")
     engine.dispose()
     root = tmp_path_factory.mktemp("token-server")
-    port = _free_port()
+    port = free_port()
     env = _env(root / "home")
     env.update(SAESCOPE_DATABASE_URL=server.db_url, SAESCOPE_AUTH="token",
                SAESCOPE_SECRET_KEY=SECRET, SAESCOPE_LOAD_MODEL="false")
