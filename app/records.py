@@ -141,12 +141,42 @@ class RunRecord:
 
 @dataclass
 class SequenceArrays:
-    """Token sequences referenced by windows; token ids are stored once per sequence."""
+    """Token sequences referenced by windows; token ids are stored once per sequence.
+
+    A packed sequence may hold several documents, each opened by a BOS (app/pipeline/corpus.py).
+    ``doc_starts[i]`` lists every document sequence i holds, in order, as int32 rows
+    (offset, doc_index): offset is the position where the document starts in the sequence (its
+    BOS), 0 for the first, which may have begun in the sequence before; its doc_index is
+    ``doc_index[i]``. None means one document per sequence, ``doc_index[i]`` at offset 0.
+    """
 
     seq_index: np.ndarray  # int64 [n]   position of the sequence in the corpus stream
-    doc_index: np.ndarray  # int64 [n]   document it came from
+    doc_index: np.ndarray  # int64 [n]   document at position 0 (the first the sequence holds)
     tokens: np.ndarray  # int32 [n, context_size]
     doc_names: list[str] = field(default_factory=list)  # doc_names[doc_index] (all documents)
+    doc_starts: list[np.ndarray] | None = None  # n arrays int32 [m_i, 2]: (offset, doc_index)
+
+    def starts_of(self, row: int) -> np.ndarray:
+        """int32 [m, 2] (offset, doc_index) of every document of row ``row``, first at 0."""
+        if self.doc_starts is None:
+            return np.array([[0, int(self.doc_index[row])]], dtype=np.int32)
+        return np.asarray(self.doc_starts[row], dtype=np.int32).reshape(-1, 2)
+
+
+def document_starts(doc_ids: np.ndarray) -> list[np.ndarray]:
+    """Per row of ``doc_ids`` (int [n, ctx]: the document of each position, a BOS counted with
+    the document it opens), the (offset, doc_index) rows where each document starts: position
+    0, then every position whose document differs from the one before."""
+    ids = np.asarray(doc_ids)
+    if ids.ndim != 2 or ids.shape[1] == 0:
+        raise ValueError("doc_ids must be [n_sequences, context_size]")
+    if ids.shape[0] == 0:
+        return []
+    change = np.ones(ids.shape, dtype=bool)
+    change[:, 1:] = ids[:, 1:] != ids[:, :-1]
+    rows, offsets = np.nonzero(change)
+    pairs = np.stack([offsets, ids[rows, offsets]], axis=1).astype(np.int32)
+    return np.split(pairs, np.cumsum(change.sum(axis=1))[:-1])
 
 
 @dataclass

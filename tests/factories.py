@@ -24,6 +24,7 @@ from app.records import (
     SAERecord,
     SequenceArrays,
     WindowArrays,
+    document_starts,
 )
 from app.store.db import make_engine, upgrade
 from app.store.labels import LabelEdit, create_label
@@ -91,9 +92,7 @@ def synthetic_run(
         tokens = rng.integers(2, len(vocab), size=(n_seq, context_size), dtype=np.int32)
     tokens[:, 0] = 1  # BOS
     seq_index = np.arange(n_seq, dtype=np.int64) * 3  # sparse on purpose: not row numbers
-    doc_names = [f"doc{i}" for i in range((n_seq + 3) // 4)]
-    sequences = SequenceArrays(seq_index=seq_index, doc_index=np.arange(n_seq) // 4,
-                               tokens=tokens, doc_names=doc_names)
+    sequences = packed_sequences(tokens, seq_index=seq_index, seed=seed)
 
     alive = np.arange(d_sae) >= n_dead
     max_act = np.where(alive, rng.uniform(0.5, 10.0, d_sae), 0.0).astype(np.float32)
@@ -159,6 +158,32 @@ def synthetic_run(
         },
     )
     return SyntheticRun(model, sae, run, sequences, features, windows)
+
+
+def packed_sequences(tokens: np.ndarray, *, seq_index: np.ndarray, seed: int = 0,
+                     bos_id: int = 1) -> SequenceArrays:
+    """Sequences as a packed build records them: documents follow one another, each later one
+    opened by a BOS (written into `tokens`); every other sequence has a boundary, some a second.
+
+    Its own random stream, so the packing leaves the rest of a synthetic run as it was.
+    """
+    rng = np.random.default_rng([seed, 1])
+    n_seq, ctx = tokens.shape
+    doc_ids = np.zeros((n_seq, ctx), np.int32)
+    doc = 0
+    for i in range(n_seq):
+        cuts = sorted(rng.choice(np.arange(2, ctx - 1), size=1 + (i % 4 == 1), replace=False)
+                      ) if i % 2 == 1 and ctx > 4 else []
+        doc_ids[i] = doc
+        for cut in cuts:
+            doc += 1
+            doc_ids[i, cut:] = doc
+            tokens[i, cut] = bos_id
+        if i % 3 == 2:  # the next sequence opens a new document with its own BOS
+            doc += 1
+    names = [f"doc{i}" for i in range(int(doc_ids.max()) + 1)]
+    return SequenceArrays(seq_index=seq_index, doc_index=doc_ids[:, 0].astype(np.int64),
+                          tokens=tokens, doc_names=names, doc_starts=document_starts(doc_ids))
 
 
 def write_records(

@@ -110,6 +110,8 @@ def _build_database(root: Path, db_url: str | None = None) -> str:
     run = synthetic_run(model_id=XSS_MODEL_ID, sae_id=XSS_SAE_ID, d_sae=16, n_dead=1,
                         token_strings=vocab, seed=1)
     run.sequences.tokens[:, 1::3] = XSS_TOKEN_ID
+    # Hostile document names too: the dividers where a window crosses documents name them.
+    run.sequences.doc_names[:] = [f"{XSS} {i}" for i in range(len(run.sequences.doc_names))]
     run.features.logit_pos_ids[:, 0] = XSS_TOKEN_ID
     run.features.logit_neg_ids[:, 0] = XSS_TOKEN_ID
     synthetic_database(db_url, run, migrate=False, labels=[  # the build migrated it

@@ -54,6 +54,8 @@ def feature_json(f: FeatureDetail, *, home: Path) -> bytes:
             "binMin": band.lo if band else -1.0, "binMax": band.hi if band else -1.0,
             "binContains": band.share if band else -1.0,
             "kind": w.kind, "band": w.band, "rank": w.rank, "doc_name": w.doc_name,
+            "documents": [{"offset": d.offset, "doc_index": d.doc_index, "name": d.name}
+                          for d in w.documents],
             "seq_index": w.seq_index, "start": w.start,
         })
     edges = f.hist_edges

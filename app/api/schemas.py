@@ -213,6 +213,17 @@ class FeatureList(BaseModel):
         return cls(data=rows, count=page.total, page=page.page, per_page=page.per_page)
 
 
+class WindowDocumentOut(BaseModel):
+    """A document a window shows. Builds pack short documents into one sequence, each opened by
+    a BOS token, so a window may cross from one document into the next."""
+
+    offset: int = Field(description="Index into the window's tokens where this document's text "
+                        "shows from: 0 for the first (it may have begun before the window), "
+                        "else the BOS token that opens it")
+    doc_index: int = Field(description="The document's number in the run's corpus order")
+    name: str | None = Field(description="The document's name (file, row or module)")
+
+
 class ActivationOut(BaseModel):
     """A text window, in Neuronpedia's activation shape plus where it came from."""
 
@@ -227,7 +238,10 @@ class ActivationOut(BaseModel):
     kind: Literal["top", "interval"]
     band: int
     rank: int
-    doc_name: str | None
+    doc_name: str | None = Field(description="The document at the window's first token")
+    documents: list[WindowDocumentOut] = Field(
+        description="Every document the window shows, in order; more than one where the "
+                    "window crosses a document boundary")
     seq_index: int
     start: int
 

@@ -19,6 +19,7 @@ from app.records import (
     SAERecord,
     SequenceArrays,
     WindowArrays,
+    document_starts,
 )
 
 if TYPE_CHECKING:
@@ -59,10 +60,12 @@ def make_records(*, lm: LanguageModel, sae: SAE, hook: str, sae_id: str, sae_pat
         logit_neg_ids=effects.neg_ids, logit_neg_values=effects.neg_values,
         neighbour_idx=static.neighbour_idx, neighbour_cos=static.neighbour_cos)
     used = np.unique(stats.windows.seq_index)
+    # Every document each kept sequence holds (packed sequences), so a window can say which.
+    starts = None if corpus.doc_ids is None else document_starts(corpus.doc_ids[used])
     sequences = SequenceArrays(seq_index=used.astype(np.int64),
                                doc_index=corpus.doc_index[used].astype(np.int64),
                                tokens=corpus.tokens[used].astype(np.int32),
-                               doc_names=list(corpus.doc_names))
+                               doc_names=list(corpus.doc_names), doc_starts=starts)
     model = ModelRecord(model_id=lm.model_id, source=str(lm.source),
                         architecture=lm.architecture, d_model=int(lm.d_model),
                         n_layers=int(lm.n_layers), vocab_size=int(lm.vocab_size),

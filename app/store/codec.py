@@ -26,6 +26,20 @@ def from_blob(blob: bytes, dtype: np.dtype) -> np.ndarray:
     return np.frombuffer(blob, dtype=dtype)
 
 
+def doc_starts_blob(starts: np.ndarray) -> bytes:
+    """A sequence's documents, (offset, doc_index) rows, as the int32 blob sequences store."""
+    return np.ascontiguousarray(starts, dtype=INT32).tobytes()
+
+
+def doc_starts_of(blob: bytes | None, doc_index: int) -> list[tuple[int, int]]:
+    """(offset, doc_index) of every document of a stored sequence, first at offset 0; a null
+    blob (a row written before documents were recorded) is one document, ``doc_index``."""
+    if not blob:
+        return [(0, doc_index)]
+    flat = np.frombuffer(blob, dtype=INT32).tolist()
+    return list(zip(flat[::2], flat[1::2], strict=True))
+
+
 def encode_vocab(token_strings: list[str]) -> tuple[bytes, str]:
     """The vocabulary as a zlib-compressed JSON list, and the sha256 readers cache it under."""
     raw = json.dumps(token_strings, ensure_ascii=False, separators=(",", ":")).encode("utf-8")

@@ -142,6 +142,16 @@ class Band:
     count: int
 
 
+@dataclass(frozen=True, slots=True)
+class WindowDocument:
+    """A document a window shows: from token `offset` of the window on (a later one starts at
+    its BOS; the first, at 0, may have begun before the window)."""
+
+    offset: int
+    doc_index: int
+    name: str | None
+
+
 # Not frozen: a feature read builds dozens of these, and a frozen dataclass's init is slower.
 @dataclass(slots=True)
 class WindowInfo:
@@ -155,9 +165,11 @@ class WindowInfo:
     max_pos: int
     seq_index: int
     start: int
-    doc_name: str | None
+    doc_name: str | None  # the document at the window's first token
     # The stored float16 values themselves, for renderers that work on arrays (not compared).
     values_f16: np.ndarray | None = field(default=None, compare=False, repr=False)
+    # Every document the window shows, in order; more than one where it crosses a boundary.
+    documents: tuple[WindowDocument, ...] = ()
 
 
 @dataclass(frozen=True)

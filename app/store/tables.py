@@ -130,7 +130,8 @@ class Run(Base):
 
 
 class Sequence(Base):
-    """A token sequence referenced by windows: ids stored once, as an int32 blob."""
+    """A token sequence referenced by windows: ids stored once, as an int32 blob, with the
+    documents it holds (a packed sequence holds several, each opened by a BOS)."""
 
     __tablename__ = "sequences"
     __table_args__ = {"sqlite_with_rowid": False}
@@ -139,8 +140,12 @@ class Sequence(Base):
         ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True
     )
     seq_index: Mapped[int] = mapped_column(Integer, primary_key=True)
-    doc_index: Mapped[int] = mapped_column(Integer)
+    doc_index: Mapped[int] = mapped_column(Integer)  # the document at position 0
     tokens: Mapped[bytes] = mapped_column(LargeBinary)  # int32 little-endian [context_size]
+    # int32 little-endian [m, 2]: (offset, doc_index) of every document the sequence holds, in
+    # order, the first at offset 0 (store.codec.doc_starts_blob). Read in the same row as the
+    # tokens, so a feature's windows stay one query. Null reads as one document (doc_index at 0).
+    doc_starts: Mapped[bytes | None] = mapped_column(LargeBinary)
 
 
 class Feature(Base):

@@ -189,6 +189,7 @@ def _check_shapes(
         raise ValueError("features.hist_counts needs len(hist_edges) - 1 bins")
     if sequences.tokens.ndim != 2 or len(sequences.tokens) != len(sequences.seq_index):
         raise ValueError("sequences.tokens must be [n_sequences, context_size]")
+    _check_doc_starts(sequences)
     n = len(windows.feature)
     if n:
         if windows.feature.min() < 0 or windows.feature.max() >= d_sae:
@@ -202,6 +203,34 @@ def _check_shapes(
         if int((windows.start + windows.length).max()) > sequences.tokens.shape[1]:
             raise ValueError("a window runs past the end of its sequence")
     del run
+
+
+def _check_doc_starts(seqs: SequenceArrays) -> None:
+    """Each sequence's documents start at 0 with its doc_index, at increasing offsets inside it,
+    and name documents of the run (checked over all sequences at once)."""
+    if seqs.doc_starts is None:
+        return
+    n = len(seqs.seq_index)
+    if len(seqs.doc_starts) != n:
+        raise ValueError(f"sequences.doc_starts has {len(seqs.doc_starts)} entries for {n} "
+                         "sequences")
+    if not n:
+        return
+    parts = [seqs.starts_of(i) for i in range(n)]
+    lens = np.array([len(p) for p in parts])
+    flat = np.concatenate(parts)
+    first = np.concatenate([[0], np.cumsum(lens)[:-1]])
+    ctx, n_docs = seqs.tokens.shape[1], len(seqs.doc_names)
+    step = np.diff(flat[:, 0])
+    step[first[1:] - 1] = 1  # a new sequence may restart its offsets
+    bad = (lens == 0).any() or (flat[first[lens > 0], 0] != 0).any() \
+        or (flat[first[lens > 0], 1] != seqs.doc_index[lens > 0]).any() \
+        or (step <= 0).any() or flat[:, 0].max() >= ctx or flat[:, 1].min() < 0 \
+        or (n_docs and flat[:, 1].max() >= n_docs)
+    if bad:
+        raise ValueError(
+            "sequences.doc_starts must give each sequence (offset, doc_index) rows starting at "
+            f"(0, its doc_index), offsets increasing below {ctx}, documents below {n_docs}")
 
 
 def _jsonable(value: Any) -> Any:
@@ -261,7 +290,7 @@ def _chunks(rows: Iterator[tuple]) -> Iterator[list[tuple]]:
         yield chunk
 
 
-SEQUENCE_COLUMNS = ["run_id", "seq_index", "doc_index", "tokens"]
+SEQUENCE_COLUMNS = ["run_id", "seq_index", "doc_index", "tokens", "doc_starts"]
 
 
 def _sequence_rows(run_id: int, seqs: SequenceArrays) -> Iterator[tuple]:
@@ -269,7 +298,8 @@ def _sequence_rows(run_id: int, seqs: SequenceArrays) -> Iterator[tuple]:
     for i, (seq_index, doc_index) in enumerate(
         zip(seqs.seq_index.tolist(), seqs.doc_index.tolist(), strict=True)
     ):
-        yield (run_id, seq_index, doc_index, tokens[i].tobytes())
+        yield (run_id, seq_index, doc_index, tokens[i].tobytes(),
+               codec.doc_starts_blob(seqs.starts_of(i)))
 
 
 FEATURE_BLOBS = {

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import math
 import re
+from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
 from urllib.parse import quote, urlencode
@@ -169,19 +170,33 @@ def span_table(vocab: list[str]) -> SpanTable:
     return table
 
 
+# Where a run crosses into another document: (token position, what to say there).
+Breaks = Sequence[tuple[int, str]]
+
+
 def token_run_html(
     tokens: list[str], values: list[float] | np.ndarray, *, max_value: float, max_pos: int,
-    centred: bool = True,
+    centred: bool = True, breaks: Breaks = (),
 ) -> Markup:
     """The token spans of one window, shaded by value / max_value, the max token marked."""
     table = SpanTable(list(tokens))
     return token_runs_html([(list(range(len(tokens))), values, max_pos)], table=table,
-                           max_value=max_value, centred=centred)[0]
+                           max_value=max_value, centred=centred, breaks=[breaks])[0]
+
+
+def _doc_break(span: str, text: str) -> str:
+    """A token span that opens a document, after a divider: the divider is named by `text`
+    (title for the mouse, aria-label for screen readers), and so is the token (data-doc, which
+    its tooltip shows when the arrow keys reach it)."""
+    said = str(escape(text))
+    end = span.index(">")  # of the opening tag: its attribute values are escaped, so no ">"
+    return ('<span class="doc-break" role="separator" title="' + said + '" aria-label="' + said
+            + '"></span>' + span[:end] + ' data-doc="' + said + '"' + span[end:])
 
 
 def token_runs_html(
     runs: list[tuple[list[int], list[float] | np.ndarray, int]], *, table: SpanTable,
-    max_value: float, centred: bool = True,
+    max_value: float, centred: bool = True, breaks: Sequence[Breaks] | None = None,
 ) -> list[Markup]:
     """Token spans of several windows (token ids, values, max position) on one shading scale.
 
@@ -190,7 +205,8 @@ def token_runs_html(
     are stored) and all windows go through numpy together: shading steps come from one
     expression and tooltip text from a table indexed by the float16 bits; the token parts come
     from `table` by id. Every token string goes through markupsafe.escape in _token_parts, so a
-    token is always text, never markup.
+    token is always text, never markup. `breaks[n]` marks where run n crosses into another
+    document (a divider before the token at each position > 0; its text is escaped too).
     """
     for ids, values, _ in runs:
         if len(ids) != len(values):
@@ -206,7 +222,7 @@ def token_runs_html(
     texts, shades = _f16_texts(), _SHADES
     out = []
     at = 0
-    for ids, _, max_pos in runs:
+    for n, (ids, _, max_pos) in enumerate(runs):
         table.spans_for(ids)
         inactive, tail = table.inactive, table.tail
         end = at + len(ids)
@@ -225,6 +241,9 @@ def token_runs_html(
                                   + '" data-v="' + texts[codes[max_pos]] + tail[i])
             else:
                 spans[max_pos] = '<span class="t max' + inactive[i][len('<span class="t'):]
+        for pos, text in breaks[n] if breaks else ():
+            if 0 < pos < len(spans):
+                spans[pos] = _doc_break(spans[pos], text)
         if not centred or not spans:
             out.append(Markup("".join(spans)))
             continue

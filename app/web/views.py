@@ -9,7 +9,14 @@ from markupsafe import Markup, escape
 
 from app.api.public_paths import public_path
 from app.records import CE_ABLATION_GAP_MIN_NATS, ce_loss_figures
-from app.store.read_models import FeatureDetail, FeaturePage, ModelInfo, SAEInfo, WindowInfo
+from app.store.read_models import (
+    FeatureDetail,
+    FeaturePage,
+    ModelInfo,
+    SAEInfo,
+    WindowDocument,
+    WindowInfo,
+)
 from app.web.templating import (
     fmt_num,
     shade_class,
@@ -38,8 +45,20 @@ COLUMNS = (
 SORTABLE = ("index", "frac_nonzero", "max_act", "mean_act")
 
 
+def _doc_label(doc: WindowDocument) -> str:
+    return doc.name if doc.name is not None else f"document {doc.doc_index}"
+
+
+def document_breaks(w: WindowInfo) -> list[tuple[int, str]]:
+    """Where a window crosses into another document (at the BOS that opens it), and what its
+    divider says: the documents on either side."""
+    return [(d.offset, f"document boundary: {_doc_label(before)} ends, {_doc_label(d)} starts")
+            for before, d in zip(w.documents, w.documents[1:], strict=False) if d.offset > 0]
+
+
 def windows_html(windows: list[WindowInfo], *, vocab: list[str], max_act: float) -> list[Markup]:
-    """Each window as the page shows it: max value, shaded tokens, document name.
+    """Each window as the page shows it: max value, shaded tokens (a divider where the window
+    crosses into another document), the documents' names.
 
     Assembled in Python rather than by a Jinja loop (over a page's dozens of windows, the loop's
     attribute lookups and filters cost more than the strings), all of a page's windows in one
@@ -47,21 +66,26 @@ def windows_html(windows: list[WindowInfo], *, vocab: list[str], max_act: float)
     """
     table = span_table(vocab)
     runs: list[Markup | None] = [None] * len(windows)
-    batch, where = [], []
+    batch, where, batch_breaks = [], [], []
     for n, w in enumerate(windows):
         values = w.values if w.values_f16 is None else w.values_f16
         max_pos = min(max(int(w.max_pos), 0), max(len(w.tokens) - 1, 0))
+        breaks = document_breaks(w)
         if table.covers(w.token_ids):
             batch.append((w.token_ids, values, max_pos))
+            batch_breaks.append(breaks)
             where.append(n)
         else:  # ids the stored vocabulary lacks: shown by their "<id>" strings
-            runs[n] = token_run_html(w.tokens, values, max_value=max_act, max_pos=max_pos)
-    for n, html in zip(where, token_runs_html(batch, table=table, max_value=max_act),
-                       strict=True):
+            runs[n] = token_run_html(w.tokens, values, max_value=max_act, max_pos=max_pos,
+                                     breaks=breaks)
+    for n, html in zip(where, token_runs_html(batch, table=table, max_value=max_act,
+                                              breaks=batch_breaks), strict=True):
         runs[n] = html
     out = []
     for w, tokens in zip(windows, runs, strict=True):
-        doc = f'<span class="win-doc">{escape(w.doc_name)}</span>' if w.doc_name else ""
+        names = [_doc_label(d) for d in w.documents] if w.documents else (
+            [w.doc_name] if w.doc_name else [])
+        doc = (f'<span class="win-doc">{escape(" → ".join(names))}</span>' if names else "")
         out.append(Markup(
             '<div class="win centred" tabindex="0" data-win><span class="win-max" '
             f'title="max activation in this window">{escape(fmt_num(w.max_value))}</span>'

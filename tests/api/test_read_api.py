@@ -91,6 +91,36 @@ def test_feature_json_uses_neuronpedia_keys(client, records):
     assert neighbours.get(6, "commas") == "commas"  # a labeled neighbour shows its label
 
 
+def test_feature_json_says_which_documents_each_window_shows(client, records):
+    """Packed sequences: each window lists the documents it shows with the token offset where
+    each later one starts (its BOS), as the sequence's packing says; the schema documents it."""
+    seqs = records.sequences
+    ctx = seqs.tokens.shape[1]
+    row_of = {int(s): i for i, s in enumerate(seqs.seq_index)}
+    crossing = 0
+    for index in range(2, 32):
+        body = client.get(f"/api/v1/saes/{SAE_ID}/features/{index}").json()
+        for a in body["activations"]:
+            of_pos = np.zeros(ctx, np.int64)
+            for offset, doc in seqs.starts_of(row_of[a["seq_index"]]).tolist():
+                of_pos[offset:] = doc
+            shown = of_pos[a["start"]:a["start"] + len(a["tokens"])]
+            want = [{"offset": 0, "doc_index": int(shown[0])}] + [
+                {"offset": p, "doc_index": int(shown[p])} for p in range(1, len(shown))
+                if shown[p] != shown[p - 1]]
+            assert [{k: d[k] for k in ("offset", "doc_index")} for d in a["documents"]] == want
+            assert [d["name"] for d in a["documents"]] == [
+                seqs.doc_names[d["doc_index"]] for d in want]
+            assert a["doc_name"] == a["documents"][0]["name"]
+            assert all(a["tokens"][d["offset"]] == "tok1" for d in want[1:])  # the BOS
+            crossing += len(want) > 1
+    assert crossing > 0
+    schema = client.get("/openapi.json").json()["components"]["schemas"]
+    assert schema["ActivationOut"]["properties"]["documents"]["items"] == {
+        "$ref": "#/components/schemas/WindowDocumentOut"}
+    assert "BOS" in schema["WindowDocumentOut"]["properties"]["offset"]["description"]
+
+
 def _assert_exact_shape(model: type[BaseModel], value: object, where: str) -> None:
     """`value` has exactly the keys of `model`, recursively (the JSON is built from dicts)."""
     assert isinstance(value, dict), where

@@ -121,6 +121,60 @@ def test_keyboard_reads_each_tokens_activation(page, server, shot) -> None:
     assert page.locator(".t[tabindex]").count() <= 3
 
 
+def _window_crossing_documents(server) -> tuple[int, int, dict]:  # noqa: ANN001
+    """(feature, rank, top window) of the first top window that crosses a document boundary
+    (the build packs the corpus's files into shared sequences)."""
+    d_sae = server.get_json(f"/api/v1/saes/{SAE_ID}")["d_sae"]
+    for index in range(d_sae):
+        data = server.get_json(f"/api/v1/saes/{SAE_ID}/features/{index}")
+        top = [a for a in data["activations"] if a["kind"] == "top"]
+        for n, act in enumerate(top):
+            if len(act["documents"]) > 1:
+                return index, n, act
+    raise AssertionError("no top window of the build crosses a document boundary")
+
+
+def test_document_boundary_is_shown_and_announced(page, server, axe_script, shot) -> None:
+    """A window that crosses into another document shows a divider at the BOS that opens it,
+    named for mouse (title), screen reader (separator's label) and keyboard (the BOS token's
+    tooltip); the page stays free of serious axe violations."""
+    index, n, act = _window_crossing_documents(server)
+    first, second = act["documents"][:2]
+    said = f"document boundary: {first['name']} ends, {second['name']} starts"
+    page.add_init_script(path=axe_script)
+    page.goto(f"/{MODEL_ID}/{SAE_ID}/{index}")
+    window = page.locator("#top-windows [data-win]").nth(n)
+    window.locator(".win-max").click()  # expanded: the whole window in view
+    divider = window.locator(".doc-break").first
+    assert divider.is_visible()
+    box = divider.bounding_box()
+    assert box["width"] >= 1 and box["height"] >= 8  # drawn, not an empty span
+    assert divider.get_attribute("role") == "separator"
+    assert divider.get_attribute("aria-label") == divider.get_attribute("title") == said
+    # It sits right before the window's token at the JSON's offset: the BOS.
+    tokens = window.locator(".t")
+    bos_index = window.locator(".doc-break + .t").first.evaluate(
+        "(t, all) => all.indexOf(t)", tokens.element_handles())
+    assert bos_index == second["offset"]
+    assert tokens.nth(bos_index).inner_text() == act["tokens"][second["offset"]]
+    assert window.locator(".win-doc").inner_text().startswith(first["name"])
+    shot("feature-document-boundary")
+
+    # Keyboard: arrows reach the BOS, whose tooltip names the documents.
+    window.focus()
+    page.keyboard.press("Home")
+    for _ in range(second["offset"]):
+        page.keyboard.press("ArrowRight")
+    focused = page.evaluate(FOCUSED)
+    assert focused["text"] == act["tokens"][second["offset"]]
+    tooltip = page.locator("#tooltip")
+    assert tooltip.is_visible() and said in tooltip.inner_text()
+
+    violations = page.evaluate(RUN_AXE, WCAG_21_AA)
+    serious = [v for v in violations if v["impact"] in ("serious", "critical")]
+    assert serious == [], serious
+
+
 def test_text_search_rows_and_tokens_by_keyboard(page, server) -> None:
     page.goto(f"/{MODEL_ID}/{SAE_ID}/search?text=the+quick+brown+fox+jumps")
     page.wait_for_selector("#text-features tbody tr[tabindex]")

@@ -294,6 +294,10 @@ def test_hostile_tokens_and_labels_render_as_text(page, server, shot) -> None:
     assert XSS in page.locator("#tooltip").inner_text()
     assert page.locator(".logit-table.pos .chip").first.inner_text() == XSS
     assert page.title().startswith("#2")
+    # Document names, in the dividers where a window crosses into the next document.
+    said = page.locator(".doc-break").evaluate_all(
+        "ds => ds.map(d => d.getAttribute('aria-label') + d.title)")
+    assert said and all(s.count(XSS) == 4 for s in said)
     shot("feature-xss")
     _assert_no_injected_markup(page)
 

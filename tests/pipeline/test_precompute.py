@@ -148,6 +148,71 @@ def test_top_windows_and_stats_equal_brute_force(setup, computed):
         assert np.array_equal(feats.band_count[f], np.bincount(band, minlength=opts.n_bands))
 
 
+def _contains(haystack: list[int], needle: list[int]) -> bool:
+    n = len(needle)
+    return any(haystack[i:i + n] == needle for i in range(len(haystack) - n + 1))
+
+
+def test_packed_build_records_every_document_of_each_sequence(setup, computed, tmp_path):
+    """Each stored sequence lists every document it holds at the offsets the packing put them:
+    checked against the documents' own tokens, then through the store to the windows."""
+    root, lm, _, opts = setup
+    from app.store.db import make_engine, read_session, upgrade
+    from app.store.queries import get_feature
+    from app.store.writer import write_run
+
+    seqs = computed.sequences
+    bos = lm.bos_token_id
+    names = seqs.doc_names
+    text_ids = {name: lm.tokenizer((Path(opts.corpus) / name).read_text(),
+                                   add_special_tokens=False)["input_ids"] for name in names}
+    n_packed = 0
+    for row in range(len(seqs.seq_index)):
+        starts = seqs.doc_starts[row].tolist()
+        tokens = seqs.tokens[row].tolist()
+        assert starts[0] == [0, seqs.doc_index[row]] and tokens[0] == bos
+        bounds = [offset for offset, _ in starts] + [CTX]
+        for k, (offset, doc) in enumerate(starts):
+            # A document opens at its BOS; the text up to the next start is its own, in order:
+            # from its first token when it starts here, else a stretch of its middle.
+            assert tokens[offset] == bos
+            text = tokens[offset + 1:bounds[k + 1]]
+            assert bos not in text
+            whole = text_ids[names[doc]]
+            if k > 0:
+                assert text == whole[:len(text)]
+            else:
+                assert _contains(whole, text)
+            if k > 0:
+                assert doc == starts[k - 1][1] + 1  # documents follow in corpus order
+        n_packed += len(starts) > 1
+    assert n_packed > 0  # the corpus's short documents share sequences
+
+    # The store keeps them, and each window names the documents it shows.
+    url = f"sqlite:///{tmp_path / 'packed.db'}"
+    upgrade(url)
+    engine = make_engine(url)
+    crossing = 0
+    try:
+        write_run(engine_or_session=engine, **computed.as_kwargs())
+        row_of = {int(s): i for i, s in enumerate(seqs.seq_index)}
+        with read_session(engine) as session:
+            for f in range(0, D_SAE, 7):
+                for w in get_feature(session=session, sae_id=computed.sae.sae_id,
+                                     index=f).windows:
+                    starts = seqs.doc_starts[row_of[w.seq_index]].tolist()
+                    in_force = [d for o, d in starts if o <= w.start][-1]
+                    inside = [(o - w.start, d) for o, d in starts
+                              if w.start < o < w.start + len(w.token_ids)]
+                    assert [(d.offset, d.doc_index, d.name) for d in w.documents] == [
+                        (o, d, names[d]) for o, d in [(0, in_force), *inside]]
+                    assert all(w.token_ids[o] == bos for o, _ in inside)
+                    crossing += bool(inside)
+    finally:
+        engine.dispose()
+    assert crossing > 0
+
+
 def test_static_features_equal_a_dense_computation(setup, computed):
     _, lm, sae, opts = setup
     w_u, scale = lm.unembedding()

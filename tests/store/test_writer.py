@@ -29,6 +29,8 @@ def test_round_trip_matches_records(engine):
     f = rec.features
     w = rec.windows
     seq_row = {int(s): i for i, s in enumerate(rec.sequences.seq_index)}
+    ctx = rec.sequences.tokens.shape[1]
+    crossing = 0
     with Session(engine) as session:
         assert session.get(SAE, rec.sae.sae_id).active_run_id == run_id
         assert queries.get_model_vocab(session=session, model_id="tiny-llama") == vocab
@@ -65,8 +67,51 @@ def test_round_trip_matches_records(engine):
                 assert win.max_pos == w.max_pos[i]
                 assert win.values[win.max_pos] == pytest.approx(win.max_value, rel=1e-3)
                 assert win.kind == ("top" if w.kind[i] == WINDOW_KIND_TOP else "interval")
-                doc = rec.sequences.doc_index[row]
-                assert win.doc_name == rec.sequences.doc_names[doc]
+                # The documents it shows, from the packing (the document of each position).
+                of_pos = np.zeros(ctx, np.int64)
+                for offset, doc in rec.sequences.starts_of(row).tolist():
+                    of_pos[offset:] = doc
+                shown = of_pos[start:start + length]
+                want = [(0, int(shown[0]))] + [(p, int(shown[p])) for p in range(1, length)
+                                                if shown[p] != shown[p - 1]]
+                assert [(d.offset, d.doc_index) for d in win.documents] == want
+                names = rec.sequences.doc_names
+                assert [d.name for d in win.documents] == [names[d] for _, d in want]
+                assert win.doc_name == names[want[0][1]]
+                # A later document starts at the BOS that opens it.
+                assert all(win.token_ids[p] == 1 for p, _ in want[1:])
+                crossing += len(want) > 1
+    assert crossing > 0  # some windows cross a document boundary
+
+
+def test_sequences_store_every_document_they_hold(engine):
+    """Each packed sequence's (offset, doc_index) starts come back as written; a record without
+    them stores one document per sequence; starts that contradict the sequence are refused."""
+    rec = synthetic_run(d_sae=8, n_dead=1, seed=5)
+    seqs = rec.sequences
+    assert any(len(s) > 2 for s in seqs.doc_starts)  # some hold three documents
+    run_id = write_run(engine_or_session=engine, **rec.as_kwargs())
+    with Session(engine) as session:
+        stored = {r.seq_index: r for r in session.scalars(
+            select(Sequence).where(Sequence.run_id == run_id))}
+    assert len(stored) == len(seqs.seq_index)
+    for row, seq in enumerate(seqs.seq_index.tolist()):
+        got = np.frombuffer(stored[seq].doc_starts, "<i4").reshape(-1, 2)
+        assert got.tolist() == seqs.doc_starts[row].tolist()
+        assert stored[seq].doc_index == got[0, 1] == seqs.doc_index[row]
+
+    plain = synthetic_run(d_sae=8, n_dead=1, seed=5, sae_id="plain")
+    plain.sequences.doc_starts = None
+    run_id = write_run(engine_or_session=engine, **plain.as_kwargs())
+    with Session(engine) as session:
+        rows = session.scalars(select(Sequence).where(Sequence.run_id == run_id)).all()
+    assert all(np.frombuffer(r.doc_starts, "<i4").tolist() == [0, r.doc_index] for r in rows)
+
+    bad = synthetic_run(d_sae=8, n_dead=1, seed=5, sae_id="bad")
+    row = next(i for i, s in enumerate(bad.sequences.doc_starts) if len(s) > 1)
+    bad.sequences.doc_starts[row] = bad.sequences.doc_starts[row][::-1].copy()  # not from 0
+    with pytest.raises(ValueError, match="doc_starts"):
+        write_run(engine_or_session=engine, **bad.as_kwargs())
 
 
 def test_bands_show_the_edges_the_samples_were_drawn_with(engine):

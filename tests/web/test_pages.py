@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient
 
 from app.main import create_app
 from app.settings import Settings
-from app.store.read_models import WindowInfo
+from app.store.read_models import WindowDocument, WindowInfo
 from app.web.templating import PLOTLY_VERSION, token_run_html
 from app.web.views import windows_html
 from tests.factories import SyntheticRun, synthetic_database, synthetic_run
@@ -37,6 +37,7 @@ def records(tmp_path) -> tuple[str, SyntheticRun]:
     rec = synthetic_run(d_sae=32, n_dead=2, seed=3, token_strings=vocab)
     rec.sequences.tokens[:, 2::4] = 5  # the hostile token in every window
     rec.features.logit_pos_ids[:, 0] = 5
+    rec.sequences.doc_names[:] = [f"{XSS}{i}" for i in range(len(rec.sequences.doc_names))]
     synthetic_database(db_url, rec, labels=[
         {"sae_id": SAE_ID, "index": 4, "description": XSS, "tags": ["html"]},
     ])
@@ -87,6 +88,28 @@ def test_feature_page_matches_its_json_twin(client, records) -> None:
     assert f'href="/{MODEL_ID}/{SAE_ID}/{index - 1}"' in text
     assert f'href="/{MODEL_ID}/{SAE_ID}/{index + 1}"' in text
     assert rec.sae.d_sae == data["d_sae"]
+
+
+def test_feature_page_marks_each_document_boundary_its_json_lists(client) -> None:
+    """A window crossing into another document shows a divider before the BOS that opens it,
+    named (title, aria-label) by both documents; every name escaped."""
+    dividers = re.compile(r'<span class="doc-break" role="separator" title="([^"]*)" '
+                          r'aria-label="([^"]*)"></span><span class="t[^"]*"[^>]*'
+                          r' data-doc="([^"]*)">')
+    crossings = 0
+    for index in range(2, 32):
+        data = client.get(f"/api/v1/saes/{SAE_ID}/features/{index}").json()
+        text = client.get(f"/{MODEL_ID}/{SAE_ID}/{index}", headers=HTML).text
+        _no_raw_payload(text)
+        want = [f"document boundary: {before['name']} ends, {d['name']} starts"
+                for a in data["activations"]
+                for before, d in zip(a["documents"], a["documents"][1:], strict=False)]
+        found = dividers.findall(text)
+        assert text.count('class="doc-break"') == len(found) == len(want)
+        assert sorted(html.unescape(title) for title, _, _ in found) == sorted(want)
+        assert all(title == label == said for title, label, said in found)
+        crossings += len(want)
+    assert crossings > 0
 
 
 def test_first_and_last_feature_have_one_neighbour_link(client) -> None:
@@ -214,3 +237,30 @@ def test_windows_html_by_id_matches_the_string_renderer_and_handles_unknown_ids(
     assert "&lt;99&gt;" in str(second) and ">b<" in str(second)
     # The same page rendered twice reads the filled table: identical output.
     assert windows_html([known, unknown], vocab=vocab, max_act=4.0) == [first, second]
+
+
+def test_windows_html_puts_a_named_divider_before_the_bos_of_the_next_document() -> None:
+    vocab = ["<bos>", "a", "b"]
+    values = np.array([0.0, 2.0, 0.0, 1.0, 0.5], np.float16)
+    docs = (WindowDocument(0, 3, "first.txt"), WindowDocument(2, 4, XSS),
+            WindowDocument(4, 5, None))
+    crossing = WindowInfo("top", -1, 0, [1, 2, 0, 1, 0], [vocab[i] for i in (1, 2, 0, 1, 0)],
+                          values.astype(np.float32).tolist(), 2.0, 1, 7, 3, "first.txt", values,
+                          docs)
+    inside = WindowInfo("top", -1, 1, [1, 2], ["a", "b"], [2.0, 0.0], 2.0, 0, 7, 0,
+                        "first.txt", np.array([2.0, 0.0], np.float16), docs[:1])
+    out, plain = (str(h) for h in windows_html([crossing, inside], vocab=vocab, max_act=4.0))
+    _no_raw_payload(out)
+    assert "doc-break" not in plain
+    # Centred on the max (token 1): both boundaries fall after it.
+    post = out[out.index('class="post"'):]
+    assert post.count('class="doc-break"') == out.count('class="doc-break"') == 2
+    said = [html.unescape(t) for t in re.findall(r'aria-label="([^"]*)"', out)]
+    assert said == [f"document boundary: first.txt ends, {XSS} starts",
+                    f"document boundary: {XSS} ends, document 5 starts"]
+    # Each divider sits right before the BOS that opens the document, which names it too.
+    for bos in re.findall(r'role="separator"[^>]*></span>(<span class="t[^>]*>[^<]*</span>)',
+                          out):
+        assert "&lt;bos&gt;" in bos and "data-doc=" in bos
+    assert html.unescape(re.search(r'class="win-doc">([^<]*)<', out)[1]) == \
+        f"first.txt → {XSS} → document 5"

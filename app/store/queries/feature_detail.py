@@ -14,7 +14,14 @@ from app.store import codec
 from app.store.labels.reads import labels_of, pick_shown
 from app.store.queries.models import get_model_vocab, token_string
 from app.store.queries.runs import live_run
-from app.store.read_models import Band, FeatureDetail, SAEBrief, TokenValue, WindowInfo
+from app.store.read_models import (
+    Band,
+    FeatureDetail,
+    SAEBrief,
+    TokenValue,
+    WindowDocument,
+    WindowInfo,
+)
 from app.store.tables import SAE, Feature, Model, Run, Sequence, Window
 
 # Statements built once: the feature read is the explorer's hottest, and building and coercing
@@ -39,12 +46,26 @@ _FEATURE_ROW = select(_feature_t).where(
 _WINDOWS = (
     select(_window_t.c.kind, _window_t.c.band, _window_t.c.rank, _window_t.c.seq_index,
            _window_t.c.start, _window_t.c.length, _window_t.c.max_value, _window_t.c.max_pos,
-           _window_t.c["values"], _seq_t.c.doc_index, _seq_t.c.tokens)
+           _window_t.c["values"], _seq_t.c.doc_index, _seq_t.c.tokens, _seq_t.c.doc_starts)
     .select_from(_window_t.join(_seq_t, and_(_seq_t.c.run_id == _window_t.c.run_id,
                                              _seq_t.c.seq_index == _window_t.c.seq_index)))
     .where(_window_t.c.run_id == bindparam("run_id"), _window_t.c.feature == bindparam("index"))
     .order_by(_window_t.c.kind, _window_t.c.band.desc(), _window_t.c.rank)
 )
+
+
+def window_documents(starts: list[tuple[int, int]], *, start: int, length: int
+                     ) -> list[tuple[int, int]]:
+    """(offset in the window, doc_index) of each document a window [start, start + length) of a
+    sequence shows, from the sequence's (offset, doc_index) starts: the one in force at its
+    first token at 0, then each that starts (at its BOS) inside it."""
+    shown = [(0, starts[0][1])]
+    for offset, doc in starts[1:]:
+        if offset <= start:
+            shown[0] = (0, doc)
+        elif offset < start + length:
+            shown.append((offset - start, doc))
+    return shown
 
 
 def get_feature(*, session: Session, sae_id: str, index: int) -> FeatureDetail:
@@ -78,9 +99,10 @@ def get_feature(*, session: Session, sae_id: str, index: int) -> FeatureDetail:
     doc_names = run.doc_names
     n_docs = len(doc_names)
     window_infos = []
+    seq_starts: dict[int, list[tuple[int, int]]] = {}  # windows often share a sequence
     rows = conn.execute(_WINDOWS, {"run_id": run.id, "index": index}).all()
     for (kind, band, rank, seq_index, start, length, max_value, max_pos, values_blob, doc_index,
-         tokens_blob) in rows:
+         tokens_blob, starts_blob) in rows:
         ids = np.frombuffer(tokens_blob, dtype=codec.INT32, count=length, offset=4 * start).tolist()
         f16 = np.frombuffer(values_blob, dtype=codec.FLOAT16)
         wide = f16.astype(np.float32).tolist()
@@ -88,10 +110,15 @@ def get_feature(*, session: Session, sae_id: str, index: int) -> FeatureDetail:
         # values[max_pos]; the float32 column keeps the finer figure for ordering.
         if 0 <= max_pos < len(wide) and math.isfinite(wide[max_pos]):
             max_value = wide[max_pos]
+        starts = seq_starts.get(seq_index)
+        if starts is None:
+            starts = seq_starts[seq_index] = codec.doc_starts_of(starts_blob, doc_index)
+        documents = tuple(
+            WindowDocument(offset, doc, doc_names[doc] if 0 <= doc < n_docs else None)
+            for offset, doc in window_documents(starts, start=start, length=length))
         window_infos.append(WindowInfo(
             "top" if kind == WINDOW_KIND_TOP else "interval", band, rank, ids, strings(ids),
-            wide, max_value, max_pos, seq_index, start,
-            doc_names[doc_index] if 0 <= doc_index < n_docs else None, f16,
+            wide, max_value, max_pos, seq_index, start, documents[0].name, f16, documents,
         ))
 
     share = codec.from_blob(feat.band_share, codec.FLOAT32).tolist()

@@ -14,6 +14,13 @@ function showTooltip(target, x, y) {
   const label = document.createElement("span");
   label.textContent = tok + "  ";
   tooltip.replaceChildren(label, val);
+  // A BOS that opens another document in a packed window says which (data-doc).
+  if (target.dataset.doc) {
+    const doc = document.createElement("span");
+    doc.className = "tt-doc";
+    doc.textContent = target.dataset.doc;
+    tooltip.append(doc);
+  }
   tooltip.hidden = false;
   const pad = 12;
   const rect = tooltip.getBoundingClientRect();
