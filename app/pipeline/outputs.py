@@ -28,16 +28,18 @@ def _reason(exc: OSError) -> str:
 
 def check_writable_dir(path: Path, *, what: str, hint: str = "") -> None:
     """ConfigError unless files can be created in ``path`` (or in the folders that would be made
-    for it)."""
+    for it): a temporary file is made and removed at once in its nearest existing folder.
+    ``what`` names the output in the message (e.g. "the SAE to out/x"), ``hint`` what to do
+    instead. The one writability check of every long job (build, train-sae)."""
     path = Path(path).expanduser()
     base = _nearest_existing(path)
     suffix = f"; {hint}" if hint else ""
     if not base.is_dir():
-        raise ConfigError(f"cannot write {what} {path}: {base} is not a folder{suffix}")
+        raise ConfigError(f"cannot write {what}: {base} is not a folder{suffix}")
     try:
         fd, probe = tempfile.mkstemp(prefix=".saescope-probe-", dir=base)
     except OSError as exc:
-        raise ConfigError(f"cannot write {what} {path}: {base} is not writable "
+        raise ConfigError(f"cannot write {what}: {base} is not writable "
                           f"({_reason(exc)}){suffix}") from None
     os.close(fd)
     os.unlink(probe)
@@ -76,7 +78,7 @@ def check_database(db_url: str) -> None:
             if head and head != _SQLITE_HEADER:
                 raise ConfigError(f"{path} is not a SQLite database; {hint}")
         # SQLite writes its journal beside the file, so the folder must take new files too.
-        check_writable_dir(path.parent, what=f"the database {shown} in", hint=hint)
+        check_writable_dir(path.parent, what=f"the database {shown}", hint=hint)
         return
     engine = make_engine(db_url)
     try:

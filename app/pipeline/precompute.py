@@ -156,7 +156,7 @@ def compute_records(opts: BuildOptions, *, log: Log = print, lm: LanguageModel |
     from app.pipeline.outputs import check_corpus, check_writable_dir
 
     check_options(opts)
-    check_writable_dir(Path(opts.cache_dir), what="the data folder's cache",
+    check_writable_dir(Path(opts.cache_dir), what=f"the data folder's cache {opts.cache_dir}",
                        hint="set SAESCOPE_HOME to a writable folder")
     check_corpus(str(opts.corpus), text_field=opts.text_field)
     timings: dict[str, float] = {}

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -26,7 +25,7 @@ from app.errors import ConfigError
 from app.pipeline.activations import cache_key, cache_key_parts, get_activations
 from app.pipeline.corpus import CorpusTooSmall, load_corpus
 from app.pipeline.interrupts import DeferredInterrupt
-from app.pipeline.outputs import check_corpus
+from app.pipeline.outputs import check_corpus, check_writable_dir
 
 if TYPE_CHECKING:
     from app.engine.lm import LanguageModel
@@ -102,14 +101,14 @@ def train_sae(
                   context_size=context_size)
     cfg = TrainConfig(d_sae=d_sae, k=k, epochs=epochs, seed=seed, **(train_overrides or {}))
     # Every output is checked before the model loads: a run must not fail at its last write.
-    check_writable(cache_dir, what=f"the cache folder {cache_dir}",
-                   fix="set SAESCOPE_HOME to a writable folder")
+    check_writable_dir(cache_dir, what=f"the cache folder {cache_dir}",
+                       hint="set SAESCOPE_HOME to a writable folder")
     if out is not None:
         check_destination(Path(out))
     else:
         assert saes_dir is not None
-        check_writable(saes_dir, what=f"the SAE folder {saes_dir}",
-                       fix="pass --out or set SAESCOPE_SAES_DIR")
+        check_writable_dir(saes_dir, what=f"the SAE folder {saes_dir}",
+                           hint="pass --out or set SAESCOPE_SAES_DIR")
     check_corpus(corpus, text_field=text_field)  # a missing or empty corpus: before the model
     if lm is None:
         log(f"loading {model} ...")
@@ -216,24 +215,6 @@ def check_options(*, d_sae: int, k: int, epochs: int, tokens: int, eval_tokens: 
                               f"(got {value})")
 
 
-def check_writable(folder: Path, *, what: str, fix: str) -> None:
-    """Fail unless ``folder`` is a writable folder or can be created, leaving nothing behind:
-    a temporary folder is made and removed in its nearest existing ancestor. ``what`` names the
-    output in the message (e.g. "the SAE to out/x"), ``fix`` says what to do instead."""
-    folder = Path(folder)
-    ancestor = folder
-    while not ancestor.exists() and ancestor != ancestor.parent:
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise ConfigError(f"cannot write {what}: {ancestor} is not a folder; {fix}")
-    try:
-        probe = tempfile.mkdtemp(dir=ancestor, prefix=".saescope-write-check-")
-    except OSError as exc:
-        raise ConfigError(f"cannot write {what}: {ancestor} is not writable "
-                          f"({exc.strerror or exc}); {fix}") from None
-    os.rmdir(probe)
-
-
 def check_destination(out: Path) -> None:
     """Fail unless the SAE can be written to ``out``. An existing SAE folder there is replaced;
     any other non-empty folder is refused, since replacing it would delete its files."""
@@ -244,7 +225,8 @@ def check_destination(out: Path) -> None:
             raise ConfigError(f"--out {out} is a folder that holds no SAE ({SAELENS_CFG}) and "
                               "would be replaced; give a new or empty folder")
     # The SAE is written beside ``out`` and renamed into place, so its parent must be writable.
-    check_writable(out.parent, what=f"the SAE to {out}", fix="choose a writable folder with --out")
+    check_writable_dir(out.parent, what=f"the SAE to {out}",
+                       hint="choose a writable folder with --out")
 
 
 def _write_sae_folder(out: Path, *, sae: SAE, evals: dict[str, Any]) -> None:
