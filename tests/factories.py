@@ -4,13 +4,16 @@ The one place tests and bench/serve.py build a database without running the pipe
 (`from tests.factories import synthetic_run, synthetic_database`). The records are like the
 engine's tiny presets: real records with made-up numbers, built so that every invariant the
 pipeline guarantees holds (window maxima match their values, top windows sorted, etc.).
+`served_sae_database` is the database the model-call tests serve: tiny-llama and a random
+TopK SAE saved in a folder, registered with no run (torch is imported only there).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from sqlalchemy import Engine
@@ -28,7 +31,10 @@ from app.records import (
 )
 from app.store.db import make_engine, upgrade
 from app.store.labels import LabelEdit, create_label
-from app.store.writer import write_run
+from app.store.writer import register_sae, write_run
+
+if TYPE_CHECKING:
+    from app.engine.lm import LanguageModel
 
 
 @dataclass
@@ -220,3 +226,47 @@ def synthetic_database(
         write_records(engine, *runs, labels=labels)
     finally:
         engine.dispose()
+
+
+SERVED_SAE_ID = "2-res-topk-48"
+SERVED_HOOK = "blocks.2.hook_resid_post"
+
+
+def served_sae_database(home: Path, *, lm: LanguageModel | None = None, name: str = "engine.db"
+                        ) -> tuple[Path, str]:
+    """A database for the model-call tests (search, steering): tiny-llama and a random TopK SAE
+    (48 latents, k 6, seed 3) at SERVED_HOOK saved under `home`/sae and registered as
+    SERVED_SAE_ID, no precompute run. Returns (the SAE folder, the database URL)."""
+    from app.engine.sae import SAE, SAEConfig
+    from app.engine.tiny import build_tiny
+
+    lm = lm or build_tiny("tiny-llama")
+    d_sae = 48
+    cfg = SAEConfig(architecture="topk", d_in=lm.d_model, d_sae=d_sae, k=6,
+                    hook_name=SERVED_HOOK, model_name="tiny-llama")
+    folder = home / "sae"
+    SAE.from_config(cfg, seed=3).save(folder)
+    url = f"sqlite:///{home / name}"
+    upgrade(url)
+    engine = make_engine(url)
+    try:
+        register_sae(
+            engine_or_session=engine,
+            model=ModelRecord(model_id=lm.model_id, source=str(lm.source),
+                              architecture=lm.architecture, d_model=lm.d_model,
+                              n_layers=lm.n_layers, vocab_size=lm.vocab_size,
+                              token_strings=lm.token_strings(), bos_token_id=lm.bos_token_id),
+            sae=SAERecord(model_id=lm.model_id, sae_id=SERVED_SAE_ID, hook_name=SERVED_HOOK,
+                          architecture="topk", d_in=lm.d_model, d_sae=d_sae, path=str(folder)),
+        )
+    finally:
+        engine.dispose()
+    return folder, url
+
+
+def engine_ready(app: Any, *, timeout: float = 120) -> None:
+    """Wait until an app started with load_model has its model: the model loads on the model
+    thread ahead of any job, so a job submitted now runs after it (no polling)."""
+    app.state.model_worker.submit(lambda: None).result(timeout)
+    state = app.state.engine_state
+    assert state.status == "ready", state.message

@@ -2,23 +2,19 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from app.engine.sae import SAE, SAEConfig
+from app.engine.sae import SAE
 from app.engine.tiny import build_tiny
 from app.main import create_app
-from app.records import ModelRecord, SAERecord
 from app.settings import Settings
-from app.store.db import make_engine, upgrade
-from app.store.writer import register_sae
+from tests.factories import SERVED_HOOK, SERVED_SAE_ID, engine_ready, served_sae_database
 
-SAE_ID = "2-res-topk-48"
-HOOK = "blocks.2.hook_resid_post"
+SAE_ID = SERVED_SAE_ID
+HOOK = SERVED_HOOK
 TEXT = "def add(a, b):\n    return a + b  # sum"
 
 
@@ -29,31 +25,10 @@ def lm():
 
 @pytest.fixture
 def served(tmp_path, lm):
-    cfg = SAEConfig(architecture="topk", d_in=lm.d_model, d_sae=48, k=6, hook_name=HOOK,
-                    model_name="tiny-llama")
-    sae = SAE.from_config(cfg, seed=3)
-    folder = tmp_path / "sae"
-    sae.save(folder)
-    url = f"sqlite:///{tmp_path / 'engine.db'}"
-    upgrade(url)
-    engine = make_engine(url)
-    register_sae(
-        engine_or_session=engine,
-        model=ModelRecord(model_id=lm.model_id, source=str(lm.source),
-                          architecture=lm.architecture, d_model=lm.d_model,
-                          n_layers=lm.n_layers, vocab_size=lm.vocab_size,
-                          token_strings=lm.token_strings(), bos_token_id=lm.bos_token_id),
-        sae=SAERecord(model_id=lm.model_id, sae_id=SAE_ID, hook_name=HOOK, architecture="topk",
-                      d_in=lm.d_model, d_sae=48, path=str(folder)),
-    )
-    engine.dispose()
+    folder, url = served_sae_database(tmp_path, lm=lm)
     settings = Settings(home=tmp_path, database_url=url, load_model=True, max_text_tokens=64)
     with TestClient(create_app(settings)) as client:
-        state = client.app.state.engine_state
-        deadline = time.monotonic() + 120
-        while state.status == "loading" and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert state.status == "ready", state.message
+        engine_ready(client.app)
         yield client, SAE.load(folder)
 
 

@@ -16,16 +16,12 @@ from fastapi.testclient import TestClient
 
 from app.api.auth import Principal
 from app.api.deps import current_user
-from app.engine.sae import SAE, SAEConfig
-from app.engine.tiny import build_tiny
 from app.main import create_app
-from app.records import ModelRecord, SAERecord
 from app.settings import Settings
-from app.store.db import make_engine, upgrade
-from app.store.writer import register_sae
+from tests.factories import SERVED_HOOK, SERVED_SAE_ID, engine_ready, served_sae_database
 
-SAE_ID = "2-res-topk-48"
-HOOK = "blocks.2.hook_resid_post"
+SAE_ID = SERVED_SAE_ID
+HOOK = SERVED_HOOK
 PROMPT = "def add(a, b):"
 WAIT = 60  # seconds; only a broken server ever waits this long
 
@@ -33,24 +29,7 @@ WAIT = 60  # seconds; only a broken server ever waits this long
 @pytest.fixture(scope="module")
 def database(tmp_path_factory) -> tuple[Path, str]:
     home = tmp_path_factory.mktemp("steer")
-    lm = build_tiny("tiny-llama")
-    cfg = SAEConfig(architecture="topk", d_in=lm.d_model, d_sae=48, k=6, hook_name=HOOK,
-                    model_name="tiny-llama")
-    folder = home / "sae"
-    SAE.from_config(cfg, seed=3).save(folder)
-    url = f"sqlite:///{home / 'steer.db'}"
-    upgrade(url)
-    engine = make_engine(url)
-    register_sae(
-        engine_or_session=engine,
-        model=ModelRecord(model_id=lm.model_id, source=str(lm.source),
-                          architecture=lm.architecture, d_model=lm.d_model,
-                          n_layers=lm.n_layers, vocab_size=lm.vocab_size,
-                          token_strings=lm.token_strings(), bos_token_id=lm.bos_token_id),
-        sae=SAERecord(model_id=lm.model_id, sae_id=SAE_ID, hook_name=HOOK, architecture="topk",
-                      d_in=lm.d_model, d_sae=48, path=str(folder)),
-    )
-    engine.dispose()
+    _, url = served_sae_database(home, name="steer.db")
     return home, url
 
 
@@ -62,9 +41,7 @@ def make_app(database, **overrides):
 
 
 def wait_ready(app) -> None:
-    # The model loads on the model thread ahead of any job: a job submitted now runs after it.
-    app.state.model_worker.submit(lambda: None).result(WAIT)
-    assert app.state.engine_state.status == "ready", app.state.engine_state.message
+    engine_ready(app, timeout=WAIT)
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ from __future__ import annotations
 import glob
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -16,6 +15,7 @@ import pytest
 from sqlalchemy import Engine
 
 from app.store.db import make_engine, upgrade
+from tests.live_server import free_port
 
 _db_numbers = count()
 
@@ -26,12 +26,6 @@ def _pg_bin(name: str) -> str | None:
         return found
     candidates = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
     return candidates[-1] if candidates else None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -56,7 +50,7 @@ def pg_server() -> Iterator[str]:
         os.chown(workdir, pw.pw_uid, pw.pw_gid)
         prefix = [runuser, "-u", "postgres", "--"]
     data = os.path.join(workdir, "data")
-    port = _free_port()
+    port = free_port()
     subprocess.run([*prefix, initdb, "-D", data, "-U", "postgres", "--auth=trust", "-E", "UTF8",
                     "--no-sync"], check=True, capture_output=True)
     log = os.path.join(workdir, "log")
