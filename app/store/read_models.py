@@ -105,6 +105,24 @@ class RevisionInfo:
 
 
 @dataclass(frozen=True)
+class ScoreInfo:
+    """One score of one label version: detection or fuzzing balanced accuracy by one scorer, with
+    the random-explanation control measured on the same windows."""
+
+    label_id: int
+    label_version: int
+    method: str
+    scorer: str
+    score: float | None
+    control_score: float | None
+    n_windows: int
+    seed: int
+    run_id: int | None
+    created_at: datetime
+    details: dict[str, Any]
+
+
+@dataclass(frozen=True)
 class LabelHit:
     """A label search result; `score` is larger for better matches."""
 

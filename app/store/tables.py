@@ -7,7 +7,8 @@ once, clustered on the (run_id, ...) primary key, so bulk inserts and range dele
 write one b-tree instead of a rowid table plus its primary-key index.
 
 Human data (users, labels, label_tags, label_revisions, the labeling queue's leases and skips) is
-keyed by the SAE's id string and the feature index, never by a run, so it survives any rebuild.
+keyed by the SAE's id string and the feature index, never by a run, so it survives any rebuild;
+an automatic label's explanation record and its scores hang off the label (deleted with it).
 """
 
 from __future__ import annotations
@@ -326,6 +327,57 @@ class LabelRevision(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     before: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     after: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+
+
+SCORE_METHODS = ("detection", "fuzzing")
+
+
+class LabelExplanation(Base):
+    """What wrote an automatic label's current text: the explainer, its seed and the run it read.
+
+    One row per automatic label, replaced when the explainer writes the label again; the label's
+    version at that time says whether the text is still the explainer's (a rerun that finds the
+    same explainer, seed and version has nothing to redo).
+    """
+
+    __tablename__ = "label_explanations"
+
+    label_id: Mapped[int] = mapped_column(
+        ForeignKey("labels.id", ondelete="CASCADE"), primary_key=True
+    )
+    explainer: Mapped[str] = mapped_column(String(200))  # e.g. "pattern", "local", "openai"
+    seed: Mapped[int] = mapped_column(BigInteger)
+    run_id: Mapped[int | None] = mapped_column(Integer)  # plain int: labels outlive runs
+    label_version: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+class LabelScore(Base):
+    """How well one version of a label predicts its feature's activations, by one scorer.
+
+    `score` is a balanced accuracy (null when it could not be measured, `details` says why);
+    `control_score` is the same scorer's balanced accuracy for a random other explanation on the
+    same windows, so a reader sees what chance looks like for that scorer.
+    """
+
+    __tablename__ = "label_scores"
+    __table_args__ = (
+        UniqueConstraint("label_id", "label_version", "method", "scorer", "seed"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    label_id: Mapped[int] = mapped_column(ForeignKey("labels.id", ondelete="CASCADE"))
+    label_version: Mapped[int] = mapped_column(Integer)
+    method: Mapped[str] = mapped_column(String(16))  # SCORE_METHODS
+    scorer: Mapped[str] = mapped_column(String(200))
+    score: Mapped[float | None] = mapped_column(Float)
+    control_score: Mapped[float | None] = mapped_column(Float)
+    n_windows: Mapped[int] = mapped_column(Integer)
+    seed: Mapped[int] = mapped_column(BigInteger)
+    run_id: Mapped[int | None] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
 
 
 class LabelLease(Base):

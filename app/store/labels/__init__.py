@@ -1,7 +1,8 @@
 """Labels: several authors per feature, versioned writes with an append-only history, the shown
 label rule, full-text search, the labeling queue, import and export.
 
-Modules: edits (what a write carries, its checks), reads, writes, search, queue, transfer.
+Modules: edits (what a write carries, its checks), reads, writes, search, queue, transfer, scores
+(automatic drafts with their scores, scores of any label).
 """
 
 from app.store.labels.edits import (
@@ -28,6 +29,16 @@ from app.store.labels.reads import (
     shown_label_id,
     shown_labels,
 )
+from app.store.labels.scores import (
+    AUTOMATIC_PREFIX,
+    SavedExplanation,
+    ScoreRecord,
+    automatic_author,
+    explained_features,
+    save_explanation,
+    save_scores,
+    scores_of,
+)
 from app.store.labels.search import search_labels
 from app.store.labels.transfer import (
     FORMATS,
@@ -42,7 +53,9 @@ from app.store.labels.transfer import (
 from app.store.labels.writes import create_label, review_label, update_label, withdraw_label
 
 __all__ = [
-    "FORMATS", "MAX_DESCRIPTION", "MAX_NOTES", "MAX_TAGS", "QUEUE_ORDERS", "TAG_PATTERN",
+    "AUTOMATIC_PREFIX", "FORMATS", "SavedExplanation", "ScoreRecord", "automatic_author",
+    "explained_features", "save_explanation", "save_scores", "scores_of",
+    "MAX_DESCRIPTION", "MAX_NOTES", "MAX_TAGS", "QUEUE_ORDERS", "TAG_PATTERN",
     "LabelEdit", "QueueMode", "QueueOrder", "clean_edit", "count_labeled", "create_label",
     "export_records", "export_text", "feature_history", "feature_labels", "import_records",
     "label_by_id",

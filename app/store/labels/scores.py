@@ -1,0 +1,197 @@
+"""Automatic labels and label scores: an explainer's draft written with its scores in one
+transaction, scores of any label (a person's too), and which features an explainer has finished.
+
+An explainer writes as author `autointerp:<explainer>` (author_kind 'automatic', status draft), so
+it never touches a person's label, and automatic labels are not shown until a reviewer accepts
+one (labels/reads.py). A rerun rewrites its own draft as a new revision (or keeps the version
+when the text is unchanged); a draft a reviewer has already moved on (accepted, rejected, needs
+review) is left as it is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Engine, and_, delete, insert, select, update
+from sqlalchemy.orm import Session
+
+from app.errors import ConfigError, NotFoundError
+from app.store.db import write_session
+from app.store.labels.edits import MAX_DESCRIPTION, check_author
+from app.store.labels.reads import label_info
+from app.store.labels.writes import _add_revision, _stale, snapshot
+from app.store.read_models import LabelInfo, ScoreInfo
+from app.store.tables import SCORE_METHODS, Label, LabelExplanation, LabelScore, as_utc, utcnow
+
+AUTOMATIC_PREFIX = "autointerp:"
+_label_t = Label.__table__
+_score_t = LabelScore.__table__
+_expl_t = LabelExplanation.__table__
+
+
+def automatic_author(explainer: str) -> str:
+    """The author name of an explainer's drafts, e.g. 'autointerp:pattern'."""
+    return f"{AUTOMATIC_PREFIX}{explainer}"
+
+
+@dataclass(frozen=True)
+class ScoreRecord:
+    """A score to store: `score`/`control_score` are balanced accuracies (None: not measured)."""
+
+    method: str
+    scorer: str
+    score: float | None
+    control_score: float | None
+    n_windows: int
+    seed: int
+    run_id: int | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SavedExplanation:
+    """What save_explanation did: 'created', 'updated' (a new revision), 'unchanged' (same text,
+    same version: only the explanation record and scores were written) or 'kept' (the draft was
+    reviewed meanwhile; nothing written)."""
+
+    label: LabelInfo
+    action: str
+
+
+def _check_scores(scores: list[ScoreRecord]) -> None:
+    for s in scores:
+        if s.method not in SCORE_METHODS:
+            raise ConfigError(f"score method {s.method!r}: use one of {', '.join(SCORE_METHODS)}")
+
+
+def _write_scores(session: Session, *, label_id: int, version: int,
+                  scores: list[ScoreRecord]) -> None:
+    """Insert scores for one label version, replacing any with the same method, scorer, seed."""
+    now = utcnow()
+    for s in scores:
+        session.execute(delete(LabelScore).where(
+            LabelScore.label_id == label_id, LabelScore.label_version == version,
+            LabelScore.method == s.method, LabelScore.scorer == s.scorer,
+            LabelScore.seed == s.seed))
+        session.execute(insert(LabelScore).values(
+            label_id=label_id, label_version=version, method=s.method, scorer=s.scorer,
+            score=s.score, control_score=s.control_score, n_windows=s.n_windows, seed=s.seed,
+            run_id=s.run_id, created_at=now, details=s.details))
+
+
+def save_explanation(
+    engine: Engine, *, sae_id: str, index: int, explainer: str, description: str, seed: int,
+    run_id: int | None, scores: list[ScoreRecord], details: dict[str, Any] | None = None,
+) -> SavedExplanation:
+    """Write an explainer's draft of one feature and its scores, all or nothing."""
+    author = automatic_author(explainer)
+    check_author(author, "automatic")
+    if not description or len(description) > MAX_DESCRIPTION or "\x00" in description:
+        raise ConfigError(f"an explanation must be 1-{MAX_DESCRIPTION} characters without NUL")
+    _check_scores(scores)
+    now = utcnow()
+    with write_session(engine, durable=True) as session:
+        row = session.execute(select(_label_t).where(
+            _label_t.c.sae_id == sae_id, _label_t.c.feature_index == index,
+            _label_t.c.author_kind == "automatic", _label_t.c.author == author)).first()
+        if row is None:
+            row = session.execute(insert(Label).values(
+                sae_id=sae_id, feature_index=index, author=author, author_kind="automatic",
+                user_id=None, description=description, tags=[], status="draft",
+                confidence=None, notes="", version=1, reviewed_by=None, created_at=now,
+                updated_at=now).returning(_label_t)).one()
+            label, action = label_info(row), "created"
+            _add_revision(session, label=label, version=1, action="create", actor=author,
+                          before=None, after=snapshot(label))
+        elif row.status != "draft":
+            return SavedExplanation(label_info(row), "kept")
+        elif row.description == description:
+            label, action = label_info(row), "unchanged"
+        else:
+            before = label_info(row)
+            updated = session.execute(
+                update(Label).where(Label.id == row.id, Label.version == row.version)
+                .values(description=description, version=Label.version + 1, updated_at=now)
+                .returning(_label_t)).first()
+            if updated is None:
+                raise _stale(row.id, row.version, session)
+            label, action = label_info(updated), "updated"
+            _add_revision(session, label=label, version=label.version, action="edit",
+                          actor=author, before=snapshot(before), after=snapshot(label))
+        session.execute(delete(LabelExplanation).where(LabelExplanation.label_id == label.id))
+        session.execute(insert(LabelExplanation).values(
+            label_id=label.id, explainer=explainer, seed=seed, run_id=run_id,
+            label_version=label.version, created_at=now, details=details or {}))
+        _write_scores(session, label_id=label.id, version=label.version, scores=scores)
+    return SavedExplanation(label, action)
+
+
+def save_scores(engine: Engine, *, label_id: int, expected_version: int,
+                scores: list[ScoreRecord]) -> None:
+    """Store scores of any label (a person's too) for the version that was scored; a label
+    edited or withdrawn meanwhile is PreconditionFailedError (its new text was not scored)."""
+    _check_scores(scores)
+    with write_session(engine, durable=True) as session:
+        version = session.scalar(select(Label.version).where(Label.id == label_id))
+        if version is None:
+            raise NotFoundError(f"no label {label_id}")
+        if version != expected_version:
+            raise _stale(label_id, expected_version, session)
+        _write_scores(session, label_id=label_id, version=version, scores=scores)
+
+
+def score_info(row: Any) -> ScoreInfo:
+    return ScoreInfo(label_id=row.label_id, label_version=row.label_version, method=row.method,
+                     scorer=row.scorer, score=row.score, control_score=row.control_score,
+                     n_windows=row.n_windows, seed=row.seed, run_id=row.run_id,
+                     created_at=as_utc(row.created_at), details=row.details or {})
+
+
+def scores_of(*, session: Session, label_ids: list[int], current_only: bool = True
+              ) -> dict[int, list[ScoreInfo]]:
+    """Scores by label id, newest first; `current_only`: only those of each label's current
+    version (older ones scored a text the label no longer has)."""
+    if not label_ids:
+        return {}
+    stmt = select(_score_t).where(_score_t.c.label_id.in_(label_ids))
+    if current_only:
+        stmt = stmt.join(_label_t, and_(_label_t.c.id == _score_t.c.label_id,
+                                        _label_t.c.version == _score_t.c.label_version))
+    out: dict[int, list[ScoreInfo]] = {}
+    for row in session.execute(stmt.order_by(_score_t.c.id.desc())):
+        out.setdefault(row.label_id, []).append(score_info(row))
+    return out
+
+
+def explained_features(*, session: Session, sae_id: str, explainer: str, seed: int,
+                       methods: list[str], scorer: str | None) -> tuple[set[int], set[int]]:
+    """(finished, reviewed) feature indices of this explainer on this SAE.
+
+    Finished: its draft's current text came from this explainer with this seed and has a score
+    for every method by this scorer and seed. Reviewed: its draft is no longer a draft (a
+    reviewer accepted, rejected or flagged it), so a rerun leaves it alone.
+    """
+    author = automatic_author(explainer)
+    rows = session.execute(
+        select(_label_t.c.id, _label_t.c.feature_index, _label_t.c.status, _label_t.c.version,
+               _expl_t.c.seed, _expl_t.c.label_version)
+        .select_from(_label_t.outerjoin(_expl_t, _expl_t.c.label_id == _label_t.c.id))
+        .where(_label_t.c.sae_id == sae_id, _label_t.c.author_kind == "automatic",
+               _label_t.c.author == author)).all()
+    reviewed = {r.feature_index for r in rows if r.status != "draft"}
+    current = {r.id: r for r in rows if r.status == "draft" and r.seed == seed
+               and r.label_version == r.version}
+    if not methods:
+        return {r.feature_index for r in current.values()}, reviewed
+    have: dict[int, set[str]] = {}
+    for label_id, version, method in session.execute(
+            select(_score_t.c.label_id, _score_t.c.label_version, _score_t.c.method)
+            .join(_label_t, _label_t.c.id == _score_t.c.label_id)
+            .where(_label_t.c.sae_id == sae_id, _label_t.c.author == author,
+                   _score_t.c.scorer == scorer, _score_t.c.seed == seed)):
+        if label_id in current and current[label_id].version == version:
+            have.setdefault(label_id, set()).add(method)
+    finished = {r.feature_index for lid, r in current.items()
+                if set(methods) <= have.get(lid, set())}
+    return finished, reviewed
