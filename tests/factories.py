@@ -270,3 +270,113 @@ def engine_ready(app: Any, *, timeout: float = 120) -> None:
     app.state.model_worker.submit(lambda: None).result(timeout)
     state = app.state.engine_state
     assert state.status == "ready", state.message
+
+
+@dataclass
+class PlantedFeature:
+    """A feature that fires exactly on its planted tokens: `weights[token id]` at every
+    occurrence, 0 elsewhere; the token ids `before` are placed right before every occurrence."""
+
+    index: int
+    weights: dict[int, float]
+    before: tuple[int, ...] = ()
+
+
+def planted_values(plants: list[PlantedFeature], tokens: np.ndarray) -> dict[int, np.ndarray]:
+    """Each planted feature's values on token ids [n, ctx] (float32), by its rule."""
+    out = {}
+    for plant in plants:
+        lookup = np.zeros(int(tokens.max()) + 1, np.float32)
+        for token, weight in plant.weights.items():
+            if token < len(lookup):
+                lookup[token] = weight
+        out[plant.index] = lookup[tokens]
+    return out
+
+
+def planted_run(
+    *, plants: list[PlantedFeature], vocab: list[str], occurrences: int = 40, n_seq: int = 60,
+    context_size: int = 32, window_len: int = 12, n_top: int = 6, n_bands: int = 3,
+    per_band: int = 3, d_sae: int = 16, n_dead: int = 1, seed: int = 0, **kwargs: Any,
+) -> SyntheticRun:
+    """A synthetic run whose planted features' stored windows follow their rule (planted_values)
+    over the run's own sequences: top windows around the strongest occurrences (one per
+    sequence), interval samples per band of the window max. Other features keep the random
+    windows of synthetic_run. Token ids 0 and 1 are not planted (1 is BOS)."""
+    run = synthetic_run(d_sae=d_sae, n_seq=n_seq, context_size=context_size,
+                        window_len=window_len, n_top=n_top, n_bands=n_bands, per_band=per_band,
+                        n_dead=n_dead, seed=seed, token_strings=vocab, **kwargs)
+    rng = np.random.default_rng(seed + 1)
+    special = {t for p in plants for t in [*p.weights, *p.before]}
+    filler = np.array([t for t in range(2, len(vocab)) if t not in special])
+    tokens = rng.choice(filler, size=(n_seq, context_size)).astype(np.int32)
+    tokens[:, 0] = 1
+    for plant in plants:
+        planted = sorted(plant.weights)
+        for k in range(occurrences):
+            s = int(rng.integers(n_seq))
+            p = int(rng.integers(1 + len(plant.before), context_size))
+            tokens[s, p] = planted[k % len(planted)]
+            tokens[s, p - len(plant.before):p] = plant.before
+    run.sequences.tokens = tokens
+    values = planted_values(plants, tokens)
+    w = run.windows
+    keep = ~np.isin(w.feature, [p.index for p in plants])
+    cols = {name: [getattr(w, name)[keep]] for name in (
+        "feature", "kind", "band", "rank", "seq_index", "start", "length", "max_value",
+        "max_pos", "values")}
+    for plant in plants:
+        rows = _planted_windows(plant.index, values[plant.index], run.sequences.seq_index,
+                                window_len=window_len, n_top=n_top, n_bands=n_bands,
+                                per_band=per_band, rng=rng)
+        for name, column in rows.items():
+            cols[name].append(column)
+        acts = values[plant.index]
+        f = plant.index
+        run.features.max_act[f] = acts.max()
+        run.features.count[f] = int((acts > 0).sum())
+        run.features.act_sum[f] = float(acts.sum())
+        run.features.frac_nonzero[f] = run.features.count[f] / run.run.n_tokens_counted
+    run.windows = WindowArrays(**{name: np.concatenate(parts) for name, parts in cols.items()})
+    return run
+
+
+def _planted_windows(feature: int, acts: np.ndarray, seq_index: np.ndarray, *, window_len: int,
+                     n_top: int, n_bands: int, per_band: int, rng: np.random.Generator
+                     ) -> dict[str, np.ndarray]:
+    ctx = acts.shape[1]
+    found = []  # (window max, seq row, start) of a window around every occurrence
+    for s, p in zip(*np.nonzero(acts), strict=True):
+        start = int(min(max(p - window_len // 2, 0), ctx - window_len))
+        found.append((float(acts[s, start:start + window_len].max()), int(s), start))
+    found.sort(key=lambda x: (-x[0], x[1], x[2]))
+    chosen: list[tuple[int, int, int, int, int]] = []  # kind, band, rank, row, start
+    seen_rows: set[int] = set()
+    for _peak, s, start in found:
+        if len(seen_rows) < n_top and s not in seen_rows:
+            chosen.append((WINDOW_KIND_TOP, -1, len(seen_rows), s, start))
+            seen_rows.add(s)
+    peak_all = found[0][0] if found else 1.0
+    for b in range(n_bands):
+        lo, hi = b * peak_all / n_bands, (b + 1) * peak_all / n_bands
+        pool = sorted({(s, start) for m, s, start in found
+                       if lo <= m < hi or (b == n_bands - 1 and m == peak_all)})
+        for r, i in enumerate(rng.permutation(len(pool))[:per_band]):
+            chosen.append((WINDOW_KIND_INTERVAL, b, r, *pool[int(i)]))
+    out: dict[str, list] = {k: [] for k in ("feature", "kind", "band", "rank", "seq_index",
+                                            "start", "length", "max_value", "max_pos",
+                                            "values")}
+    for kind, band, rank, s, start in chosen:
+        v = acts[s, start:start + window_len].astype(np.float16)
+        for name, value in (("feature", feature), ("kind", kind), ("band", band),
+                            ("rank", rank), ("seq_index", seq_index[s]), ("start", start),
+                            ("length", window_len), ("max_value", float(v.max())),
+                            ("max_pos", int(v.argmax())), ("values", v)):
+            out[name].append(value)
+    dtypes = {"feature": np.int32, "kind": np.int8, "band": np.int16, "rank": np.int16,
+              "seq_index": np.int64, "start": np.int32, "length": np.int16,
+              "max_value": np.float32, "max_pos": np.int16}
+    arrays = {k: np.array(v, dtypes[k]) for k, v in out.items() if k != "values"}
+    arrays["values"] = (np.stack(out["values"]) if out["values"]
+                        else np.zeros((0, window_len), np.float16))
+    return arrays
