@@ -13,6 +13,7 @@ from typing import Any
 
 import typer
 
+from app.cli_explain import explain_command
 from app.errors import ConfigError, Interrupted, SaescopeError
 
 app = typer.Typer(
@@ -452,3 +453,8 @@ def labels_import_command(
     finally:
         engine.dispose()
     typer.echo(f"imported {n} labels")
+
+
+# `saescope explain` lives in its own module (its options are many); registered here so it gets
+# the same one-line errors as every other command.
+app.command("explain")(clean_errors(explain_command))

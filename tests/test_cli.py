@@ -17,7 +17,7 @@ from tests.factories import synthetic_database, synthetic_run
 def test_help_lists_every_command() -> None:
     result = CliRunner().invoke(app, ["--help"])
     assert result.exit_code == 0
-    for command in ("models", "train-sae", "build", "demo", "serve", "db"):
+    for command in ("models", "train-sae", "build", "demo", "serve", "db", "explain"):
         assert command in result.output
 
 
