@@ -1,6 +1,6 @@
 """Windows at zero on a real build (tiny-llama, a random TopK SAE): the pool encodes the stored
 sequences with the model and SAE the database names, and every window it draws is zero by an
-independent dense encode of the whole sequence."""
+independent dense encode of the whole sequence; the explain job scores real features with it."""
 
 from __future__ import annotations
 
@@ -11,12 +11,16 @@ import torch
 from app.engine.sae import SAE, SAEConfig
 from app.engine.tiny import build_tiny
 from app.errors import ConfigError
+from app.pipeline.autointerp.explain_job import ExplainJob, run_explain
 from app.pipeline.autointerp.negatives import pool_from_store
+from app.pipeline.autointerp.pattern import explain_pattern
 from app.pipeline.autointerp.windows import excerpt_of
 from app.pipeline.precompute import BuildOptions, build
+from app.store import labels as store
 from app.store import queries
 from app.store.db import make_engine, read_session
 from tests.factories import synthetic_database, synthetic_run
+from tests.pipeline.autointerp.scripted import KeywordScorer
 
 HOOK = "blocks.2.hook_resid_post"
 WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", ";", "def", "add",
@@ -78,6 +82,26 @@ def test_windows_at_zero_are_zero_by_a_dense_encode(built) -> None:
                            (r.span for r in recorded))
             checked += 1
     assert checked >= 30
+
+
+def test_the_job_scores_real_features_with_real_windows_at_zero(built) -> None:
+    engine, root = built
+    job = ExplainJob(sae_id="tiny", max_features=4, progress=False)
+    summary = run_explain(
+        engine, job, explain=explain_pattern, scorer=KeywordScorer(),
+        negatives=lambda: pool_from_store(engine, sae_id="tiny", n_sequences=64, seed=0,
+                                          cache_dir=root / "cache"), log=lambda _m: None)
+    assert summary.explained == 4
+    with read_session(engine) as session:
+        drafts = [lb for ls in store.labels_of(session=session, sae_id="tiny",
+                                               indices=list(range(48))).values() for lb in ls]
+        scores = store.scores_of(session=session, label_ids=[d.id for d in drafts])
+    assert len(drafts) == 4
+    for draft in drafts:
+        by_method = {s.method: s for s in scores[draft.id]}
+        detection = by_method["detection"]
+        assert detection.details["n_false"] > 0 and detection.score is not None
+        assert 0.0 <= detection.score <= 1.0 and detection.control_score is not None
 
 
 def test_missing_weights_are_one_clear_error(tmp_path) -> None:
