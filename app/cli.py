@@ -188,6 +188,11 @@ def demo_command(
     from app.settings import get_settings
 
     settings = get_settings()
+    if serve:
+        # Before minutes of training: a server that would refuse to start says so now.
+        from app.api.auth import check_auth_settings
+
+        check_auth_settings(settings)
     typer.echo(data_folder_line(settings, saes=True))
     typer.echo(f"[1/3] default SAE {DEFAULT_SAE_ID} on {DEFAULT_MODEL} ({DEFAULT_HOOK})")
     folder = ensure_sae(saes_dir=settings.saes_dir, cache_dir=settings.cache_dir, log=typer.echo)
@@ -205,6 +210,7 @@ def demo_command(
     if not serve:
         typer.echo("[3/3] skipped serving (--no-serve)")
         return
+    _first_admin(settings)
     typer.echo(f"[3/3] serving on http://{settings.host}:{settings.port}/ (Ctrl+C stops)")
     _serve(settings)
 
@@ -233,6 +239,21 @@ def _has_run(db_url: str, *, sae_id: str, n_tokens: int) -> bool:
         engine.dispose()
     return info.run is not None and info.run.config.get("token_budget") == n_tokens \
         and info.run.config.get("packing") == PACKING
+
+
+def _first_admin(settings: Any) -> None:
+    """A fresh deployment's first admin, from SAESCOPE_ADMIN_NAME / SAESCOPE_ADMIN_TOKEN."""
+    if not settings.admin_token:
+        return
+    from app.store.db import make_engine
+    from app.store.users import ensure_first_admin
+
+    engine = make_engine(settings.db_url)
+    try:
+        if ensure_first_admin(engine, name=settings.admin_name, token=settings.admin_token):
+            typer.echo(f"created admin {settings.admin_name} (token from SAESCOPE_ADMIN_TOKEN)")
+    finally:
+        engine.dispose()
 
 
 def _serve(settings: Any) -> None:
@@ -278,16 +299,7 @@ def serve_command(
     # Upgrade here too, so a bad URL or an unreachable database fails as one line, not a trace
     # from inside the server's startup.
     _upgrade_or_explain(upgrade, settings.db_url)
-    if settings.admin_token:
-        from app.store.db import make_engine
-        from app.store.users import ensure_first_admin
-
-        engine = make_engine(settings.db_url)
-        try:
-            if ensure_first_admin(engine, name=settings.admin_name, token=settings.admin_token):
-                typer.echo(f"created admin {settings.admin_name} (token from SAESCOPE_ADMIN_TOKEN)")
-        finally:
-            engine.dispose()
+    _first_admin(settings)
     typer.echo(f"serving {display_url(settings.db_url)} on http://{settings.host}:{settings.port}/ "
                "(API docs at /docs; Ctrl+C stops)")
     _serve(settings)
@@ -425,9 +437,13 @@ def labels_export_command(
         engine.dispose()
     if out == "-":
         sys.stdout.write(text)
-    else:
-        with open(out, "w", encoding="utf-8") as fh:
+        return
+    try:
+        with open(out, "w", encoding="utf-8", newline="") as fh:
             fh.write(text)
+    except OSError as exc:
+        raise ConfigError(f"cannot write {out}: {exc.strerror}") from None
+    typer.echo(f"wrote {out}", err=True)
 
 
 @labels_app.command("import")

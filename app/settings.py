@@ -6,8 +6,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import field_validator
+from pydantic import ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from app.errors import ConfigError
 
 
 class Settings(BaseSettings):
@@ -83,4 +85,12 @@ def to_environ(settings: Settings) -> dict[str, str]:
 
 @lru_cache
 def get_settings() -> Settings:
-    return Settings()
+    """The settings from the environment; a bad value is a ConfigError naming its variable (the
+    CLI prints it as one line and exits 2, instead of pydantic's traceback)."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        name = "SAESCOPE_" + "_".join(str(p) for p in first["loc"]).upper()
+        value = str(first.get("input", ""))[:80]
+        raise ConfigError(f"{name}={value!r}: {first['msg']}") from None

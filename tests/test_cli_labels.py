@@ -71,3 +71,36 @@ def test_serve_refuses_open_non_loopback_and_unkeyed_token(tmp_path, monkeypatch
         assert r.exit_code == 2 and "SAESCOPE_SECRET_KEY" in r.output
     finally:
         get_settings.cache_clear()
+
+
+def test_bad_auth_setting_and_unsafe_demo_are_one_line(tmp_path, monkeypatch) -> None:
+    """A mistyped SAESCOPE_AUTH is one line naming the variable; `demo` that would serve on a
+    non-loopback address without sign-in refuses before it trains or builds anything."""
+    from app.settings import get_settings
+
+    runner = CliRunner()
+    monkeypatch.setenv("SAESCOPE_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("SAESCOPE_SAES_DIR", str(tmp_path / "saes"))
+    try:
+        monkeypatch.setenv("SAESCOPE_AUTH", "tokens")
+        get_settings.cache_clear()
+        r = runner.invoke(app, ["serve", "--no-model"])
+        assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1
+        assert r.output.startswith("error: SAESCOPE_AUTH='tokens'")
+        monkeypatch.setenv("SAESCOPE_AUTH", "none")
+        monkeypatch.setenv("SAESCOPE_HOST", "0.0.0.0")
+        get_settings.cache_clear()
+        r = runner.invoke(app, ["demo"])
+        assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
+        assert "SAESCOPE_AUTH=none" in r.output
+        assert not (tmp_path / "saes").exists() and not (tmp_path / "home").exists()
+    finally:
+        get_settings.cache_clear()
+
+
+def test_export_to_a_folder_that_does_not_exist_is_one_line(tmp_path) -> None:
+    url = f"sqlite:///{tmp_path / 'a.db'}"
+    r = CliRunner().invoke(app, ["labels", "export", str(tmp_path / "no" / "x.jsonl"),
+                                 "--db", url])
+    assert r.exit_code == 2 and r.output.startswith("error: cannot write")
+    assert len(r.output.strip().splitlines()) == 1
