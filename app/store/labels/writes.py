@@ -2,26 +2,64 @@
 
 No lost update: an edit is one `UPDATE labels ... WHERE id = :id AND version = :expected`
 statement, and a write that matched no row is stale (PreconditionFailedError). The revision
-insert in the same transaction is unique on (label_id, version), a second guard. On SQLite the
-commit is fsynced (write_session(durable=True): synchronous=FULL on the writing connection).
+insert in the same transaction is unique on (label_id, version), a second guard. Every write is
+durable (store/group_commit.py: on SQLite, synchronous=FULL on the writing connection, and
+writes arriving together share one fsync, each in its own savepoint).
+
+The statements are built once, at import, with bind parameters: building and cache-keying a
+SQLAlchemy statement per call cost more CPU than SQLite spent running it (bench/labels.py).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Engine, delete, insert, select, update
+from sqlalchemy import Connection, Engine, bindparam, delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.errors import ConfigError, NotFoundError, PreconditionFailedError
-from app.store.db import write_session
+from app.store.group_commit import durable_write
 from app.store.labels.edits import LabelEdit, check_author, clean_edit
 from app.store.labels.reads import label_info
 from app.store.read_models import LabelInfo
 from app.store.tables import LABEL_STATUSES, Label, LabelLease, LabelRevision, LabelTag, utcnow
 
 _label_t = Label.__table__
+_tag_t = LabelTag.__table__
+_rev_t = LabelRevision.__table__
+_lease_t = LabelLease.__table__
+
+_SELECT = select(_label_t).where(_label_t.c.id == bindparam("id"))
+_VERSION = select(_label_t.c.version).where(_label_t.c.id == bindparam("id"))
+_CREATE = insert(_label_t).returning(_label_t)
+_EDIT = (
+    update(_label_t)
+    .where(_label_t.c.id == bindparam("label_id"), _label_t.c.version == bindparam("expected"))
+    .values(description=bindparam("new_description"), tags=bindparam("new_tags"),
+            status=bindparam("new_status"), confidence=bindparam("new_confidence"),
+            notes=bindparam("new_notes"), version=_label_t.c.version + 1,
+            updated_at=bindparam("now"))
+    .returning(_label_t)
+)
+_REVIEW = (
+    update(_label_t)
+    .where(_label_t.c.id == bindparam("label_id"), _label_t.c.version == bindparam("expected"))
+    .values(status=bindparam("new_status"), reviewed_by=bindparam("reviewer"),
+            version=_label_t.c.version + 1, updated_at=bindparam("now"))
+    .returning(_label_t)
+)
+_WITHDRAW = (
+    delete(_label_t)
+    .where(_label_t.c.id == bindparam("id"), _label_t.c.version == bindparam("expected"))
+    .returning(_label_t.c.id)
+)
+_DELETE_TAGS = delete(_tag_t).where(_tag_t.c.label_id == bindparam("label_id"))
+_INSERT_TAG = insert(_tag_t)
+_INSERT_REVISION = insert(_rev_t)
+_RELEASE_LEASE = delete(_lease_t).where(
+    _lease_t.c.sae_id == bindparam("sae_id"), _lease_t.c.feature_index == bindparam("index"),
+    _lease_t.c.user_name == bindparam("user"))
 
 
 def snapshot(label: LabelInfo) -> dict[str, Any]:
@@ -29,29 +67,33 @@ def snapshot(label: LabelInfo) -> dict[str, Any]:
             "confidence": label.confidence, "notes": label.notes}
 
 
-def _add_revision(session: Session, *, label: LabelInfo, version: int, action: str, actor: str,
+def _add_revision(conn: Connection, *, label: LabelInfo, version: int, action: str, actor: str,
                   before: dict[str, Any] | None, after: dict[str, Any] | None) -> None:
-    session.execute(insert(LabelRevision).values(
-        label_id=label.id, version=version, sae_id=label.sae_id,
-        feature_index=label.feature_index, action=action, actor=actor, created_at=utcnow(),
-        before=before, after=after,
-    ))
+    conn.execute(_INSERT_REVISION, {
+        "label_id": label.id, "version": version, "sae_id": label.sae_id,
+        "feature_index": label.feature_index, "action": action, "actor": actor,
+        "created_at": utcnow(), "before": before, "after": after})
 
 
-def _set_tags(session: Session, label_id: int, tags: list[str]) -> None:
-    session.execute(delete(LabelTag).where(LabelTag.label_id == label_id))
+def _set_tags(conn: Connection, label_id: int, tags: list[str]) -> None:
+    conn.execute(_DELETE_TAGS, {"label_id": label_id})
     if tags:
-        session.execute(insert(LabelTag), [{"label_id": label_id, "tag": t} for t in tags])
+        conn.execute(_INSERT_TAG, [{"label_id": label_id, "tag": t} for t in tags])
 
 
-def _release_lease(session: Session, *, sae_id: str, index: int, author: str) -> None:
-    session.execute(delete(LabelLease).where(
-        LabelLease.sae_id == sae_id, LabelLease.feature_index == index,
-        LabelLease.user_name == author))
+def _release_lease(conn: Connection, *, sae_id: str, index: int, author: str) -> None:
+    conn.execute(_RELEASE_LEASE, {"sae_id": sae_id, "index": index, "user": author})
 
 
-def _stale(label_id: int, expected: int, session: Session) -> PreconditionFailedError:
-    current = session.scalar(select(Label.version).where(Label.id == label_id))
+def _before(conn: Connection, label_id: int) -> LabelInfo:
+    row = conn.execute(_SELECT, {"id": label_id}).first()
+    if row is None:
+        raise NotFoundError(f"no label {label_id}")
+    return label_info(row)
+
+
+def _stale(label_id: int, expected: int, conn: Connection) -> PreconditionFailedError:
+    current = conn.execute(_VERSION, {"id": label_id}).scalar()
     if current is None:
         return PreconditionFailedError(f"label {label_id} was withdrawn meanwhile")
     return PreconditionFailedError(
@@ -66,25 +108,29 @@ def create_label(
     """The author's first label on a feature; PreconditionFailedError if they have one."""
     check_author(author, author_kind)
     edit = clean_edit(edit)
-    now = utcnow()
+
+    def job(session: Session) -> LabelInfo:
+        conn = session.connection()
+        now = utcnow()
+        row = conn.execute(_CREATE, {
+            "sae_id": sae_id, "feature_index": index, "author": author,
+            "author_kind": author_kind, "user_id": user_id, "description": edit.description,
+            "tags": edit.tags, "status": edit.status, "confidence": edit.confidence,
+            "notes": edit.notes, "version": 1, "reviewed_by": None, "created_at": now,
+            "updated_at": now}).one()
+        label = label_info(row)
+        _set_tags(conn, label.id, edit.tags)
+        _add_revision(conn, label=label, version=1, action="create", actor=actor or author,
+                      before=None, after=snapshot(label))
+        _release_lease(conn, sae_id=sae_id, index=index, author=author)
+        return label
+
     try:
-        with write_session(engine, durable=True) as session:
-            row = session.execute(insert(Label).values(
-                sae_id=sae_id, feature_index=index, author=author, author_kind=author_kind,
-                user_id=user_id, description=edit.description, tags=edit.tags,
-                status=edit.status, confidence=edit.confidence, notes=edit.notes, version=1,
-                reviewed_by=None, created_at=now, updated_at=now,
-            ).returning(_label_t)).one()
-            label = label_info(row)
-            _set_tags(session, label.id, edit.tags)
-            _add_revision(session, label=label, version=1, action="create",
-                          actor=actor or author, before=None, after=snapshot(label))
-            _release_lease(session, sae_id=sae_id, index=index, author=author)
+        return durable_write(engine, job)
     except IntegrityError:
         raise PreconditionFailedError(
             f"{author} already has a label on feature {index} of {sae_id}; edit that one "
             "(If-Match with its ETag)") from None
-    return label
 
 
 def update_label(
@@ -92,27 +138,25 @@ def update_label(
 ) -> LabelInfo:
     """Replace a label's fields if it is still at `expected_version`."""
     edit = clean_edit(edit)
-    with write_session(engine, durable=True) as session:
-        before = session.execute(select(_label_t).where(_label_t.c.id == label_id)).first()
-        if before is None:
-            raise NotFoundError(f"no label {label_id}")
-        row = session.execute(
-            update(Label)
-            .where(Label.id == label_id, Label.version == expected_version)
-            .values(description=edit.description, tags=edit.tags, status=edit.status,
-                    confidence=edit.confidence, notes=edit.notes, version=Label.version + 1,
-                    updated_at=utcnow())
-            .returning(_label_t)
-        ).first()
+
+    def job(session: Session) -> LabelInfo:
+        conn = session.connection()
+        before = _before(conn, label_id)
+        row = conn.execute(_EDIT, {
+            "label_id": label_id, "expected": expected_version, "new_description": edit.description,
+            "new_tags": edit.tags, "new_status": edit.status,
+            "new_confidence": edit.confidence, "new_notes": edit.notes, "now": utcnow()}).first()
         if row is None:
-            raise _stale(label_id, expected_version, session)
+            raise _stale(label_id, expected_version, conn)
         label = label_info(row)
-        _set_tags(session, label_id, edit.tags)
-        _add_revision(session, label=label, version=label.version, action="edit", actor=actor,
-                      before=snapshot(label_info(before)), after=snapshot(label))
-        _release_lease(session, sae_id=label.sae_id, index=label.feature_index,
-                       author=label.author)
-    return label
+        if label.tags != before.tags:
+            _set_tags(conn, label_id, edit.tags)
+        _add_revision(conn, label=label, version=label.version, action="edit", actor=actor,
+                      before=snapshot(before), after=snapshot(label))
+        _release_lease(conn, sae_id=label.sae_id, index=label.feature_index, author=label.author)
+        return label
+
+    return durable_write(engine, job)
 
 
 def review_label(
@@ -122,38 +166,34 @@ def review_label(
     """Set a label's status as a reviewer; bumps its version like any change."""
     if status not in LABEL_STATUSES:
         raise ConfigError(f"status: {status[:40]!r} is not one of {', '.join(LABEL_STATUSES)}")
-    with write_session(engine, durable=True) as session:
-        before = session.execute(select(_label_t).where(_label_t.c.id == label_id)).first()
-        if before is None:
-            raise NotFoundError(f"no label {label_id}")
+
+    def job(session: Session) -> LabelInfo:
+        conn = session.connection()
+        before = _before(conn, label_id)
         expected = before.version if expected_version is None else expected_version
-        row = session.execute(
-            update(Label).where(Label.id == label_id, Label.version == expected)
-            .values(status=status, reviewed_by=reviewer, version=Label.version + 1,
-                    updated_at=utcnow())
-            .returning(_label_t)
-        ).first()
+        row = conn.execute(_REVIEW, {"label_id": label_id, "expected": expected,
+                                     "new_status": status, "reviewer": reviewer,
+                                     "now": utcnow()}).first()
         if row is None:
-            raise _stale(label_id, expected, session)
+            raise _stale(label_id, expected, conn)
         label = label_info(row)
-        _add_revision(session, label=label, version=label.version, action="review",
-                      actor=reviewer, before=snapshot(label_info(before)), after=snapshot(label))
-    return label
+        _add_revision(conn, label=label, version=label.version, action="review",
+                      actor=reviewer, before=snapshot(before), after=snapshot(label))
+        return label
+
+    return durable_write(engine, job)
 
 
 def withdraw_label(engine: Engine, *, label_id: int, expected_version: int, actor: str) -> None:
     """Delete a label if still at `expected_version`; its history stays, ending in a withdraw."""
-    with write_session(engine, durable=True) as session:
-        before = session.execute(select(_label_t).where(_label_t.c.id == label_id)).first()
-        if before is None:
-            raise NotFoundError(f"no label {label_id}")
-        deleted = session.execute(
-            delete(Label).where(Label.id == label_id, Label.version == expected_version)
-            .returning(Label.id)
-        ).first()
-        if deleted is None:
-            raise _stale(label_id, expected_version, session)
-        label = label_info(before)
-        _add_revision(session, label=label, version=label.version + 1, action="withdraw",
-                      actor=actor, before=snapshot(label), after=None)
 
+    def job(session: Session) -> None:
+        conn = session.connection()
+        before = _before(conn, label_id)
+        if conn.execute(_WITHDRAW, {"id": label_id, "expected": expected_version}).first() \
+                is None:
+            raise _stale(label_id, expected_version, conn)
+        _add_revision(conn, label=before, version=before.version + 1, action="withdraw",
+                      actor=actor, before=snapshot(before), after=None)
+
+    durable_write(engine, job)
