@@ -65,6 +65,7 @@ def test_filters(engine, loaded):
         assert _all(session, filter="unlabeled") == [i for i in range(40) if i not in (5, 9)]
         assert _all(session, tag="code") == [5]  # whole tags only: not "code_like"
         assert _all(session, tag="code_like") == [12]
+        assert _all(session, tag=" Code ") == [5]  # as tags are stored: lowercase, trimmed
         assert _all(session, q="PYTHON") == [5]
         assert _all(session, q="%") == []
         assert _all(session, q="'the'", filter="labeled") == [9]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from typing import Any
@@ -84,21 +85,50 @@ def export_records(*, session: Session, sae_id: str | None = None) -> list[dict[
     return records
 
 
+# Characters Python's str.splitlines() (and JavaScript, before ES2019) take as line ends, which
+# json.dumps(ensure_ascii=False) leaves raw inside strings: escaped, so one record is one line
+# for every reader.
+_LINE_BREAKS = str.maketrans({"\u2028": "\\u2028", "\u2029": "\\u2029", "\x85": "\\u0085"})
+
+
 def to_jsonl(records: Iterable[dict[str, Any]]) -> Iterator[str]:
     for record in records:
-        yield json.dumps(record, ensure_ascii=False) + "\n"
+        yield json.dumps(record, ensure_ascii=False).translate(_LINE_BREAKS) + "\n"
+
+
+# A spreadsheet runs a cell that starts with = + - @ (or a tab or carriage return before one) as
+# a formula: `=HYPERLINK(...)` in a label would run when the export is opened. Such text cells
+# are written with a leading apostrophe (OWASP's advice), and so are cells that already start
+# with apostrophes followed by one of those, so import can take exactly one apostrophe off and
+# get the text back unchanged.
+_FORMULA_START = re.compile(r"^'*[=+\-@\t\r]")
+_TEXT_FIELDS = ("sae_id", "author", "author_kind", "description", "status", "notes",
+                "reviewed_by")
+
+
+def _cell(text: str) -> str:
+    return "'" + text if _FORMULA_START.match(text) else text
+
+
+def _uncell(text: str) -> str:
+    return text[1:] if text.startswith("'") and _FORMULA_START.match(text[1:]) else text
 
 
 def to_csv(records: Iterable[dict[str, Any]]) -> str:
     out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=CSV_FIELDS, lineterminator="\n")
+    # CRLF (RFC 4180), and not only for spreadsheets: the writer quotes a field holding a
+    # character of its line terminator, so with "\n" a lone "\r" in a label went out unquoted
+    # and ended the row there on reading.
+    writer = csv.DictWriter(out, fieldnames=CSV_FIELDS, lineterminator="\r\n")
     writer.writeheader()
     for r in records:
-        writer.writerow({**r, "tags": " ".join(r["tags"]),
-                         "confidence": "" if r["confidence"] is None else r["confidence"],
-                         "reviewed_by": r["reviewed_by"] or "",
-                         "withdrawn": "true" if r["withdrawn"] else "false",
-                         "revisions": json.dumps(r["revisions"], ensure_ascii=False)})
+        row = {**r, "tags": " ".join(r["tags"]),
+               "confidence": "" if r["confidence"] is None else r["confidence"],
+               "reviewed_by": r["reviewed_by"] or "",
+               "withdrawn": "true" if r["withdrawn"] else "false",
+               "revisions": json.dumps(r["revisions"], ensure_ascii=False)}
+        writer.writerow({k: _cell(v) if k in _TEXT_FIELDS and isinstance(v, str) else v
+                         for k, v in row.items()})
     return out.getvalue()
 
 
@@ -133,15 +163,23 @@ def export_text(*, session: Session, fmt: str, sae_id: str | None = None) -> str
 
 def parse_jsonl(text: str) -> list[tuple[int, dict[str, Any]]]:
     out = []
-    for line_no, line in enumerate(text.splitlines(), start=1):
+    # Lines end at \n only (JSON Lines); str.splitlines() would also cut at U+2028 and others,
+    # which JSON allows raw inside a string.
+    for line_no, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
+            if line_no == 1 and line.lstrip().startswith("["):
+                raise ConfigError("line 1: a JSON array, not JSON Lines; import reads the jsonl "
+                                  "or csv files of `saescope labels export` (Neuronpedia's "
+                                  "shape is for export only)") from None
             raise ConfigError(f"line {line_no}: not JSON ({exc.msg})") from None
         if not isinstance(record, dict):
-            raise ConfigError(f"line {line_no}: expected a JSON object")
+            what = "a JSON array (a Neuronpedia export?)" if isinstance(record, list) else \
+                "not a JSON object"
+            raise ConfigError(f"line {line_no}: {what}; import reads one label object a line")
         out.append((line_no, record))
     return out
 
@@ -168,12 +206,14 @@ def parse_csv(text: str) -> list[tuple[int, dict[str, Any]]]:
         except csv.Error as exc:
             raise ConfigError(f"line {reader.line_num}: not CSV ({exc})") from None
         try:
-            record: dict[str, Any] = dict(row)
+            record: dict[str, Any] = {
+                k: _uncell(v) if k in _TEXT_FIELDS and isinstance(v, str) else v
+                for k, v in row.items()}
             record["tags"] = (row.get("tags") or "").split()
             record["confidence"] = float(row["confidence"]) if row.get("confidence") else None
             record["withdrawn"] = (row.get("withdrawn") or "").lower() == "true"
             record["revisions"] = json.loads(row["revisions"]) if row.get("revisions") else []
-            record["reviewed_by"] = row.get("reviewed_by") or None
+            record["reviewed_by"] = record.get("reviewed_by") or None
         except (ValueError, TypeError, AttributeError) as exc:
             raise ConfigError(f"line {line_no + 1}: {exc}") from None
         out.append((line_no + 1, record))
@@ -249,9 +289,11 @@ def import_records(engine: Engine, records: list[tuple[int, dict[str, Any]]]) ->
     """Write every (line number, record) or none; returns how many labels were written.
 
     A label already held by the same author on the same feature is an error (import into a
-    database that has it would otherwise merge two histories).
+    database that has it would otherwise merge two histories), and so is a feature index past
+    the width of an SAE this database holds. Labels of SAEs it does not hold (yet) are taken:
+    labels are kept by SAE id, so they can come back before the SAE is built again.
     """
-    from app.store.tables import utcnow
+    from app.store.tables import SAE, utcnow
 
     checked = []
     seen: dict[tuple, int] = {}
@@ -270,7 +312,13 @@ def import_records(engine: Engine, records: list[tuple[int, dict[str, Any]]]) ->
         checked.append((line_no, values))
     now = utcnow()
     with write_session(engine, durable=True) as session:
+        widths = dict(session.execute(select(SAE.id, SAE.d_sae)).all())
         for line_no, v in checked:
+            width = widths.get(v["sae_id"])
+            if width is not None and v["feature_index"] >= width:
+                raise ConfigError(
+                    f"line {line_no}: feature_index: SAE {v['sae_id']} has features "
+                    f"0..{width - 1}, not {v['feature_index']}; nothing was imported")
             edit: LabelEdit = v["edit"]
             try:
                 with session.begin_nested():

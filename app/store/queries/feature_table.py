@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session
 
 from app.errors import ConfigError
 from app.store.labels.reads import label_info, shown_label_id
+from app.store.labels.search import normalize_tag
 from app.store.queries.models import get_model_vocab, token_string
 from app.store.queries.runs import live_run
 from app.store.queries.saes import get_sae_brief
@@ -91,7 +92,7 @@ def list_features(
         )
     if tag:
         conditions.append(exists().where(LabelTag.label_id == Label.id,
-                                         LabelTag.tag == tag.strip().lower()))
+                                         LabelTag.tag == normalize_tag(tag)))
     if q:
         escaped = q.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
         conditions.append(Label.description.ilike(f"%{escaped}%", escape="\\"))
