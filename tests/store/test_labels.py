@@ -164,6 +164,23 @@ def test_queue_leases_skips_and_orders(engine):
         store.next_feature(engine, sae_id="nope", user="ann")
 
 
+def test_random_order_differs_by_seed(engine):
+    write_records(engine, synthetic_run(d_sae=40, n_dead=0, seed=4))
+
+    def first_five(seed: int) -> list[int]:
+        got = []
+        for _ in range(5):  # skipping moves on; an expired lease blocks nobody
+            index, _ = store.next_feature(engine, sae_id=SAE_ID, user=f"seed{seed}",
+                                          order="random", seed=seed, lease_seconds=-1)
+            store.skip_feature(engine, sae_id=SAE_ID, index=index, user=f"seed{seed}")
+            got.append(index)
+        return got
+
+    orders = [tuple(first_five(seed)) for seed in range(6)]
+    assert len(set(orders)) == 6 and len({o[0] for o in orders}) >= 4
+    assert all(list(o) != sorted(o) for o in orders)  # not index order in disguise
+
+
 def test_queue_hands_each_feature_to_one_person(engine):
     rec = synthetic_run(d_sae=40, n_dead=0, seed=4)
     write_records(engine, rec)

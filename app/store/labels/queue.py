@@ -7,6 +7,7 @@ nobody else took meanwhile (the lease's primary key decides; the loser takes the
 
 from __future__ import annotations
 
+import random
 from datetime import datetime, timedelta
 from typing import Literal
 
@@ -27,6 +28,15 @@ _ATTEMPTS = 5
 _CANDIDATES = 32  # tried in order within one transaction before reading again
 
 
+_PRIME = 2_147_483_647  # 2^31 - 1: index * a stays below 2^62, no 64-bit overflow
+
+
+def _random_key(seed: int) -> tuple[int, int]:
+    """(a, b) for the random order of `seed`: a in [1, p-1], b in [0, p-1]."""
+    rng = random.Random(seed)
+    return rng.randrange(1, _PRIME), rng.randrange(_PRIME)
+
+
 def _order(order: str, seed: int) -> list:
     if order == "index":
         return [Feature.index.asc()]
@@ -35,8 +45,11 @@ def _order(order: str, seed: int) -> list:
     if order == "active":
         return [Feature.max_act.desc(), Feature.index.asc()]
     if order == "random":
-        # A fixed permutation per seed (multiplicative hashing), the same on SQLite and PostgreSQL.
-        key = (cast(Feature.index, BigInteger) * 2654435761 + seed * 40503) % 4294967291
+        # A fixed permutation per seed, the same on SQLite and PostgreSQL: index -> (index * a +
+        # b) mod p with a and b drawn from the seed. The multiplier must change with the seed:
+        # changing only b shifts every key alike, which left the order nearly the same.
+        a, b = _random_key(seed)
+        key = (cast(Feature.index, BigInteger) * a + b) % _PRIME
         return [key, Feature.index.asc()]
     raise ConfigError(f"order: {order!r} is not one of {', '.join(QUEUE_ORDERS)}")
 
