@@ -76,6 +76,9 @@ def install_error_handlers(app: FastAPI) -> None:
         retry_after = getattr(exc, "retry_after", None)
         if retry_after is not None:
             headers = {"Retry-After": str(retry_after)}
+        if exc.status_code == 401:
+            # RFC 9110: a 401 names the scheme that would work.
+            headers = {**(headers or {}), "WWW-Authenticate": 'Bearer realm="saescope"'}
         return error_response(request, exc.status_code, str(exc), headers)
 
     @app.exception_handler(StarletteHTTPException)

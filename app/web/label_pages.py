@@ -10,7 +10,14 @@ from fastapi import APIRouter, Form, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from app.api.auth import SESSION_COOKIE, cookie_value, principal_or_none, session_id_from_cookie
+from app.api.auth import (
+    LOCAL_ADMIN,
+    SESSION_COOKIE,
+    Principal,
+    cookie_value,
+    principal_or_none,
+    session_id_from_cookie,
+)
 from app.api.deps import SessionDep
 from app.errors import UnauthorizedError
 from app.settings import Settings
@@ -22,16 +29,20 @@ from app.web.pages import _chrome, _sae_for_page
 from app.web.templating import sae_url, templates
 
 router = APIRouter(tags=["pages"], include_in_schema=False)
+SIGN_IN_ERRORS = {"unknown": "unknown or disabled token; ask an admin for a new one "
+                             "(saescope user token NAME)"}
 
 
 async def page_user(request: Request) -> None:
-    """Pages need a signed-in person under auth=token: others go to the sign-in page."""
+    """Pages need a signed-in person under auth=token: others go to the sign-in page. The
+    person is kept in request.state.principal for the templates (name, role, what to offer)."""
     if request.app.state.settings.auth == "none":
+        request.state.principal = LOCAL_ADMIN
         return
     await run_in_threadpool(_require_page_user, request)
 
 
-def _require_page_user(request: Request) -> None:
+def _require_page_user(request: Request) -> Principal:
     try:
         principal = principal_or_none(request)
     except UnauthorizedError:
@@ -40,6 +51,8 @@ def _require_page_user(request: Request) -> None:
         target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
         raise HTTPException(303, "sign in first",
                             headers={"Location": f"/sign-in?next={quote(target, safe='')}"})
+    request.state.principal = principal
+    return principal
 
 
 def _safe_next(target: str) -> str:
@@ -52,7 +65,8 @@ def _safe_next(target: str) -> str:
 @router.get("/sign-in", response_class=HTMLResponse)
 def sign_in_page(request: Request, session: SessionDep, next: str = "/",  # noqa: A002
                  error: str = "") -> HTMLResponse:
-    context = {"next": _safe_next(next), "error": error,
+    # Only messages of our own: a link cannot make this site show text of its choosing.
+    context = {"next": _safe_next(next), "error": SIGN_IN_ERRORS.get(error, ""),
                "auth": request.app.state.settings.auth,
                **_chrome(session, crumbs=[("sign in", None)])}
     return templates.TemplateResponse(request, "pages/sign_in.html", context)
@@ -67,7 +81,7 @@ def sign_in(request: Request, token: Annotated[str, Form(max_length=200)],
     with read_session(engine) as session:
         user = user_by_token(session, token.strip())
     if user is None:
-        return RedirectResponse(f"/sign-in?error=unknown+token&next={quote(_safe_next(next))}",
+        return RedirectResponse(f"/sign-in?error=unknown&next={quote(_safe_next(next))}",
                                 status_code=303)
     session_id, _expires = start_session(engine, user_id=user.id, hours=settings.session_hours)
     response = RedirectResponse(_safe_next(next), status_code=303)

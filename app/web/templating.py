@@ -12,6 +12,7 @@ import re
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote, urlencode
 
 import numpy as np
@@ -334,6 +335,12 @@ def page_query(base: dict[str, object], **changes: object) -> str:
     return "?" + urlencode(query) if query else "?"
 
 
+def principal_of(request: Any) -> Any:
+    """The signed-in person a page dependency put on the request (label_pages.page_user), or
+    None (the sign-in page, error pages)."""
+    return getattr(request.state, "principal", None)
+
+
 def make_environment(templates_dir: Path = TEMPLATES_DIR) -> Environment:
     env = Environment(
         loader=FileSystemLoader(str(templates_dir)),
@@ -362,6 +369,7 @@ def make_environment(templates_dir: Path = TEMPLATES_DIR) -> Environment:
         plotly_unused_style_ids=plotly_unused_style_ids,
         static_url=static_url,
         page_query=page_query,
+        principal_of=principal_of,
     )
     return env
 

@@ -92,13 +92,17 @@ def test_feature_etag_follows_own_and_neighbour_labels(client):
 
 def test_review_queue_search_progress(client):
     label = _put(client, 7, "Python keywords", **{"If-None-Match": "*"}).json()
-    r = client.post(f"{FEATURE}/7/labels/{label['id']}/review", json={"status": "accepted"})
+    review_url = f"{FEATURE}/7/labels/{label['id']}/review"
+    blind = client.post(review_url, json={"status": "accepted"})
+    assert blind.status_code == 428 and label["etag"] in blind.json()["error"]["message"]
+    r = client.post(review_url, json={"status": "accepted"}, headers={"If-Match": label["etag"]})
     assert (r.status_code, r.json()["version"], r.json()["reviewed_by"]) == (200, 2, "local")
-    stale = client.post(f"{FEATURE}/7/labels/{label['id']}/review", json={"status": "rejected"},
+    assert r.headers["etag"] == r.json()["etag"] != label["etag"]  # a review bumps the version
+    stale = client.post(review_url, json={"status": "rejected"},
                         headers={"If-Match": label["etag"]})
     assert stale.status_code == 412
-    assert client.post(f"{FEATURE}/8/labels/{label['id']}/review",
-                       json={"status": "accepted"}).status_code == 404
+    assert client.post(f"{FEATURE}/8/labels/{label['id']}/review", json={"status": "accepted"},
+                       headers={"If-Match": label["etag"]}).status_code == 404
     hits = client.get("/api/v1/labels/search", params={"q": "keyw"}).json()["data"]
     assert [h["label"]["feature_index"] for h in hits] == [7]
     first = client.post(f"/api/v1/saes/{SAE_ID}/queue/next").json()
@@ -160,7 +164,9 @@ def _bearer(token: str) -> dict[str, str]:
 
 def test_roles_and_tokens(token_app):
     client, tokens = token_app
-    assert client.get(f"/api/v1/saes/{SAE_ID}").status_code == 401
+    anonymous = client.get(f"/api/v1/saes/{SAE_ID}")
+    assert anonymous.status_code == 401
+    assert anonymous.headers["www-authenticate"].startswith("Bearer")
     assert client.get(f"/api/v1/saes/{SAE_ID}", headers=_bearer("sst_nope")).status_code == 401
     assert client.get(f"/api/v1/saes/{SAE_ID}",
                       headers=_bearer(tokens["viewer"])).status_code == 200
@@ -171,10 +177,22 @@ def test_roles_and_tokens(token_app):
                       headers={"If-None-Match": "*", **_bearer(tokens["annotator"])})
     assert (made.status_code, made.json()["author"]) == (201, "annotator1")
     review = f"{FEATURE}/3/labels/{made.json()['id']}/review"
+    seen = {"If-Match": made.json()["etag"]}
     assert client.post(review, json={"status": "accepted"},
-                       headers=_bearer(tokens["annotator"])).status_code == 403
+                       headers={**seen, **_bearer(tokens["annotator"])}).status_code == 403
+    # Nor may an annotator accept their own label by writing the status themselves.
+    self_accept = client.put(f"{FEATURE}/3/label", json={"description": "x", "status": "accepted"},
+                             headers={**seen, **_bearer(tokens["annotator"])})
+    assert self_accept.status_code == 403
+    assert self_accept.json()["error"]["message"].startswith("status: accepted")
     assert client.post(review, json={"status": "accepted"},
-                       headers=_bearer(tokens["reviewer"])).status_code == 200
+                       headers={**seen, **_bearer(tokens["reviewer"])}).status_code == 200
+    mine = client.put(f"{FEATURE}/4/label", json={"description": "r", "status": "accepted"},
+                      headers={"If-None-Match": "*", **_bearer(tokens["reviewer"])})
+    assert mine.status_code == 201
+    queue = f"/api/v1/saes/{SAE_ID}/queue/next?mode=review"
+    assert client.post(queue, headers=_bearer(tokens["annotator"])).status_code == 403
+    assert client.post(queue, headers=_bearer(tokens["reviewer"])).status_code in (200, 204)
     assert client.get("/api/v1/labels/export",
                       headers=_bearer(tokens["reviewer"])).status_code == 403
     exported = client.get("/api/v1/labels/export", headers=_bearer(tokens["admin"]))

@@ -65,6 +65,10 @@ PAGES: list[AppPage] = [
             ready="#search-tokens .t", act=_open_search_feature),
     AppPage("steer", "/steer?sae={sae}&feature={feature}&value=20",
             ready="#steer-features tbody tr", act=_steer_and_sweep),
+    AppPage("label-queue", "/{model}/{sae}/queue",
+            ready="[data-queue-card]:not([hidden]), [data-queue-done]:not([hidden])"),
+    AppPage("label-search", "/labels/search?q=story"),
+    AppPage("sign-in", "/sign-in"),
     AppPage("docs", "/docs", ready=".opblock"),
     AppPage("not-found", "/{model}/no-such-sae", status=404),
 ]

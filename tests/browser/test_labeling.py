@@ -139,6 +139,74 @@ def test_sign_in_and_label_three_from_the_queue_by_keyboard(browser, token_serve
     context.close()
 
 
+@pytest.fixture(scope="session")
+def reviewer_token(token_server: tuple[Server, str]) -> str:
+    from app.store.db import make_engine
+    from app.store.users import add_user
+
+    engine = make_engine(token_server[0].db_url)
+    _, token = add_user(engine, name="browser-rev", role="reviewer")
+    engine.dispose()
+    return token
+
+
+def _signed_in(browser, srv: Server, token: str, path: str):  # noqa: ANN001, ANN202
+    """A new browser context signed in with `token` (typed, as a person would), at `path`."""
+    context = browser.new_context(viewport={"width": 1400, "height": 900}, base_url=srv.url)
+    page = context.new_page()
+    page.set_default_timeout(20_000)
+    page.goto(path)
+    page.wait_for_url("**/sign-in?next=*")
+    page.keyboard.type(token)
+    page.keyboard.press("Enter")
+    page.wait_for_url(f"**{path}")
+    return context, page
+
+
+def test_review_from_the_queue_by_keyboard(browser, token_server, reviewer_token) -> None:
+    srv, ann_token = token_server
+    ann = {"Authorization": f"Bearer {ann_token}"}
+    # The annotator takes a feature from the queue and asks for a review of her label.
+    status, _, item = _request(f"{srv.url}/api/v1/saes/{SAE_ID}/queue/next", method="POST",
+                               headers=ann)
+    assert status == 200, item
+    index = item["index"]
+    label_url = f"{srv.url}/api/v1/saes/{SAE_ID}/features/{index}/label"
+    status, _, made = _request(label_url, method="PUT", headers={"If-None-Match": "*", **ann},
+                               body={"description": "words about a fox", "status": "needs_review"})
+    assert status == 201, made
+    context, page = _signed_in(browser, srv, reviewer_token, f"/{MODEL_ID}/{SAE_ID}/queue")
+    dialogs: list[str] = []
+    page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+    assert "browser-rev · reviewer" in page.locator(".whoami").inner_text()
+    page.wait_for_selector("[data-queue-card]:not([hidden])")
+    page.select_option("select[name=mode]", "review")
+    page.wait_for_selector("[data-queue-review]:not([hidden]) [data-queue-pending] li")
+    assert page.locator("[data-queue-link]").inner_text() == f"#{index}"
+    assert page.locator("[data-queue-pending] .label").inner_text() == "words about a fox"
+    assert page.locator("[data-queue-write]").is_hidden()
+    page.keyboard.press("Enter")  # the first Accept button has the focus
+    page.wait_for_selector("[data-queue-done]:not([hidden])")
+    _, _, reviewed = _request(label_url, headers=ann)
+    assert (reviewed["status"], reviewed["reviewed_by"], reviewed["version"]) == (
+        "accepted", "browser-rev", 2)
+    # On the feature page a reviewer gets a button for each other verdict: send it back.
+    page.goto(f"/{MODEL_ID}/{SAE_ID}/{index}")
+    page.click("[data-all-labels] [data-review=needs_review]")
+    page.wait_for_function(
+        "() => /needs review/.test(document.querySelector('[data-label-status]').textContent)")
+    assert _request(label_url, headers=ann)[2]["status"] == "needs_review"
+    assert dialogs == []
+    context.close()
+    # The annotator's editor offers no verdicts: only draft and needs review.
+    context, page = _signed_in(browser, srv, ann_token, f"/{MODEL_ID}/{SAE_ID}/{index}")
+    page.wait_for_selector("[data-history-list] li", state="attached")  # editor loaded
+    options = page.locator("[data-label-form] select[name=status] option")
+    assert options.evaluate_all("os => os.map(o => o.value)") == ["draft", "needs_review"]
+    assert page.locator("[data-all-labels] [data-review]").count() == 0
+    context.close()
+
+
 def _save_label(page, text: str) -> None:
     box = page.locator("[data-label-form] textarea[name=description]")
     box.fill(text)
@@ -229,3 +297,32 @@ def test_hostile_labels_render_literally_everywhere(page, server, shot) -> None:
     assert HOSTILE[1] in page.locator(".neighbours").inner_text()
     check_no_markup()
     shot("hostile-feature")
+    # The queue: automatic drafts of the same texts wait for review on the same features, so the
+    # review queue shows each feature's shown label and the draft.
+    from app.store.db import make_engine
+    from app.store.labels import LabelEdit, create_label
+
+    engine = make_engine(server.db_url)
+    for i, text in enumerate(HOSTILE):
+        create_label(engine, sae_id=SAE_ID, index=base + i, author="hostile-explainer",
+                     author_kind="automatic", edit=LabelEdit(description=text))
+    engine.dispose()
+    page.goto(f"/{MODEL_ID}/{SAE_ID}/queue")
+    page.wait_for_selector("[data-queue-card]:not([hidden]), [data-queue-done]:not([hidden])")
+    page.select_option("select[name=mode]", "review")
+    checked = 0
+    for _ in range(8):
+        page.wait_for_selector("[data-queue-pending] li")
+        index = int(page.locator("[data-queue-link]").inner_text().lstrip("#"))
+        if index in wanted:  # other tests may leave a label waiting for review elsewhere
+            assert page.locator("[data-queue-existing] .label").inner_text() == wanted[index]
+            assert page.locator("[data-queue-pending] .label").inner_text() == wanted[index]
+            check_no_markup()
+            if not checked:
+                shot("hostile-queue")
+            checked += 1
+        page.keyboard.press("Escape")
+        page.wait_for_function(
+            "old => document.querySelector('[data-queue-link]').textContent !== old",
+            arg=f"#{index}")
+    assert checked >= 4

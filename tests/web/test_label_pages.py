@@ -113,3 +113,28 @@ def test_sign_in_and_out(token_client, db_url) -> None:
     set_disabled(engine, name="ann")
     engine.dispose()
     assert client.get(page, headers=HTML).status_code == 303
+
+
+def test_sign_in_page_errors_whoami_and_expiry(token_client, db_url) -> None:
+    from sqlalchemy import update
+
+    from app.store.db import write_session
+    from app.store.tables import AuthSession, utcnow
+
+    client, token = token_client
+    page = f"/{MODEL_ID}/{SAE_ID}"
+    spoof = client.get("/sign-in", params={"error": "Session over: call +1 555 0100"},
+                       headers=HTML)
+    assert "555" not in spoof.text  # a link cannot put its own words on the page
+    bad = client.post("/sign-in", data={"token": "sst_wrong", "next": page})
+    assert "unknown or disabled token" in client.get(bad.headers["location"], headers=HTML).text
+    client.post("/sign-in", data={"token": token, "next": page})
+    signed_in = client.get(page, headers=HTML).text
+    assert "<bdi>ann</bdi> · annotator" in signed_in and 'action="/sign-out"' in signed_in
+    assert 'data-role="annotator"' in signed_in
+    # The session row's expiry is the server's: past it, the cookie no longer signs anyone in.
+    engine = make_engine(db_url)
+    with write_session(engine) as session:
+        session.execute(update(AuthSession).values(expires_at=utcnow()))
+    engine.dispose()
+    assert client.get(page, headers=HTML).status_code == 303

@@ -34,6 +34,7 @@ from app.api.label_schemas import (
     etag,
 )
 from app.errors import (
+    ForbiddenError,
     NotFoundError,
     PreconditionFailedError,
     PreconditionRequiredError,
@@ -54,6 +55,8 @@ IndexPath = Annotated[int, Path(ge=0, le=2**31 - 1, description="Feature index, 
 IfMatch = Annotated[str, Header(description="The label's ETag (edits, withdraw)")]
 IfNoneMatch = Annotated[str, Header(description="'*' to create my label")]
 FEATURE = "/saes/{sae_id}/features/{index}"
+# Statuses only a review sets; an annotator writes draft or needs_review.
+REVIEWED = ("accepted", "rejected")
 
 
 def _check_feature(request: Request, sae_id: str, index: int) -> None:
@@ -106,6 +109,9 @@ def put_my_label(
     """Create my label with `If-None-Match: *` (412 if I have one by then); edit it with
     `If-Match: <its ETag>` (412 if it changed since, 428 without the header)."""
     _check_feature(request, sae_id, index)
+    if body.status in REVIEWED and not user.can("reviewer"):
+        raise ForbiddenError(f"status: {body.status} is a reviewer's verdict (POST .../labels/"
+                             "{id}/review); write draft or needs_review")
     engine = request.app.state.db_engine
     edit = store.LabelEdit(description=body.description, tags=body.tags, status=body.status,
                            confidence=body.confidence, notes=body.notes)
@@ -171,17 +177,23 @@ def feature_history(request: Request, session: SessionDep, user: CurrentUser, sa
 
 
 @router.post(FEATURE + "/labels/{label_id}/review", response_model=LabelOut,
-             responses={**READ, 412: WRITE[412]}, summary="Accept, reject or send back a label")
+             responses={**READ, 412: WRITE[412], 428: WRITE[428]},
+             summary="Accept, reject or send back a label")
 def review(request: Request, response: Response, user: ReviewerUser, sae_id: SaeIdPath,
            index: IndexPath, label_id: Annotated[int, Path(ge=1, le=2**63 - 1)], body: ReviewIn,
            if_match: IfMatch = None) -> LabelOut:
+    """A verdict on the version the reviewer read: `If-Match` with the label's ETag (412 if it
+    changed since, 428 without), so nobody accepts a text they have not seen."""
     with read_session(request.app.state.db_engine) as session:
         label = store.label_by_id(session=session, label_id=label_id)
     if label is None or label.sae_id != sae_id or label.feature_index != index:
         raise NotFoundError(f"no label {label_id} on feature {index} of {sae_id}")
-    expected = _version_from(if_match, label) if if_match is not None else None
+    if if_match is None:
+        raise PreconditionRequiredError(f"send If-Match: {etag(label)} (the version you "
+                                        "reviewed) so an edit made meanwhile is not accepted")
     done = store.review_label(request.app.state.db_engine, label_id=label_id,
-                              status=body.status, reviewer=user.name, expected_version=expected)
+                              status=body.status, reviewer=user.name,
+                              expected_version=_version_from(if_match, label))
     return _labeled(response, done)
 
 
@@ -197,6 +209,10 @@ def queue_next(
     seed: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
     mode: Literal["unlabeled", "review"] = "unlabeled",
 ) -> QueueItemOut | Response:
+    """`mode=review` (reviewers): features with a label by someone else that waits for a
+    verdict. The feature is leased to you for five minutes; asking again releases it."""
+    if mode == "review" and not user.can("reviewer"):
+        raise ForbiddenError(f"mode: review is for reviewers; {user.name} is a {user.role}")
     got = store.next_feature(request.app.state.db_engine, sae_id=sae_id, user=user.name,
                              order=order, seed=seed, mode=mode)
     if got is None:

@@ -21,6 +21,13 @@ export async function api(url, { method = "GET", body, headers = {} } = {}) {
   return { res, data };
 }
 
+const ROLE_RANK = { viewer: 0, annotator: 1, reviewer: 2, admin: 3 };
+
+/** What the signed-in person may do (base.html puts their role on <body>; the server checks). */
+export function can(role) {
+  return (ROLE_RANK[document.body.dataset.role] ?? 0) >= ROLE_RANK[role];
+}
+
 export function errorText(res, data) {
   return data?.error?.message ?? `request failed (${res.status})`;
 }
@@ -102,8 +109,19 @@ export function historyItem(rev) {
   return li;
 }
 
-function labelRow(label, shownId) {
+const REVIEWS = [["accepted", "Accept"], ["rejected", "Reject"], ["needs_review", "Send back"]];
+
+/** POST a review based on the label's version (If-Match: its ETag); {res, data}. */
+export function review(base, label, status) {
+  return api(`${base}/labels/${label.id}/review`, {
+    method: "POST", body: { status }, headers: { "If-Match": label.etag },
+  });
+}
+
+/** One label of a feature; with `onReview`, a reviewer's buttons for the other statuses. */
+export function labelRow(label, shownId, onReview = null) {
   const li = el("li", "", "label-row" + (label.id === shownId ? " shown" : ""));
+  li.dataset.labelId = String(label.id);
   li.append(labelText(label.description));
   for (const tag of label.tags) li.append(el("span", tag, "tag"));
   const meta = el("span", "", "muted small label-meta");
@@ -111,6 +129,18 @@ function labelRow(label, shownId) {
     ` · ${label.author_kind === "automatic" ? "automatic · " : ""}${label.status.replace("_", " ")} · v${label.version}`));
   li.append(meta);
   if (label.id === shownId) li.append(el("span", "shown", "badge"));
+  if (onReview) {
+    const buttons = el("span", "", "review-buttons");
+    for (const [status, text] of REVIEWS) {
+      if (status === label.status || (status === "needs_review" && label.status === "draft")) continue;
+      const button = el("button", text, "subtle small");
+      button.type = "button";
+      button.dataset.review = status;
+      button.addEventListener("click", () => onReview(label, status));
+      buttons.append(button);
+    }
+    li.append(buttons);
+  }
   return li;
 }
 
@@ -128,7 +158,11 @@ function formValues(form) {
 function fillForm(form, label) {
   form.elements.description.value = label?.description ?? "";
   form.elements.tags.value = (label?.tags ?? []).join(" ");
-  form.elements.status.value = label?.status ?? "draft";
+  // Only reviewers set accepted or rejected; an annotator's edit of a reviewed label goes back
+  // to review (the select offers them draft and needs review only).
+  const status = label?.status ?? "draft";
+  const offered = [...form.elements.status.options].some((o) => o.value === status);
+  form.elements.status.value = offered ? status : "needs_review";
   form.elements.confidence.value = label?.confidence ?? "";
   form.elements.notes.value = label?.notes ?? "";
 }
@@ -143,6 +177,23 @@ export function labelEditor(box) {
   const conflict = box.querySelector("[data-conflict]");
   const withdraw = box.querySelector("[data-withdraw]");
   let etag = null;
+  if (!can("reviewer")) {
+    for (const option of [...form.elements.status.options]) {
+      if (option.value === "accepted" || option.value === "rejected") option.remove();
+    }
+  }
+  if (!can("annotator")) {
+    form.hidden = true;
+    box.querySelector("[data-read-only]").hidden = false;
+  }
+
+  async function onReview(label, verdict) {
+    const { res, data } = await review(base, label, verdict);
+    await refresh({ keepForm: true });
+    status.textContent = res.ok
+      ? `${label.author}'s label: ${data.status.replace("_", " ")} (v${data.version})`
+      : res.status === 412 ? "that label changed meanwhile: reloaded, review it again" : errorText(res, data);
+  }
 
   async function refresh({ keepForm = false } = {}) {
     const [mine, everyone, revs] = await Promise.all([
@@ -151,7 +202,8 @@ export function labelEditor(box) {
     etag = mine.res.ok ? mine.res.headers.get("ETag") : null;
     if (!keepForm) fillForm(form, mine.res.ok ? mine.data : null);
     withdraw.hidden = etag === null;
-    all.replaceChildren(...(everyone.data?.data ?? []).map((l) => labelRow(l, everyone.data.shown_id)));
+    const reviewer = can("reviewer") ? onReview : null;
+    all.replaceChildren(...(everyone.data?.data ?? []).map((l) => labelRow(l, everyone.data.shown_id, reviewer)));
     if (!all.children.length) all.append(el("li", "no labels yet", "muted"));
     history.replaceChildren(...(revs.data?.data ?? []).map(historyItem));
     if (!history.children.length) history.append(el("li", "no changes yet", "muted"));

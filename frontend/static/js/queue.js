@@ -1,7 +1,9 @@
-// The labeling queue: type a description, Enter saves and moves on, Esc skips. The server
-// leases each feature to one person for a few minutes (POST .../queue/next).
+// The labeling queue: type a description, Enter saves and moves on, Esc skips. In review mode
+// the feature's labels waiting for review are listed instead: Enter accepts the first one (or
+// the button with the focus acts), Esc skips. The server leases each feature to one person for
+// a few minutes (POST .../queue/next).
 
-import { api, el, errorText } from "./labels.js";
+import { api, el, errorText, labelRow, labelText, review } from "./labels.js";
 import { fmtNum, renderTokens } from "./tokens.js";
 
 const page = document.querySelector("[data-queue]");
@@ -39,7 +41,35 @@ if (page) {
       windows.append(row);
     }
     const label = feature.label;
-    page.querySelector("[data-queue-existing]").textContent = label ? `shown now: ${label.description}` : "";
+    const existing = page.querySelector("[data-queue-existing]");
+    existing.replaceChildren();
+    if (label) existing.append("shown now: ", labelText(label.description));
+  }
+
+  const reviewing = () => form.elements.mode.value === "review";
+  let pending = [];
+
+  // Review mode: the labels of this feature someone else wrote that wait for a verdict.
+  async function showPending() {
+    const { data } = await api(`${saeApi}/features/${current}/labels`);
+    pending = (data?.data ?? []).filter((l) => l.status === "needs_review"
+      || (l.author_kind === "automatic" && l.status === "draft"));
+    const list = page.querySelector("[data-queue-pending]");
+    list.replaceChildren(...pending.map((l) => labelRow(l, null, onReview)));
+    return pending.length;
+  }
+
+  async function onReview(label, verdict) {
+    const { res, data } = await review(`${saeApi}/features/${current}`, label, verdict);
+    if (!res.ok) {
+      status.textContent = res.status === 412 ? "changed meanwhile: reloaded, review it again" : errorText(res, data);
+      await showPending();
+      return;
+    }
+    saved += 1;
+    counter.textContent = String(saved);
+    if (await showPending()) page.querySelector("[data-queue-pending] button")?.focus();
+    else await next();
   }
 
   async function next() {
@@ -61,10 +91,17 @@ if (page) {
     showFeature(current, feature.data);
     form.elements.description.value = "";
     form.elements.tags.value = "";
+    page.querySelector("[data-queue-write]").hidden = reviewing();
+    page.querySelector("[data-queue-review]").hidden = !reviewing();
     card.hidden = false;
     done.hidden = true;
     status.textContent = "";
-    form.elements.description.focus();
+    if (reviewing()) {
+      await showPending();
+      page.querySelector("[data-queue-pending] button")?.focus();
+    } else {
+      form.elements.description.focus();
+    }
   }
 
   async function save() {
@@ -98,12 +135,15 @@ if (page) {
 
   form.addEventListener("submit", (ev) => {
     ev.preventDefault();
-    save();
+    if (!reviewing()) save();
   });
   form.addEventListener("keydown", (ev) => {
     if (ev.key === "Enter" && !ev.shiftKey && ev.target.matches("input[name=description], input[name=tags]")) {
       ev.preventDefault();
       save();
+    } else if (ev.key === "Enter" && reviewing() && !ev.target.matches("button, select, input")) {
+      ev.preventDefault();
+      if (pending.length) onReview(pending[0], "accepted");
     } else if (ev.key === "Escape") {
       ev.preventDefault();
       ev.stopPropagation();
