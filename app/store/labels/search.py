@@ -15,7 +15,7 @@ from app.store.tables import Label, LabelTag
 
 MAX_QUERY_WORDS = 8
 MAX_RESULTS = 200
-RANK_WINDOW = 2000
+RANK_WINDOW = 1000
 _WORD_RE = re.compile(r"\w+", re.UNICODE)
 # The words FTS5's unicode61 tokenizer makes of a tag (letters and digits; _ . : - separate).
 _TAG_WORD_RE = re.compile(r"[a-z0-9]+")
@@ -77,15 +77,15 @@ def search_labels(
                                .order_by(label_t.c.updated_at.desc()).limit(limit))
         return [LabelHit(label=label_info(r), score=0.0) for r in rows]
     if session.get_bind().dialect.name == "sqlite":
-        rows = _search_sqlite(session, words=words, tag=tag, conditions=conditions,
-                              limit=limit)
+        rows = _search_sqlite(session, words=words, tag=tag, sae_id=sae_id,
+                              conditions=conditions, limit=limit)
     else:
         rows = _search_postgresql(session, words=words, conditions=conditions, limit=limit)
     return [LabelHit(label=label_info(r), score=float(r.score)) for r in rows]
 
 
-def _search_sqlite(session: Session, *, words: list[str], tag: str | None, conditions: list,
-                   limit: int) -> Any:
+def _search_sqlite(session: Session, *, words: list[str], tag: str | None, sae_id: str | None,
+                   conditions: list, limit: int) -> Any:
     label_t = Label.__table__
     # Every word quoted (a phrase of one token), the last one a prefix; a tag filter also goes
     # into the match, so the full-text index intersects it instead of SQL probing each match.
@@ -96,9 +96,15 @@ def _search_sqlite(session: Session, *, words: list[str], tag: str | None, condi
     on_fts = text("labels_fts MATCH :match")
     # The rank window: the rowid of the RANK_WINDOW-th newest match (FTS5 walks its matches in
     # rowid order without scoring them), or none when fewer match.
+    # The window holds only labels that pass the SAE and exact tag filters; the tag's check
+    # goes by the FTS rowid, so without an SAE filter the cut needs no join with labels.
     cut_stmt = select(_fts.c.rowid).where(on_fts)
-    if conditions:  # the window holds only labels that pass the SAE and exact tag filters
-        cut_stmt = cut_stmt.join(label_t, label_t.c.id == _fts.c.rowid).where(*conditions)
+    if tag:
+        cut_stmt = cut_stmt.where(exists().where(LabelTag.label_id == _fts.c.rowid,
+                                                 LabelTag.tag == tag))
+    if sae_id:
+        cut_stmt = cut_stmt.join(label_t, label_t.c.id == _fts.c.rowid).where(
+            label_t.c.sae_id == sae_id)
     cut = session.execute(cut_stmt.order_by(_fts.c.rowid.desc()).limit(1)
                           .offset(RANK_WINDOW - 1), {"match": match}).scalar()
     if cut is not None:
