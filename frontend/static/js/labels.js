@@ -93,7 +93,13 @@ function fieldChanges(before, after) {
   for (const key of ["status", "tags", "confidence", "notes"]) {
     const b = JSON.stringify(before?.[key] ?? null);
     const a = JSON.stringify(after?.[key] ?? null);
-    if (b !== a) out.push(`${key}: ${b} → ${a}`);
+    if (b === a) continue;
+    // A new label lists the fields it was given, not every default as a change from nothing.
+    if (before === null) {
+      if (!["null", '""', "[]"].includes(a)) out.push(`${key}: ${a}`);
+    } else {
+      out.push(`${key}: ${b} → ${a}`);
+    }
   }
   return out;
 }
@@ -200,7 +206,14 @@ export function labelEditor(box) {
       api(`${base}/label`), api(`${base}/labels`), api(`${base}/labels/history`),
     ]);
     etag = mine.res.ok ? mine.res.headers.get("ETag") : null;
-    if (!keepForm) fillForm(form, mine.res.ok ? mine.data : null);
+    if (!keepForm) {
+      fillForm(form, mine.res.ok ? mine.data : null);
+      const verdict = mine.data?.status;
+      if (mine.res.ok && !can("reviewer") && (verdict === "accepted" || verdict === "rejected")) {
+        status.textContent = `${mine.data.reviewed_by ?? "a reviewer"} ${verdict} this label; `
+          + "saving an edit sends it back for review";
+      }
+    }
     withdraw.hidden = etag === null;
     const reviewer = can("reviewer") ? onReview : null;
     all.replaceChildren(...(everyone.data?.data ?? []).map((l) => labelRow(l, everyone.data.shown_id, reviewer)));
