@@ -474,3 +474,7 @@ def labels_import_command(
 # `saescope explain` lives in its own module (its options are many); registered here so it gets
 # the same one-line errors as every other command.
 app.command("explain")(clean_errors(explain_command))
+
+
+if __name__ == "__main__":  # `python -m app.cli ...` runs the same commands as `saescope ...`
+    app()

@@ -119,3 +119,13 @@ def test_an_offline_hub_id_is_one_line_and_exit_2_without_a_network_attempt(
     else:  # one DNS lookup of the hub host, failing at once, and no connection
         assert len(network_calls) == 1 and "'huggingface.co'" in network_calls[0], network_calls
     assert sorted(p.name for p in offline_home.iterdir()) == before  # nothing written
+
+
+def test_python_dash_m_app_cli_runs_the_cli() -> None:
+    """`python -m app.cli` is the CLI too (it used to import the module and exit 0 silently)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "app.cli", "user", "--help"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "People who sign in" in done.stdout
