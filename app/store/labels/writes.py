@@ -67,8 +67,9 @@ def snapshot(label: LabelInfo) -> dict[str, Any]:
             "confidence": label.confidence, "notes": label.notes}
 
 
-def _add_revision(conn: Connection, *, label: LabelInfo, version: int, action: str, actor: str,
-                  before: dict[str, Any] | None, after: dict[str, Any] | None) -> None:
+def _add_revision(conn: Connection | Session, *, label: LabelInfo, version: int, action: str,
+                  actor: str, before: dict[str, Any] | None,
+                  after: dict[str, Any] | None) -> None:
     conn.execute(_INSERT_REVISION, {
         "label_id": label.id, "version": version, "sae_id": label.sae_id,
         "feature_index": label.feature_index, "action": action, "actor": actor,
@@ -92,7 +93,7 @@ def _before(conn: Connection, label_id: int) -> LabelInfo:
     return label_info(row)
 
 
-def _stale(label_id: int, expected: int, conn: Connection) -> PreconditionFailedError:
+def _stale(label_id: int, expected: int, conn: Connection | Session) -> PreconditionFailedError:
     current = conn.execute(_VERSION, {"id": label_id}).scalar()
     if current is None:
         return PreconditionFailedError(f"label {label_id} was withdrawn meanwhile")
