@@ -41,7 +41,7 @@ def test_a_run_written_at_0003_reads_as_one_document_per_sequence(url):
             before = dict(conn.execute(text("SELECT seq_index, doc_index FROM sequences")).all())
         assert len(before) == len(rec.sequences.seq_index)
 
-        upgrade(url)
+        upgrade(url, revision="0004")
         assert current_revision(engine) == "0004"
         with Session(engine) as session:
             rows = session.execute(select(Sequence.seq_index, Sequence.doc_index,
