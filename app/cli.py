@@ -63,6 +63,12 @@ def data_folder_line(settings: Any, *, saes: bool = False) -> str:
     return line
 
 
+_DEVICE_HELP = ("where the model runs: auto (CUDA when torch sees a GPU, else cpu), cpu, cuda "
+                "or cuda:N")
+_DTYPE_HELP = ("the model forward's dtype: float32, bfloat16 or float16 (the SAE encode and "
+               "the statistics stay float32)")
+
+
 @app.command("models")
 @clean_errors
 def models_command() -> None:
@@ -103,6 +109,8 @@ def train_sae_command(
     sae_id: str = typer.Option("", help="SAE id (default: LAYER-SET-topk-WIDTH from --hook and "
                                "--d-sae; SET is res, res-pre, mlp or att; WIDTH is 4k for 4096 "
                                "and other multiples of 1024, else the number)."),
+    device: str = typer.Option("auto", help=_DEVICE_HELP + "; the SAE itself trains on the CPU"),
+    dtype: str = typer.Option("float32", help=_DTYPE_HELP),
 ) -> None:
     """Train a TopK SAE on cached activations, evaluate it on held-out tokens, and save it."""
     from pathlib import Path
@@ -114,7 +122,7 @@ def train_sae_command(
     typer.echo(data_folder_line(settings, saes=not out))
     train_sae(model=model, hook_name=hook, d_sae=d_sae, k=k, corpus=corpus, tokens=tokens,
               epochs=epochs, eval_tokens=eval_tokens, seed=seed, text_field=text_field,
-              out=Path(out) if out else None, sae_id=sae_id or None,
+              out=Path(out) if out else None, sae_id=sae_id or None, device=device, dtype=dtype,
               saes_dir=settings.saes_dir, cache_dir=settings.cache_dir, log=typer.echo)
 
 
@@ -142,6 +150,8 @@ def build_command(
                                     help="held-out tokens for explained variance / CE loss"),
     checkpoint_every: int = typer.Option(20, "--checkpoint-every", min=1,
                                          help="batches between checkpoints"),
+    device: str = typer.Option("auto", "--device", help=_DEVICE_HELP),
+    dtype: str = typer.Option("float32", "--dtype", help=_DTYPE_HELP),
 ) -> None:
     """Precompute feature statistics and windows for one SAE into the database (resumable)."""
     from pathlib import Path
@@ -156,8 +166,8 @@ def build_command(
         sae_path=Path(sae), model=model, corpus=corpus, n_tokens=tokens,
         db_url=db or settings.db_url, cache_dir=settings.cache_dir, sae_id=sae_id,
         hook_name=hook, context_size=context_size, batch_size=batch_size,
-        text_field=text_field, eval_tokens=eval_tokens, checkpoint_every=checkpoint_every),
-        log=typer.echo)
+        text_field=text_field, eval_tokens=eval_tokens, checkpoint_every=checkpoint_every,
+        device=device, dtype=dtype), log=typer.echo)
     stats = result.sae_stats
     typer.echo(f"SAE {result.sae_id}: {result.n_tokens} tokens, mean L0 "
                f"{stats.get('mean_l0', 0):.1f}, dead {stats.get('n_dead')}, dense "
@@ -276,6 +286,10 @@ def serve_command(
     workers: int = typer.Option(None, "--workers", min=1, max=64,
                                 help="server processes (default: SAESCOPE_WORKERS, 1); each "
                                      "loads its own copy of the model"),
+    device: str = typer.Option(None, "--device", help=_DEVICE_HELP + " (default: "
+                               "SAESCOPE_DEVICE, auto)"),
+    dtype: str = typer.Option(None, "--dtype", help=_DTYPE_HELP + " (default: SAESCOPE_DTYPE, "
+                              "float32)"),
 ) -> None:
     """Serve the explorer and the JSON API (docs at /docs); the schema is upgraded on start."""
     from app.settings import get_settings
@@ -292,7 +306,16 @@ def serve_command(
         updates["load_model"] = model
     if workers:
         updates["workers"] = workers
+    if device:
+        updates["device"] = device
+    if dtype:
+        updates["dtype"] = dtype
     settings = get_settings().model_copy(update=updates)
+    if settings.load_model:  # a bad device or dtype: one line now, not a failed model later
+        from app.engine.devices import resolve_device, resolve_dtype
+
+        resolve_device(settings.device)
+        resolve_dtype(settings.dtype)
     from app.api.auth import check_auth_settings
 
     check_auth_settings(settings)

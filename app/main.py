@@ -56,6 +56,7 @@ def _load_engine_service(app: FastAPI) -> None:
         from app.engine.service import EngineService
 
         service = EngineService.load(saes=_sae_specs(app), model=settings.model,
+                                     device=settings.device, dtype=settings.dtype,
                                      cache_dir=settings.cache_dir)
     except SaescopeError as exc:
         state.message = public_path(str(exc), home=settings.home)

@@ -45,6 +45,10 @@ class Settings(BaseSettings):
     access_log: bool = False
     # Set false to serve only precomputed data (no model in memory; text search answers 503).
     load_model: bool = True
+    # Where the model runs (auto: CUDA when torch sees a GPU, else cpu; cpu; cuda; cuda:N) and
+    # its forward's dtype (float32, bfloat16, float16); the SAEs stay float32.
+    device: str = "auto"
+    dtype: str = "float32"
     # Who may do what: "none" is one local admin without sign-in (loopback binds only); "token"
     # needs people (`saescope user add`), who sign in with their token or send it as a Bearer.
     auth: Literal["none", "token"] = "none"

@@ -72,13 +72,13 @@ class ReconstructionStats:
         """x, x_hat [n, d_in] and feature_acts [n, d_sae] of counted positions only."""
         x64 = x.double()
         self.n += x.shape[0]
-        batch_sum = x64.sum(0)
+        batch_sum = x64.sum(0).cpu()  # the totals live on the CPU whatever the model's device
         self.sum_x = batch_sum if self.sum_x is None else self.sum_x + batch_sum
         self.sum_x_sq += float(x64.pow(2).sum())
         self.sum_err_sq += float((x64 - x_hat.double()).pow(2).sum())
         active = feature_acts > 0
         self.sum_l0 += float(active.sum())
-        self.fire_counts += active.sum(0)
+        self.fire_counts += active.sum(0).cpu()
 
     def finalize(self, *, dense_threshold: float = 0.1) -> dict[str, Any]:
         if self.n == 0 or self.sum_x is None:
@@ -105,6 +105,7 @@ class ReconstructionStats:
 def ce_loss_sums(logits: Tensor, tokens: Tensor, special_mask: Tensor) -> tuple[float, int]:
     """(sum of next-token NLL, number of terms) where position and target are both ordinary."""
     pred = logits[:, :-1].float()
+    tokens, special_mask = tokens.to(logits.device), special_mask.to(logits.device)
     target = tokens[:, 1:]
     valid = ~(special_mask[:, :-1] | special_mask[:, 1:])
     nll = torch.nn.functional.cross_entropy(pred[valid], target[valid].long(), reduction="sum")
@@ -154,7 +155,7 @@ def evaluate_sae(
             nll["clean"] += total
             del logits
             t = resume.activation
-            counted = ~mask
+            counted = ~mask.to(t.device)
             x = t[counted]
             acts = sae.encode(x)
             x_hat = sae.decode(acts).to(t.dtype)

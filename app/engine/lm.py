@@ -99,6 +99,11 @@ class LanguageModel:
     def device(self) -> torch.device:
         return next(self.hf_model.parameters()).device
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The forward's dtype (``load_model(dtype=...)``); hooks see activations in it."""
+        return next(self.hf_model.parameters()).dtype
+
     # ----- hook points -----------------------------------------------------------------------
 
     def hook_names(self) -> list[str]:

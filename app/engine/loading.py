@@ -50,9 +50,11 @@ _CACHE_STAMP = "saescope-source.json"
 _HUB_ID_RE = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
-def load_model(spec: str | None = None, *, device: str = "cpu", cache_dir: Path) -> LanguageModel:
+def load_model(spec: str | None = None, *, device: str | torch.device = "cpu",
+               dtype: torch.dtype = torch.float32, cache_dir: Path) -> LanguageModel:
     """Load a preset name, a local HF folder, a local .gguf file or a hub id (needs a network, or
-    the model in the hub cache).
+    the model in the hub cache), on ``device`` with its weights in ``dtype`` (loaded as float32,
+    then cast, so every format gives the same numbers before the cast).
 
     ``cache_dir`` holds the dequantized copies of GGUF models ({cache_dir}/models/{model_id}) and
     the GGUF files that presets assemble from parts ({cache_dir}/gguf/{preset}).
@@ -74,8 +76,10 @@ def load_model(spec: str | None = None, *, device: str = "cpu", cache_dir: Path)
             lm = _load_hub(spec)
         else:
             raise ConfigError(f"unknown model {spec!r}; {_choices()}")
-    if device != "cpu":
+    if torch.device(device).type != "cpu":
         lm.hf_model.to(device)
+    if dtype != torch.float32:
+        lm.hf_model.to(dtype)
     return lm
 
 

@@ -66,10 +66,14 @@ class EngineService:
 
     @classmethod
     def load(cls, *, saes: Sequence[SAESpec], model: str = "", device: str = "cpu",
-             cache_dir: Path) -> EngineService:
+             dtype: str = "float32", cache_dir: Path) -> EngineService:
         """Load `model` (empty: the model of the first SAE in `saes`, which the app orders with
         precomputed SAEs first) and every SAE of that model from its folder; ``cache_dir`` holds
-        the dequantized model cache (see app/engine/loading.py)."""
+        the dequantized model cache (see app/engine/loading.py). ``device`` and ``dtype`` as
+        ``--device`` / ``--dtype`` (app/engine/devices.py); the SAEs stay float32."""
+        from app.engine.devices import resolve_device, resolve_dtype
+
+        torch_device, torch_dtype = resolve_device(device), resolve_dtype(dtype)
         if not model:
             if not saes:
                 raise ConfigError(
@@ -77,7 +81,7 @@ class EngineService:
                     "`saescope build` (or set SAESCOPE_MODEL)"
                 )
             model = model_spec(saes[0].model_id, saes[0].model_source)
-        lm = load_model(model, device=device, cache_dir=cache_dir)
+        lm = load_model(model, device=torch_device, dtype=torch_dtype, cache_dir=cache_dir)
         loaded: dict[str, LoadedSAE] = {}
         skipped: dict[str, str] = {}
         for spec in saes:
@@ -89,7 +93,7 @@ class EngineService:
                 skipped[spec.sae_id] = f"its folder {spec.path} does not exist"
                 continue
             try:
-                sae = SAE.load(spec.path, device=device, hook_name=spec.hook_name)
+                sae = SAE.load(spec.path, device=torch_device, hook_name=spec.hook_name)
                 sae.check_compatible(d_model=lm.d_model, hook_name=spec.hook_name)
             except Exception as exc:  # noqa: BLE001 - one bad SAE must not stop the others
                 skipped[spec.sae_id] = f"loading {spec.path} failed: {exc}"
@@ -131,7 +135,7 @@ class EngineService:
     @torch.inference_mode()
     def _encode_sparse(self, loaded: LoadedSAE, ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
         """``SAE.encode_sparse`` of the text's hook activations, as numpy (values, indices)."""
-        acts = self.lm.run_to_hook(ids, loaded.hook_name)[0]
+        acts = self.lm.run_to_hook(ids, loaded.hook_name)[0].float()  # float32 into the SAE
         values, indices = loaded.sae.encode_sparse(acts)
         return values.float().cpu().numpy(), indices.cpu().numpy()
 

@@ -127,6 +127,9 @@ def cache_key_parts(*, lm: LanguageModel, hook_name: str, corpus: str, text_fiel
         "packing": PACKING,
         "max_tokens": int(max_tokens),
         "context_size": int(context_size),
+        # a model run in another dtype gives other activations; float32 keys stay as they were
+        **({} if str(lm.dtype) == "torch.float32"
+           else {"model_dtype": str(lm.dtype).removeprefix("torch.")}),
     }
 
 

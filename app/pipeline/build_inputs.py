@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
 def load_inputs(opts: BuildOptions, log: Log) -> tuple[LanguageModel, SAE, str, str, int]:
     """(lm, sae, hook name, sae id, context size) from the SAE folder and the options."""
+    from app.engine.devices import resolve_device, resolve_dtype
     from app.engine.loading import load_model
     from app.engine.sae import SAE
 
@@ -32,13 +33,16 @@ def load_inputs(opts: BuildOptions, log: Log) -> tuple[LanguageModel, SAE, str, 
     if not sae_path.exists():
         raise ConfigError(f"SAE folder {sae_path} does not exist; train one with "
                           "`saescope train-sae` or pass --sae PATH to an SAE folder")
+    device, dtype = resolve_device(opts.device), resolve_dtype(opts.dtype)
     log(f"loading SAE from {sae_path}")
-    sae = SAE.load(sae_path).eval()
+    sae = SAE.load(sae_path, device=device).eval()
     model_spec = opts.model or sae.cfg.model_name
     if not model_spec:
         raise ConfigError(f"SAE {sae_path} does not name its model; pass --model")
-    log(f"loading model {model_spec}")
-    lm = load_model(model_spec, cache_dir=Path(opts.cache_dir))
+    where = "" if device.type == "cpu" and dtype == torch.float32 else \
+        f" on {device} in {str(dtype).removeprefix('torch.')}"
+    log(f"loading model {model_spec}{where}")
+    lm = load_model(model_spec, device=device, dtype=dtype, cache_dir=Path(opts.cache_dir))
     hook = opts.hook_name or sae.cfg.hook_name
     if not hook:
         raise ConfigError(f"SAE {sae_path} does not name its hook; pass --hook "
@@ -135,11 +139,13 @@ def tokenize(lm: LanguageModel, opts: BuildOptions, ctx: int, *, trained_tokens:
 
 class ActivationSource:
     """Hook activations per batch, from a matching cache or the model (rounded through float16
-    like the cache, so both sources feed the SAE the same numbers)."""
+    like the cache, so both sources feed the SAE the same numbers), as float32 on ``device``
+    (the SAE's) whatever the dtype of the model's forward."""
 
     def __init__(self, *, lm: LanguageModel, hook_name: str,
-                 cache: ActivationCache | None) -> None:
+                 cache: ActivationCache | None, device: torch.device | str = "cpu") -> None:
         self.lm, self.hook_name, self.cache = lm, hook_name, cache
+        self.device = torch.device(device)
 
     @property
     def source(self) -> str:
@@ -147,10 +153,11 @@ class ActivationSource:
 
     def batch(self, tokens: np.ndarray, start: int, stop: int) -> torch.Tensor:
         if self.cache is not None:
-            return torch.from_numpy(np.array(self.cache.acts[start:stop], dtype=np.float32))
+            acts = np.array(self.cache.acts[start:stop], dtype=np.float32)
+            return torch.from_numpy(acts).to(self.device)
         ids = torch.from_numpy(np.ascontiguousarray(tokens[start:stop])).long()
         out = self.lm.run_to_hook(ids, self.hook_name)
-        return out.to(torch.float16).float()
+        return out.to(torch.float16).to(device=self.device, dtype=torch.float32)
 
 
 def find_cache(*, lm: LanguageModel, hook_name: str, opts: BuildOptions, n_tokens: int,

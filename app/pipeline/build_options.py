@@ -39,6 +39,8 @@ class BuildOptions:
     checkpoint_every: int = 20  # batches
     checkpoint_seconds: float = 60.0  # and at least this often
     use_activation_cache: bool = True
+    device: str = "cpu"  # auto, cpu, cuda or cuda:N (see app.engine.devices); the CLI says auto
+    dtype: str = "float32"  # the model forward's; the SAE encode and the accumulators stay float32
     progress: bool = True
 
 
@@ -52,5 +54,9 @@ def check_options(opts: BuildOptions) -> None:
         raise ConfigError(f"context size must be at least 2 (got {opts.context_size})")
     if opts.checkpoint_seconds <= 0:
         raise ConfigError(f"checkpoint seconds must be positive (got {opts.checkpoint_seconds})")
+    from app.engine.devices import resolve_device, resolve_dtype
+
+    resolve_device(opts.device)
+    resolve_dtype(opts.dtype)
     if opts.eval_tokens < 0:
         raise ConfigError(f"eval tokens must be >= 0 (got {opts.eval_tokens})")

@@ -279,7 +279,7 @@ def _prepare_run(opts: BuildOptions, *, log: Log, lm: LanguageModel, sae: SAE, h
             "built or trained over")
     cache = find_cache(lm=lm, hook_name=hook, opts=opts, n_tokens=n_tokens, ctx=ctx,
                        tokens=corpus.tokens)
-    source = ActivationSource(lm=lm, hook_name=hook, cache=cache)
+    source = ActivationSource(lm=lm, hook_name=hook, cache=cache, device=sae.device)
     log("activations: " + (f"reusing cache {cache.path}" if cache is not None
                            else f"running {lm.model_id} to {hook}"))
     config = {
@@ -295,6 +295,8 @@ def _prepare_run(opts: BuildOptions, *, log: Log, lm: LanguageModel, sae: SAE, h
         "seed": opts.seed,
         "activations": source.source.split(":")[0],
     }
+    if lm.dtype != torch.float32:  # float32 builds keep today's config (and checkpoint key)
+        config["model_dtype"] = str(lm.dtype).removeprefix("torch.")
     key = run_key(config, sae_path=Path(opts.sae_path), corpus=opts.corpus,
                   text_field=opts.text_field, activation_source=source.source)
     ckpt = open_checkpoint(Path(opts.cache_dir), key)
@@ -311,7 +313,9 @@ def start_static_features(*, lm: LanguageModel, sae: SAE, opts: BuildOptions
     from app.pipeline.static_features import StaticFeatures
 
     w_u, scale = lm.unembedding()
-    job = StaticFeatures(w_dec=sae.W_dec.detach().float(), norm_scale=scale, w_u=w_u,
+    # numpy does this work, on the CPU, in float32 whatever the model's device and dtype
+    job = StaticFeatures(w_dec=sae.W_dec.detach().float().cpu(), norm_scale=scale.float().cpu(),
+                         w_u=w_u.float().cpu(),
                          n_logits=opts.n_logits, n_neighbours=opts.n_neighbours)
     job.start_background()
     return job
@@ -339,11 +343,12 @@ def _stream(*, acc: FeatureAccumulators, sae: SAE, source: ActivationSource,
                     acts = source.batch(corpus.tokens, s, e)
                     if sparse_code:  # no [tokens, d_sae] code at all (see SAE.encode_sparse)
                         values, indices = sae.encode_sparse(acts)
-                        acc.update_sparse(values, indices, special_mask=corpus.special_mask[s:e],
+                        acc.update_sparse(values.cpu(), indices.cpu(),
+                                          special_mask=corpus.special_mask[s:e],
                                           seq_index=np.arange(s, e))
                         del values, indices
                     else:
-                        acc.update(sae.encode(acts), special_mask=corpus.special_mask[s:e],
+                        acc.update(sae.encode(acts).cpu(), special_mask=corpus.special_mask[s:e],
                                    seq_index=np.arange(s, e))
                 del acts
                 done += 1

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from app.engine.devices import resolve_device, resolve_dtype
 from app.engine.evals import (
     evaluate_sae,
     format_evals,
@@ -81,6 +82,8 @@ def train_sae(
     context_size: int = 128,
     text_field: str = "text",
     lm: LanguageModel | None = None,
+    device: str = "cpu",
+    dtype: str = "float32",
     train_overrides: dict[str, Any] | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
@@ -99,6 +102,7 @@ def train_sae(
     t_start = time.perf_counter()
     check_options(d_sae=d_sae, k=k, epochs=epochs, tokens=tokens, eval_tokens=eval_tokens,
                   context_size=context_size)
+    torch_device, torch_dtype = resolve_device(device), resolve_dtype(dtype)
     cfg = TrainConfig(d_sae=d_sae, k=k, epochs=epochs, seed=seed, **(train_overrides or {}))
     # Every output is checked before the model loads: a run must not fail at its last write.
     check_writable_dir(cache_dir, what=f"the cache folder {cache_dir}",
@@ -112,7 +116,7 @@ def train_sae(
     check_corpus(corpus, text_field=text_field)  # a missing or empty corpus: before the model
     if lm is None:
         log(f"loading {model} ...")
-        lm = load_model(model, cache_dir=cache_dir)
+        lm = load_model(model, device=torch_device, dtype=torch_dtype, cache_dir=cache_dir)
     hook_name = lm.hook_point(hook_name).name  # ConfigError listing valid names
     sae_id = sae_id or default_sae_id(hook_name, d_sae=d_sae)
     if out is None:
@@ -172,7 +176,10 @@ def train_sae(
     sae = SAE.from_tensors(sae_cfg, {"W_enc": w.W_enc, "b_enc": w.b_enc, "W_dec": w.W_dec,
                                      "b_dec": w.b_dec}, source="trained SAE")
     log(f"evaluating on {held_out.real_tokens():,} held-out tokens ...")
-    evals = evaluate_sae(sae, lm, held_out.tokens, held_out.special_mask, progress=progress)
+    # Evaluated beside the model (its device), kept and saved on the CPU.
+    evals = evaluate_sae(sae.to(lm.device), lm, held_out.tokens, held_out.special_mask,
+                         progress=progress)
+    sae = sae.to("cpu")
     t_eval = time.perf_counter()
     evals.update({
         "sae_id": sae_id, "model_id": lm.model_id, "corpus": corpus,
