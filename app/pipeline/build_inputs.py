@@ -83,15 +83,17 @@ class Tokenized:
     no_eval_reason: str = ""
 
 
-def tokenize(lm: LanguageModel, opts: BuildOptions, ctx: int, *, trained_tokens: int = 0
-             ) -> Tokenized:
+def tokenize(lm: LanguageModel, opts: BuildOptions, ctx: int, *, trained_tokens: int = 0,
+             log: Log = lambda _m: None) -> Tokenized:
     """The build's sequences (the most whole packed sequences holding at most ``--tokens`` text
     tokens) and up to ``--eval-tokens`` held-out text tokens for the evaluation, taken after
     the build's tokens and after the ``trained_tokens`` the SAE was trained on when it was
     trained on this corpus (train-sae's held-out slice then, so its evals.json is reused). The
     SAE is never scored on text it was built or trained over: with no such text left there is
-    no evaluation, and ``no_eval_reason`` says why."""
-    from app.pipeline.corpus import CorpusTooSmall, load_documents, tokenize_corpus
+    no evaluation, and ``no_eval_reason`` says why. The tokenized corpus is cached by
+    fingerprint (app/pipeline/token_cache.py): a rebuild skips parsing and tokenizing."""
+    from app.pipeline.corpus import CorpusTooSmall
+    from app.pipeline.token_cache import cached_tokenize
 
     eval_budget = max(opts.eval_tokens, 0)
     skip = max(trained_tokens - opts.n_tokens, 0) if eval_budget else 0
@@ -100,11 +102,10 @@ def tokenize(lm: LanguageModel, opts: BuildOptions, ctx: int, *, trained_tokens:
         skip, eval_budget = 0, 0
         far = (f"the SAE was trained on the first {trained_tokens:,} tokens of this corpus, "
                "far past the build's")
-    docs = load_documents(opts.corpus, text_field=opts.text_field)
     try:
-        full = tokenize_corpus(docs, lm=lm, context_size=ctx,
-                               max_tokens=opts.n_tokens + skip + eval_budget,
-                               source=str(opts.corpus), allow_short=True)
+        full = cached_tokenize(lm=lm, corpus=str(opts.corpus), text_field=opts.text_field,
+                               context_size=ctx, max_tokens=opts.n_tokens + skip + eval_budget,
+                               cache_dir=Path(opts.cache_dir), log=log)
     except CorpusTooSmall as exc:  # not even one whole sequence
         raise ConfigError(str(exc)) from None
     real = np.cumsum((~full.special_mask).sum(axis=1))

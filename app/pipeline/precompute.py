@@ -267,7 +267,7 @@ def _prepare_run(opts: BuildOptions, *, log: Log, lm: LanguageModel, sae: SAE, h
                  sae_id: str, ctx: int, static: StaticFeatures) -> _Prepared:
     log(f"tokenizing corpus {opts.corpus} ({opts.n_tokens:,} text tokens packed in sequences "
         f"of {ctx})")
-    tok = tokenize(lm, opts, ctx, trained_tokens=trained_on(sae, opts))
+    tok = tokenize(lm, opts, ctx, trained_tokens=trained_on(sae, opts), log=log)
     corpus, eval_tokens, eval_special = tok.corpus, tok.eval_tokens, tok.eval_special
     held_out = eval_tokens.size > 0
     n_tokens = corpus.real_tokens()
