@@ -60,12 +60,18 @@ def explain_command(
     pool_sequences: int = typer.Option(64, "--pool-sequences", min=1, help="stored sequences "
                                        "encoded to find windows where a feature is zero "
                                        "(detection)"),
+    device: str = typer.Option("auto", "--device", help="where the SAE's model runs to encode "
+                               "the pool: auto (CUDA when torch sees a GPU, else cpu), cpu, cuda "
+                               "or cuda:N"),
+    dtype: str = typer.Option("float32", "--dtype", help="that model's forward dtype: float32, "
+                              "bfloat16 or float16 (the SAE encodes float32)"),
 ) -> None:
     """Explain features automatically, score each explanation (detection, fuzzing, with a
     random-explanation control) and store it as a draft label by autointerp:EXPLAINER.
 
     Drafts never replace a person's label and are not shown until a reviewer accepts one.
     Resumable: a rerun skips features already explained and scored with the same seed."""
+    from app.engine.devices import resolve_device, resolve_dtype
     from app.errors import ConfigError
     from app.pipeline.autointerp.explain_job import (
         EXPLAINERS,
@@ -77,6 +83,8 @@ def explain_command(
     from app.store import queries
     from app.store.db import read_session
 
+    resolve_device(device)  # a bad value: one line before anything runs
+    resolve_dtype(dtype)
     selection = parse_features(features)
     methods = parse_methods(score)
     if explainer not in EXPLAINERS:
@@ -95,13 +103,15 @@ def explain_command(
                              "api_key_env": api_key_env},
              scorer_kind=scorer_kind if methods else None,
              scorer_opts={"model": scorer_model, "url": scorer_url, "api_key_env": api_key_env},
-             pool_sequences=pool_sequences, cache_dir=settings.cache_dir)
+             pool_sequences=pool_sequences, cache_dir=settings.cache_dir,
+             device=device, dtype=dtype)
     finally:
         engine.dispose()
 
 
 def _run(engine: Any, *, job: Any, explainer_opts: dict[str, Any], scorer_kind: str | None,
-         scorer_opts: dict[str, Any], pool_sequences: int, cache_dir: Any) -> None:
+         scorer_opts: dict[str, Any], pool_sequences: int, cache_dir: Any, device: str = "cpu",
+         dtype: str = "float32") -> None:
     from app.pipeline.autointerp.backends import make_backend
     from app.pipeline.autointerp.explain_job import llm_explainer, run_explain
     from app.pipeline.autointerp.negatives import pool_from_store
@@ -127,7 +137,8 @@ def _run(engine: Any, *, job: Any, explainer_opts: dict[str, Any], scorer_kind: 
     summary = run_explain(
         engine, job, explain=explain, scorer=scorer,
         negatives=lambda: pool_from_store(engine, sae_id=job.sae_id, n_sequences=pool_sequences,
-                                          seed=job.seed, cache_dir=cache_dir, log=typer.echo),
+                                          seed=job.seed, cache_dir=cache_dir, log=typer.echo,
+                                          device=device, dtype=dtype),
         log=typer.echo, explainer_details=details)
     line = f"explained {summary.explained} features"
     for method, values in summary.scores.items():

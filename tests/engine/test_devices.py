@@ -58,7 +58,7 @@ def _sae_folder(path):
     (["--device", "gpu"], "unknown device 'gpu'"),
     (["--dtype", "float64"], "unknown dtype 'float64'"),
 ])
-@pytest.mark.parametrize("command", ["build", "train-sae", "serve"])
+@pytest.mark.parametrize("command", ["build", "train-sae", "serve", "explain"])
 def test_bad_device_or_dtype_is_one_line_and_exit_2(tmp_path, monkeypatch, no_cuda, command,
                                                       args, message) -> None:
     from app.settings import get_settings
@@ -70,7 +70,8 @@ def test_bad_device_or_dtype_is_one_line_and_exit_2(tmp_path, monkeypatch, no_cu
                        "--db", f"sqlite:///{tmp_path / 'x.db'}"],
              "train-sae": ["--model", "tiny-llama", "--hook", HOOK, "--out",
                            str(tmp_path / "out")],
-             "serve": ["--db", f"sqlite:///{tmp_path / 'x.db'}"]}[command]
+             "serve": ["--db", f"sqlite:///{tmp_path / 'x.db'}"],
+             "explain": ["--sae", "s", "--db", f"sqlite:///{tmp_path / 'x.db'}"]}[command]
     try:
         result = CliRunner().invoke(app, [command, *extra, *args])
     finally:

@@ -92,7 +92,7 @@ def encode_pool(*, lm: LanguageModel, sae: SAE, hook_name: str, tokens: Mapping[
 
     from app.pipeline.build_inputs import ActivationSource
 
-    source = ActivationSource(lm=lm, hook_name=hook_name, cache=None)
+    source = ActivationSource(lm=lm, hook_name=hook_name, cache=None, device=sae.device)
     order = sorted(tokens)
     seqs, poss, feats = [], [], []
     for start in range(0, len(order), batch_size):
@@ -113,10 +113,12 @@ def encode_pool(*, lm: LanguageModel, sae: SAE, hook_name: str, tokens: Mapping[
 
 
 def pool_from_store(engine: Engine, *, sae_id: str, n_sequences: int, seed: int,
-                    cache_dir: Path, log: Callable[[str], None] = lambda _m: None
-                    ) -> SequencePool:
+                    cache_dir: Path, log: Callable[[str], None] = lambda _m: None,
+                    device: str = "cpu", dtype: str = "float32") -> SequencePool:
     """Encode a seeded sample of the live run's stored sequences with the SAE's own model and
-    weights (as the database records them)."""
+    weights (as the database records them); the model runs on ``device`` in ``dtype``
+    (app/engine/devices.py), the SAE encodes float32 there."""
+    from app.engine.devices import resolve_device, resolve_dtype
     from app.engine.loading import load_model
     from app.engine.sae import SAE
     from app.engine.service import model_spec
@@ -136,7 +138,9 @@ def pool_from_store(engine: Engine, *, sae_id: str, n_sequences: int, seed: int,
             "zero (score fuzzing only with --score fuzzing)")
     log(f"finding windows at zero: encoding {len(tokens)} stored sequences with "
         f"{weights.model_id} and {sae_id}")
-    lm = load_model(model_spec(weights.model_id, weights.model_source), cache_dir=cache_dir)
-    sae = SAE.load(weights.path, hook_name=weights.hook_name).eval()
+    torch_device, torch_dtype = resolve_device(device), resolve_dtype(dtype)
+    lm = load_model(model_spec(weights.model_id, weights.model_source), device=torch_device,
+                    dtype=torch_dtype, cache_dir=cache_dir)
+    sae = SAE.load(weights.path, hook_name=weights.hook_name, device=torch_device).eval()
     sae.check_compatible(d_model=lm.d_model, hook_name=weights.hook_name)
     return encode_pool(lm=lm, sae=sae, hook_name=weights.hook_name, tokens=tokens)
