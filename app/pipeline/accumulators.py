@@ -5,7 +5,11 @@ the top windows (``top_windows.py``), the interval samples (``interval_samples.p
 activation statistics (``activation_stats.py``).
 
 State is O(d_sae x k), independent of the corpus length. It is plain numpy (``state_dict`` /
-``load_state_dict``) so the pipeline can checkpoint it and resume bit for bit.
+``load_state_dict``) so the pipeline can checkpoint it and resume bit for bit, and mergeable:
+``merge`` folds in the state of other records (a shard of the corpus) and is associative and
+commutative, so any split of the sequences, merged in any order, gives the state of one pass
+(sums are exact, see ``exact_sum.py``; ``state_dict`` is canonical, so equal states are equal
+arrays).
 """
 
 from __future__ import annotations
@@ -75,6 +79,14 @@ class FeatureAccumulators:
         self.intervals.update(batch)
         return batch
 
+    def merge(self, other: FeatureAccumulators) -> None:
+        """Fold in the accumulators of other sequences (exact; see the module docstring)."""
+        if (other.d_sae, other.ctx) != (self.d_sae, self.ctx):
+            raise ValueError("cannot merge accumulators of different shapes")
+        self.stats.merge(other.stats)
+        self.top.merge(other.top)
+        self.intervals.merge(other.intervals)
+
     def state_dict(self) -> dict[str, np.ndarray]:
         state = {}
         for prefix, part in (("top", self.top), ("iv", self.intervals), ("st", self.stats)):
@@ -92,7 +104,7 @@ class FeatureAccumulators:
                                                                       ctx=self.ctx)
         windows = concat_windows([self.top.finalize(ctx=self.ctx), iv_windows])
         return FeatureStatsResult(
-            count=self.stats.count.copy(), act_sum=self.stats.act_sum.copy(), max_act=max_act,
+            count=self.stats.count.copy(), act_sum=self.stats.act_sum_float(), max_act=max_act,
             frac_nonzero=self.stats.frac_nonzero(), hist_edges=self.stats.hist_edges.copy(),
             hist_counts=self.stats.hist.copy(), band_count=band_count, band_share=band_share,
             windows=windows, n_tokens=int(self.stats.n_tokens),

@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 
+from app.pipeline import exact_sum
 from app.pipeline.array_state import ArrayState
 from app.pipeline.sparse import SparseBatch
 
@@ -23,12 +24,16 @@ DENSITY_EDGES = np.linspace(-8.0, 0.0, 33)  # log10(frac_nonzero), values below 
 class ActivationStats(ArrayState):
     """Per feature count, sum, max and activation histogram; per SAE the L0 distribution.
 
-    Maths: ``count_f = #{t : v(f,t) > 0}``, ``sum_f = sum_t v(f,t)`` (float64, accumulated in a
-    fixed order), ``max_f = max_t v(f,t)`` (0 if never fired), ``frac_nonzero_f = count_f / N``
-    with N the counted tokens, ``hist[f, i] = #{t : edges[i] <= v(f,t) < edges[i+1]}`` with the
-    first and last bins open-ended. ``L0(t) = #{f : v(f,t) > 0}`` over counted tokens (tokens
-    where nothing fires count as L0 = 0). A feature is dead when ``count_f = 0`` and dense when
-    ``frac_nonzero_f > dense_threshold`` (default 0.1: it fires on more than one token in ten).
+    Maths: ``count_f = #{t : v(f,t) > 0}``, ``sum_f = sum_t v(f,t)`` (exact: ``exact_sum``
+    limbs, read as float64 by ``act_sum_float``), ``max_f = max_t v(f,t)`` (0 if never fired),
+    ``frac_nonzero_f = count_f / N`` with N the counted tokens, ``hist[f, i] = #{t : edges[i] <=
+    v(f,t) < edges[i+1]}`` with the first and last bins open-ended. ``L0(t) = #{f : v(f,t) >
+    0}`` over counted tokens (tokens where nothing fires count as L0 = 0). A feature is dead when
+    ``count_f = 0`` and dense when ``frac_nonzero_f > dense_threshold`` (default 0.1: it fires
+    on more than one token in ten).
+
+    Every field is a sum, a max or a count over records, so ``merge`` (field-wise add / max) of
+    the states of any split of the records is the state of one pass over all of them.
     """
 
     def __init__(self, d_sae: int, *, hist_edges: np.ndarray | None = None,
@@ -38,7 +43,7 @@ class ActivationStats(ArrayState):
         self.n_hist = self.hist_edges.size - 1
         self.dense_threshold = dense_threshold
         self.count = np.zeros(d_sae, dtype=np.int64)
-        self.act_sum = np.zeros(d_sae, dtype=np.float64)
+        self.act_sum = exact_sum.zeros(d_sae)
         self.max_act = np.zeros(d_sae, dtype=np.float32)
         self.hist = np.zeros((d_sae, self.n_hist), dtype=np.int64)
         self.l0_counts = np.zeros(d_sae + 1, dtype=np.int64)
@@ -56,13 +61,26 @@ class ActivationStats(ArrayState):
         self.n_tokens += batch.counted.size
         self.n_counted += batch.n_counted
         self.count += np.bincount(f, minlength=self.d_sae)
-        self.act_sum += np.bincount(f, weights=v.astype(np.float64), minlength=self.d_sae)
+        exact_sum.add(self.act_sum, f, limbs=batch.value_limbs)
         if f.size:
             np.maximum.at(self.max_act, f, v)
         self.hist += np.bincount(f * self.n_hist + self.hist_bin(v),
                                  minlength=self.d_sae * self.n_hist).reshape(self.d_sae, -1)
         l0 = np.bincount(batch.token, minlength=batch.counted.size)[batch.counted]
         self.l0_counts += np.bincount(l0, minlength=self.d_sae + 1)
+
+    def merge(self, other: ActivationStats) -> None:
+        """Fold in the state of other records (associative and commutative, exact)."""
+        if other.d_sae != self.d_sae or not np.array_equal(other.hist_edges, self.hist_edges):
+            raise ValueError("cannot merge activation statistics of different shapes")
+        for name in ("count", "hist", "l0_counts", "n_tokens", "n_counted"):
+            setattr(self, name, np.asarray(getattr(self, name) + getattr(other, name)))
+        self.act_sum = exact_sum.merged(self.act_sum, other.act_sum)
+        self.max_act = np.maximum(self.max_act, other.max_act)
+
+    def act_sum_float(self) -> np.ndarray:
+        """float64 [d_sae] sums of activations."""
+        return exact_sum.to_float(self.act_sum)
 
     def frac_nonzero(self) -> np.ndarray:
         n = max(int(self.n_counted), 1)

@@ -18,7 +18,7 @@ import numpy as np
 
 from app.pipeline.corpus import corpus_fingerprint
 
-CHECKPOINT_VERSION = 2
+CHECKPOINT_VERSION = 3  # 3: exact sums (int64 limbs), canonical slot order
 
 
 class Checkpoint:

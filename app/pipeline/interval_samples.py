@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from app.pipeline import exact_sum
 from app.pipeline.array_state import ArrayState
 from app.pipeline.sparse import SparseBatch
 from app.records import (
@@ -43,7 +44,7 @@ class IntervalSamples(ArrayState):
     ``floor(v * n_fine / 2^E)``; computed with ldexp, exactly. When the running max crosses
     ``2^E`` the exponent grows by d and bin b becomes ``b >> d`` (the same value floor(v * n_fine
     / 2^(E+d)) gives directly), so the final grid depends only on the final max: per-bin counts
-    and sums are exact and independent of batch order.
+    and sums (``exact_sum`` limbs, integer adds) are exact and independent of batch order.
 
     Samples: each record gets a deterministic hash priority (``_priority``). Per (feature, sample
     bin), sample bins being ``n_sample_bins`` groups of fine bins, the state keeps the
@@ -60,6 +61,12 @@ class IntervalSamples(ArrayState):
     band. Approximation: a sample bin straddling a band edge contributes only its candidates that
     fall in the band, so a band made mostly of straddling bins may get fewer than ``per_band``
     samples although it holds more records (with the defaults a band spans 1.6 to 3.2 sample bins).
+
+    Merge (``merge``): coarsen both states to the larger exponent of each feature, add the bins,
+    and keep per sample bin the bottom-s of the two candidate sets: exactly the state one pass
+    over both sets of records reaches (priorities are distinct within a feature: the hash is a
+    bijection of the position). ``state_dict`` lists each bin's candidates by priority, so equal
+    states are equal arrays.
     """
 
     def __init__(self, d_sae: int, *, n_bands: int = 10, per_band: int = 3, window_len: int = 32,
@@ -79,7 +86,7 @@ class IntervalSamples(ArrayState):
         shape = (d_sae, n_sample_bins, self.s)
         self.exponent = np.full(d_sae, NO_EXPONENT, dtype=np.int32)
         self.bin_count = np.zeros((d_sae, n_fine), dtype=np.int64)
-        self.bin_sum = np.zeros((d_sae, n_fine), dtype=np.float64)
+        self.bin_sum = exact_sum.zeros(d_sae, n_fine)  # exact sums, int64 limbs
         self.prio = np.full(shape, EMPTY_PRIORITY, dtype=np.uint64)
         self.value = np.zeros(shape, dtype=np.float32)
         self.gpos = np.zeros(shape, dtype=np.int64)
@@ -115,8 +122,7 @@ class IntervalSamples(ArrayState):
         flat = f * self.n_fine + fine
         size = self.d_sae * self.n_fine
         self.bin_count += np.bincount(flat, minlength=size).reshape(self.d_sae, self.n_fine)
-        self.bin_sum += np.bincount(flat, weights=v.astype(np.float64),
-                                    minlength=size).reshape(self.d_sae, self.n_fine)
+        exact_sum.add(self.bin_sum, flat, limbs=batch.value_limbs)
         self._insert(batch, fine >> self.sample_shift)
 
     def _coarsen(self, feats: np.ndarray, shift: np.ndarray) -> None:
@@ -128,9 +134,9 @@ class IntervalSamples(ArrayState):
         self.bin_count[feats] = np.bincount(
             target, weights=self.bin_count[feats].ravel().astype(np.float64),
             minlength=n * self.n_fine).reshape(n, self.n_fine).astype(np.int64)
-        self.bin_sum[feats] = np.bincount(
-            target, weights=self.bin_sum[feats].ravel(), minlength=n * self.n_fine
-        ).reshape(n, self.n_fine)
+        self.bin_sum[feats] = exact_sum.reduce_groups(
+            self.bin_sum[feats].reshape(-1, exact_sum.N_LIMBS), target, n * self.n_fine
+        ).reshape(n, self.n_fine, exact_sum.N_LIMBS)
         # Samples: merged bins keep the bottom-s priorities of the union of their candidates.
         nb, s = self.n_sample_bins, self.s
         old = {name: getattr(self, name)[feats].reshape(n * nb * s, *getattr(
@@ -184,6 +190,47 @@ class IntervalSamples(ArrayState):
         self.length[rf, rb, rs] = length
         self.values[rf, rb, rs] = values
 
+    def merge(self, other: IntervalSamples) -> None:
+        """Fold in the state of other records (associative, commutative, exact); ``other`` is
+        left as it was."""
+        params = ("d_sae", "n_bands", "per_band", "window_len", "n_fine", "n_sample_bins", "s",
+                  "seed")
+        if any(getattr(self, p) != getattr(other, p) for p in params):
+            raise ValueError("cannot merge interval samples of different parameters")
+        other = other.copy()
+        exponent = np.maximum(self.exponent, other.exponent)
+        for part in (self, other):
+            grow = (part.exponent != NO_EXPONENT) & (exponent > part.exponent)
+            if grow.any():
+                part._coarsen(np.flatnonzero(grow), (exponent - part.exponent)[grow])
+            part.exponent = exponent.copy()
+        self.bin_count += other.bin_count
+        self.bin_sum = exact_sum.merged(self.bin_sum, other.bin_sum)
+        # Per (feature, sample bin): the s smallest priorities of both candidate sets.
+        prio = np.concatenate([self.prio, other.prio], axis=2)
+        keep = np.argsort(prio, axis=2, kind="stable")[:, :, : self.s]
+        for name in self._slot_fields:
+            both = np.concatenate([getattr(self, name), getattr(other, name)], axis=2)
+            index = keep.reshape(*keep.shape, *([1] * (both.ndim - 3)))
+            setattr(self, name, np.take_along_axis(both, index, axis=2))
+
+    def copy(self) -> IntervalSamples:
+        twin = object.__new__(IntervalSamples)
+        twin.__dict__.update(self.__dict__)
+        for name in self._fields:
+            setattr(twin, name, getattr(self, name).copy())
+        return twin
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """The arrays, each bin's candidates in priority order (empty slots last)."""
+        order = np.argsort(self.prio, axis=2, kind="stable")
+        state = super().state_dict()
+        for name in self._slot_fields:
+            arr = state[name]
+            state[name] = np.take_along_axis(arr, order.reshape(*order.shape,
+                                                                *([1] * (arr.ndim - 3))), axis=2)
+        return state
+
     def band_edges(self, max_act: np.ndarray) -> np.ndarray:
         """int64 [d_sae, n_bands + 1] band edges in fine-bin units (edge j = first fine bin of
         band j; the last edge is n_fine), as ``records.band_edge_bins`` defines them from the
@@ -217,9 +264,11 @@ class IntervalSamples(ArrayState):
         size = self.d_sae * self.n_bands
         band_count = np.bincount(flat, weights=self.bin_count.ravel().astype(np.float64),
                                  minlength=size).reshape(self.d_sae, self.n_bands).astype(np.int64)
-        band_sum = np.bincount(flat, weights=self.bin_sum.ravel(),
-                               minlength=size).reshape(self.d_sae, self.n_bands)
-        total = band_sum.sum(axis=1, keepdims=True)
+        limbs = self.bin_sum.reshape(-1, exact_sum.N_LIMBS)
+        band_sum = exact_sum.to_float(exact_sum.reduce_groups(limbs, flat, size)).reshape(
+            self.d_sae, self.n_bands)
+        total = exact_sum.to_float(exact_sum.reduce_groups(
+            limbs, np.repeat(np.arange(self.d_sae), self.n_fine), self.d_sae))[:, None]
         band_share = np.divide(band_sum, total, out=np.zeros_like(band_sum), where=total > 0)
 
         f, b, c = np.nonzero(self.prio != EMPTY_PRIORITY)

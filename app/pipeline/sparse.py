@@ -18,9 +18,12 @@ Notation: a record is ``(f, t, v)``: feature f, global token position ``t = seq 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
+
+from app.pipeline import exact_sum
 
 
 @dataclass
@@ -39,6 +42,11 @@ class SparseBatch:
     @property
     def n_counted(self) -> int:
         return int(self.counted.sum())
+
+    @cached_property
+    def value_limbs(self) -> np.ndarray:
+        """``exact_sum.pieces`` of the values (shared by the accumulators that sum them)."""
+        return exact_sum.pieces(self.value)
 
     @property
     def key(self) -> np.ndarray:

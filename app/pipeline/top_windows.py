@@ -27,6 +27,10 @@ class TopWindows(ArrayState):
     pointer into payload arrays (``start``, ``length``, ``values``) that never move: a new
     entry's payload goes into the slot of the entry it evicts, so a batch writes payload only for
     its new winners.
+
+    Merge (``merge``): the k best of the union of two states' entries under the same total
+    order, which is what one pass over both sets of records keeps (a sequence lies in one state).
+    ``state_dict`` lists payload in rank order (slot = rank), so equal states are equal arrays.
     """
 
     def __init__(self, d_sae: int, *, k: int = 20, window_len: int = 32) -> None:
@@ -97,6 +101,28 @@ class TopWindows(ArrayState):
         self.start[nf, ns] = start
         self.length[nf, ns] = length
         self.values[nf, ns] = values
+
+    def merge(self, other: TopWindows) -> None:
+        """Fold in the state of other records (associative, commutative, exact)."""
+        if (other.d_sae, other.k, other.window_len) != (self.d_sae, self.k, self.window_len):
+            raise ValueError("cannot merge top windows of different shapes")
+        a, b = self.state_dict(), other.state_dict()  # payload in rank order
+        value = np.concatenate([a["value"], b["value"]], axis=1)
+        gpos = np.concatenate([a["gpos"], b["gpos"]], axis=1)
+        best = np.lexsort((gpos, -value), axis=1)[:, : self.k]  # value desc, then gpos asc
+        for name in ("value", "gpos", "start", "length", "values"):
+            both = np.concatenate([a[name], b[name]], axis=1)
+            index = best.reshape(*best.shape, *([1] * (both.ndim - 2)))
+            setattr(self, name, np.take_along_axis(both, index, axis=1))
+        self.slot = np.tile(np.arange(self.k, dtype=np.int16), (self.d_sae, 1))
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """The arrays, payload in rank order (``slot`` = rank)."""
+        rows = np.arange(self.d_sae)[:, None]
+        return {"value": self.value, "gpos": self.gpos,
+                "slot": np.tile(np.arange(self.k, dtype=np.int16), (self.d_sae, 1)),
+                "start": self.start[rows, self.slot], "length": self.length[rows, self.slot],
+                "values": self.values[rows, self.slot]}
 
     def finalize(self, *, ctx: int) -> WindowArrays:
         f, rank = np.nonzero(np.isfinite(self.value))
