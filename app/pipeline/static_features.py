@@ -5,7 +5,9 @@ a square block of the decoder-cosine matrix), so each thread holds one unit's pr
 the SAE width (the neighbours' per-block candidates, n keys per row per block, are kept until
 the merge: d_sae^2 / block * n * 8 bytes), and any thread or process may run any unit:
 ``StaticFeatures`` hands them to a lowest-priority worker process (``idle_worker.py``) while a
-build streams, then runs what is left on every core (see ``StaticFeatures.start_background``).
+build streams, then runs what is left on every core (see ``StaticFeatures.start_background``);
+a sharded build sends groups of units to other machines (``run_units``) and merges the
+``StaticPart`` s they return (``StaticFeatures.finish_parts``).
 Ranking is a total order, so results do not depend on the units' order or on who ran them
 (every unit has the same shape and one BLAS thread wherever it runs): largest value first
 (smallest first for the suppressed tokens), and among equal values the smaller token / feature
@@ -49,6 +51,18 @@ class LogitEffects:
     pos_values: np.ndarray  # float32 [d_sae, n]
     neg_ids: np.ndarray  # int32 [d_sae, n] tokens it suppresses most, most negative first
     neg_values: np.ndarray  # float32 [d_sae, n]
+
+
+@dataclass
+class StaticPart:
+    """The outputs of some units (unit index -> its arrays: rows of the logit effects, or one
+    block's neighbour candidates), as a process that ran them returns them. A unit's output is
+    a function of the weights alone, so ``merge`` (a union) is associative and commutative."""
+
+    outputs: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
+
+    def merge(self, other: StaticPart) -> StaticPart:
+        return StaticPart({**self.outputs, **other.outputs})
 
 
 @dataclass
@@ -206,6 +220,22 @@ class _Units:
             keys[side, : best.shape[0]] = np.iinfo(np.int64).min
             keys[side, : best.shape[0], : best.shape[1]] = best
 
+    def unit_output(self, i: int) -> dict[str, np.ndarray]:
+        """Unit i's part of the outputs (copies)."""
+        kind, a, c = self.units[i]
+        if kind == "logits":
+            return {name: np.array(self.a[name][a:c])
+                    for name in ("pos_ids", "pos_values", "neg_ids", "neg_values")}
+        return {"nb_keys": np.array(self.a["nb_keys"][i - self.first_nb])}
+
+    def set_unit_output(self, i: int, out: dict[str, np.ndarray]) -> None:
+        kind, a, c = self.units[i]
+        if kind == "logits":
+            for name, arr in out.items():
+                self.a[name][a:c] = arr
+        else:
+            self.a["nb_keys"][i - self.first_nb] = out["nb_keys"]
+
     def merge_neighbours(self) -> tuple[np.ndarray, np.ndarray]:
         d, n = self.d_sae, self.n_nb
         idx = np.zeros((d, n), dtype=np.int32)
@@ -226,6 +256,19 @@ class _Units:
             idx[row0:row0 + keys.shape[0]] = cols
             cos[row0:row0 + keys.shape[0]] = v
         return idx, cos
+
+
+def run_units(meta: dict[str, int], inputs: dict[str, np.ndarray], unit_ids: list[int], *,
+              threads: int = 1) -> StaticPart:
+    """Run some units (``StaticFeatures.plan``'s meta and inputs) on ``threads`` threads, one
+    BLAS thread each, and return their outputs: the piece of work a sharded build sends to
+    another process or machine. Output arrays are allocated zeroed (pages untouched by the
+    units run here are never resident)."""
+    units = _Units(**meta)
+    units.attach({**inputs, **{name: np.zeros(shape, dtype) for name, (shape, dtype)
+                               in units.output_shapes().items()}})
+    run_on_threads(units.run, unit_ids, max(1, threads))
+    return StaticPart({i: units.unit_output(i) for i in unit_ids})
 
 
 def worker_units(meta: dict[str, int], arrays: dict[str, np.ndarray]) -> Callable[[int], None]:
@@ -347,6 +390,28 @@ class StaticFeatures:
                             units_in_background=self.units_in_background,
                             timings={"static_finish": t1 - t0,
                                      "static_merge": time.perf_counter() - t1})
+
+    def plan(self) -> tuple[dict[str, int], dict[str, np.ndarray]]:
+        """(meta, inputs) for ``run_units`` elsewhere; only before ``start_background``."""
+        if self._worker is not None or not self._inputs:
+            raise RuntimeError("plan() is for a job that has no background worker")
+        return self._units.meta, self._inputs
+
+    def finish_parts(self, part: StaticPart) -> StaticResult:
+        """The result from the outputs of every unit, run elsewhere (``run_units``)."""
+        missing = set(range(self.units_total)) - set(part.outputs)
+        if missing:
+            raise ValueError(f"static features: {len(missing)} units have no output")
+        t0 = time.perf_counter()
+        for i, out in part.outputs.items():
+            self._units.set_unit_output(i, out)
+        idx, cos = self._units.merge_neighbours()
+        a = self._units.a
+        logits = LogitEffects(**{name: np.array(a[name]) for name in
+                                 ("pos_ids", "pos_values", "neg_ids", "neg_values")})
+        return StaticResult(logits=logits, neighbour_idx=idx, neighbour_cos=cos,
+                            units_total=self.units_total,
+                            timings={"static_merge": time.perf_counter() - t0})
 
     def run(self, threads: int | None = None) -> StaticResult:
         """Everything now, on ``threads`` threads (default: every core)."""

@@ -167,3 +167,35 @@ def test_exact_sum_truncates_below_its_grid_and_refuses_huge_values():
         exact_sum.add(big, np.zeros(1000, np.int64), np.full(1000, 2.0 ** 31, np.float32))
     assert exact_sum.to_float(big)[0] == 4000 * 2.0 ** 31
 
+
+def test_static_feature_units_run_in_groups_and_merged_in_any_order_equal_one_run():
+    """The sharded build's static features: groups of units run apart (``run_units``), their
+    parts merged in any order, give the one-process result exactly."""
+    from app.pipeline.static_features import StaticFeatures, StaticPart, run_units
+
+    g = torch.Generator().manual_seed(0)
+    w_dec, w_u = torch.randn(90, 16, generator=g), torch.randn(16, 300, generator=g)
+    scale = torch.rand(16, generator=g) + 0.5
+
+    def job() -> StaticFeatures:
+        return StaticFeatures(w_dec=w_dec, norm_scale=scale, w_u=w_u, n_logits=6,
+                              n_neighbours=5, budget_elems=900)
+
+    whole = job().run(threads=1)
+    rng = np.random.default_rng(0)
+    split = job()
+    meta, inputs = split.plan()
+    ids = rng.permutation(split.units_total)
+    assert split.units_total > 10  # logit bands and neighbour blocks
+    parts = [run_units(meta, inputs, [int(i) for i in group])
+             for group in np.array_split(ids, 4)]
+    merged = StaticPart()
+    for k in rng.permutation(len(parts)):
+        merged = parts[k].merge(merged) if k % 2 else merged.merge(parts[k])
+    got = split.finish_parts(merged)
+    for name in ("pos_ids", "pos_values", "neg_ids", "neg_values"):
+        assert np.array_equal(getattr(got.logits, name), getattr(whole.logits, name)), name
+    assert np.array_equal(got.neighbour_idx, whole.neighbour_idx)
+    assert np.array_equal(got.neighbour_cos, whole.neighbour_cos)
+    with pytest.raises(ValueError, match="no output"):
+        job().finish_parts(parts[0])
