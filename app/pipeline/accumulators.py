@@ -8,8 +8,8 @@ State is O(d_sae x k), independent of the corpus length. It is plain numpy (``st
 ``load_state_dict``) so the pipeline can checkpoint it and resume bit for bit, and mergeable:
 ``merge`` folds in the state of other records (a shard of the corpus) and is associative and
 commutative, so any split of the sequences, merged in any order, gives the state of one pass
-(sums are exact, see ``exact_sum.py``; ``state_dict`` is canonical, so equal states are equal
-arrays).
+(sums are exact, see ``exact_sum.py``; ``canonical_state_dict`` orders slots, so equal states
+are equal arrays).
 """
 
 from __future__ import annotations
@@ -91,6 +91,13 @@ class FeatureAccumulators:
         state = {}
         for prefix, part in (("top", self.top), ("iv", self.intervals), ("st", self.stats)):
             state.update({f"{prefix}.{k}": v for k, v in part.state_dict().items()})
+        return state
+
+    def canonical_state_dict(self) -> dict[str, np.ndarray]:
+        """``state_dict`` with every part's slots in a canonical order (see the parts)."""
+        state = self.state_dict()
+        for prefix, part in (("top", self.top), ("iv", self.intervals)):
+            state.update({f"{prefix}.{k}": v for k, v in part.canonical_state_dict().items()})
         return state
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:

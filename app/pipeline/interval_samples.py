@@ -65,8 +65,8 @@ class IntervalSamples(ArrayState):
     Merge (``merge``): coarsen both states to the larger exponent of each feature, add the bins,
     and keep per sample bin the bottom-s of the two candidate sets: exactly the state one pass
     over both sets of records reaches (priorities are distinct within a feature: the hash is a
-    bijection of the position). ``state_dict`` lists each bin's candidates by priority, so equal
-    states are equal arrays.
+    bijection of the position). ``canonical_state_dict`` lists each bin's candidates by priority,
+    so equal states are equal arrays.
     """
 
     def __init__(self, d_sae: int, *, n_bands: int = 10, per_band: int = 3, window_len: int = 32,
@@ -221,8 +221,9 @@ class IntervalSamples(ArrayState):
             setattr(twin, name, getattr(self, name).copy())
         return twin
 
-    def state_dict(self) -> dict[str, np.ndarray]:
-        """The arrays, each bin's candidates in priority order (empty slots last)."""
+    def canonical_state_dict(self) -> dict[str, np.ndarray]:
+        """``state_dict`` with each bin's candidates in priority order (empty slots last): equal
+        states give equal arrays, whatever order their candidates came in."""
         order = np.argsort(self.prio, axis=2, kind="stable")
         state = super().state_dict()
         for name in self._slot_fields:

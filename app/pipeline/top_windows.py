@@ -30,7 +30,8 @@ class TopWindows(ArrayState):
 
     Merge (``merge``): the k best of the union of two states' entries under the same total
     order, which is what one pass over both sets of records keeps (a sequence lies in one state).
-    ``state_dict`` lists payload in rank order (slot = rank), so equal states are equal arrays.
+    ``canonical_state_dict`` lists payload in rank order (slot = rank), so equal states are
+    equal arrays.
     """
 
     def __init__(self, d_sae: int, *, k: int = 20, window_len: int = 32) -> None:
@@ -106,7 +107,7 @@ class TopWindows(ArrayState):
         """Fold in the state of other records (associative, commutative, exact)."""
         if (other.d_sae, other.k, other.window_len) != (self.d_sae, self.k, self.window_len):
             raise ValueError("cannot merge top windows of different shapes")
-        a, b = self.state_dict(), other.state_dict()  # payload in rank order
+        a, b = self.canonical_state_dict(), other.canonical_state_dict()  # slot = rank
         value = np.concatenate([a["value"], b["value"]], axis=1)
         gpos = np.concatenate([a["gpos"], b["gpos"]], axis=1)
         best = np.lexsort((gpos, -value), axis=1)[:, : self.k]  # value desc, then gpos asc
@@ -116,8 +117,9 @@ class TopWindows(ArrayState):
             setattr(self, name, np.take_along_axis(both, index, axis=1))
         self.slot = np.tile(np.arange(self.k, dtype=np.int16), (self.d_sae, 1))
 
-    def state_dict(self) -> dict[str, np.ndarray]:
-        """The arrays, payload in rank order (``slot`` = rank)."""
+    def canonical_state_dict(self) -> dict[str, np.ndarray]:
+        """``state_dict`` with the payload in rank order (``slot`` = rank): equal states give
+        equal arrays, whatever slots their entries took."""
         rows = np.arange(self.d_sae)[:, None]
         return {"value": self.value, "gpos": self.gpos,
                 "slot": np.tile(np.arange(self.k, dtype=np.int16), (self.d_sae, 1)),

@@ -50,7 +50,7 @@ def feed(acc: FeatureAccumulators, acts, special, seqs: list[int], rng) -> Featu
 
 
 def assert_same_state(a: FeatureAccumulators, b: FeatureAccumulators) -> None:
-    sa, sb = a.state_dict(), b.state_dict()
+    sa, sb = a.canonical_state_dict(), b.canonical_state_dict()
     assert sa.keys() == sb.keys()
     for name in sa:
         assert sa[name].dtype == sb[name].dtype and np.array_equal(sa[name], sb[name]), name
