@@ -152,6 +152,11 @@ def build_command(
                                          help="batches between checkpoints"),
     device: str = typer.Option("auto", "--device", help=_DEVICE_HELP),
     dtype: str = typer.Option("float32", "--dtype", help=_DTYPE_HELP),
+    shards: int = typer.Option(0, "--shards", min=0, help="cut the corpus into N shards run "
+                               "as Ray tasks, merged exactly (needs saescope[distributed]); "
+                               "finished shards are kept, a rerun runs the others"),
+    ray_address: str = typer.Option(None, "--ray-address", help="Ray cluster to run the "
+                                    "shards on (default: start Ray on this machine)"),
 ) -> None:
     """Precompute feature statistics and windows for one SAE into the database (resumable)."""
     from pathlib import Path
@@ -167,7 +172,8 @@ def build_command(
         db_url=db or settings.db_url, cache_dir=settings.cache_dir, sae_id=sae_id,
         hook_name=hook, context_size=context_size, batch_size=batch_size,
         text_field=text_field, eval_tokens=eval_tokens, checkpoint_every=checkpoint_every,
-        device=device, dtype=dtype), log=typer.echo)
+        device=device, dtype=dtype, shards=shards, ray_address=ray_address),
+        log=typer.echo)
     stats = result.sae_stats
     typer.echo(f"SAE {result.sae_id}: {result.n_tokens} tokens, mean L0 "
                f"{stats.get('mean_l0', 0):.1f}, dead {stats.get('n_dead')}, dense "

@@ -42,6 +42,8 @@ class BuildOptions:
     device: str = "cpu"  # auto, cpu, cuda or cuda:N (see app.engine.devices); the CLI says auto
     dtype: str = "float32"  # the model forward's; the SAE encode and the accumulators stay float32
     progress: bool = True
+    shards: int = 0  # > 0: cut the corpus into this many shards, run on Ray (sharded.py)
+    ray_address: str | None = None  # an existing Ray cluster; default: start Ray locally
 
 
 def check_options(opts: BuildOptions) -> None:
@@ -54,6 +56,10 @@ def check_options(opts: BuildOptions) -> None:
         raise ConfigError(f"context size must be at least 2 (got {opts.context_size})")
     if opts.checkpoint_seconds <= 0:
         raise ConfigError(f"checkpoint seconds must be positive (got {opts.checkpoint_seconds})")
+    if opts.shards < 0:
+        raise ConfigError(f"shards must be at least 1 (got {opts.shards})")
+    if opts.ray_address and not opts.shards:
+        raise ConfigError("--ray-address runs shards: add --shards N")
     from app.engine.devices import resolve_device, resolve_dtype
 
     resolve_device(opts.device)

@@ -1,8 +1,9 @@
 """A build's resumable state: the run key that names it and the atomically written checkpoint.
 
 Accumulator state is checkpointed under ``{cache_dir}/precompute/{run_key}/`` every few batches
-and after the last one; the run key hashes everything the result depends on, so a checkpoint is
-only ever resumed by the same build.
+and after the last one (a sharded build keeps each finished shard's state in ``shards/`` there);
+the run key hashes everything the result depends on, so a checkpoint is only ever resumed by the
+same build.
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ CHECKPOINT_VERSION = 3  # 3: exact sums (int64 limbs), canonical slot order
 class Checkpoint:
     """Accumulator state + position, written atomically (tmp file, then os.replace)."""
 
-    def __init__(self, folder: Path, key: str) -> None:
+    def __init__(self, folder: Path, key: str, *, name: str = "state") -> None:
         self.folder, self.key = folder, key
-        self.path = folder / "state.npz"
+        self.path = folder / f"{name}.npz"
 
     def load(self) -> tuple[int, dict[str, np.ndarray]] | None:
         if not self.path.exists():
@@ -57,7 +58,7 @@ class Checkpoint:
     def save(self, *, next_seq: int, state: dict[str, np.ndarray]) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         meta = {"key": self.key, "version": CHECKPOINT_VERSION, "next_seq": int(next_seq)}
-        tmp = self.folder / f".state.{os.getpid()}.tmp.npz"
+        tmp = self.folder / f".{self.path.stem}.{os.getpid()}.tmp.npz"
         with tmp.open("wb") as fh:
             np.savez(fh, __meta__=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
                      **state)

@@ -25,6 +25,7 @@ import torch
 
 from app.errors import ConfigError, Interrupted
 from app.pipeline.accumulators import FeatureAccumulators
+from app.pipeline.batches import feed_batch, new_accumulators
 from app.pipeline.build_evals import evaluate, train_metrics
 from app.pipeline.build_inputs import (
     ActivationSource,
@@ -56,6 +57,8 @@ class BuildResult:
     timings: dict[str, float] = field(default_factory=dict)
     checkpoint_dir: Path | None = None
     sae_stats: dict[str, Any] = field(default_factory=dict)
+    shards_total: int = 0  # a sharded build: its shards, and those this invocation ran
+    shards_run: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -75,18 +78,21 @@ class _Prepared:
 
 
 def build(opts: BuildOptions, *, log: Log = print, lm: LanguageModel | None = None,
-          sae: SAE | None = None, stop_after_batches: int | None = None) -> BuildResult:
+          sae: SAE | None = None, stop_after_batches: int | None = None,
+          stop_after_shards: int | None = None) -> BuildResult:
     """Run the precompute for one SAE and write it to the database; resumes a killed run.
 
     ``lm`` / ``sae`` may be passed already loaded (tests, benchmarks); the SAE folder still
     names the SAE. ``stop_after_batches`` (tests) returns after that many batches of this
-    invocation, leaving the checkpoint as a kill would (``run_id`` None).
+    invocation, leaving the checkpoint as a kill would (``run_id`` None); in a sharded build
+    (``opts.shards``) ``stop_after_shards`` does the same after that many finished shards.
     """
     from app.pipeline.outputs import check_database
 
     check_database(opts.db_url)  # before any model runs: a bad --db fails in a second
     records, result = compute_records(opts, log=log, lm=lm, sae=sae,
-                                      stop_after_batches=stop_after_batches)
+                                      stop_after_batches=stop_after_batches,
+                                      stop_after_shards=stop_after_shards)
     if records is None:
         return result
     t = time.perf_counter()
@@ -150,12 +156,17 @@ def _say_replaced(engine: Any, *, sae_id: str, log: Log) -> None:
 
 
 def compute_records(opts: BuildOptions, *, log: Log = print, lm: LanguageModel | None = None,
-                    sae: SAE | None = None, stop_after_batches: int | None = None
+                    sae: SAE | None = None, stop_after_batches: int | None = None,
+                    stop_after_shards: int | None = None
                     ) -> tuple[PrecomputeRecords | None, BuildResult]:
     """Everything ``build`` does except the database write (resumes from a checkpoint too)."""
     from app.pipeline.outputs import check_corpus, check_writable_dir
 
     check_options(opts)
+    if opts.shards:
+        from app.pipeline.sharded import require_ray
+
+        require_ray()  # before anything loads: without Ray, one line saying what to install
     check_writable_dir(Path(opts.cache_dir), what=f"the data folder's cache {opts.cache_dir}",
                        hint="set SAESCOPE_HOME to a writable folder")
     check_corpus(str(opts.corpus), text_field=opts.text_field)
@@ -164,28 +175,26 @@ def compute_records(opts: BuildOptions, *, log: Log = print, lm: LanguageModel |
     p = _prepare(opts, log=log, lm=lm, sae=sae)
     timings["prepare"] = time.perf_counter() - t
     try:  # from here on every exit stops the static-features worker (finally below)
-        n_tokens = p.corpus.real_tokens()
-        acc = FeatureAccumulators(int(p.sae.cfg.d_sae), ctx=p.corpus.context_size, n_top=opts.n_top,
-                                  window_len=opts.window_len, n_bands=opts.n_bands,
-                                  per_band=opts.per_band, seed=opts.seed)
-        start_seq = 0
-        loaded = p.ckpt.load()
-        if loaded is not None:
-            start_seq, state = loaded
-            acc.load_state_dict(state)
-            log(f"resuming at {p.corpus.real_tokens(start_seq):,} of "
-                f"{p.corpus.real_tokens():,} tokens (sequence {start_seq} of {p.corpus.n_seq}, "
-                f"checkpoint in {p.ckpt.folder})")
         result = BuildResult(run_id=None, model_id=p.lm.model_id, sae_id=p.sae_id,
-                             db_url=opts.db_url, n_tokens=n_tokens, resumed_at_seq=start_seq,
-                             timings=timings, checkpoint_dir=p.ckpt.folder)
-
+                             db_url=opts.db_url, n_tokens=p.corpus.real_tokens(),
+                             resumed_at_seq=0, timings=timings, checkpoint_dir=p.ckpt.folder)
         t = time.perf_counter()
-        stopped = _stream(acc=acc, sae=p.sae, source=p.source, corpus=p.corpus,
-                          start_seq=start_seq, opts=opts, ckpt=p.ckpt,
-                          stop_after_batches=stop_after_batches)
+        static = None
+        if opts.shards:
+            from app.pipeline.sharded import accumulate_sharded
+
+            cache = p.source.cache
+            run = accumulate_sharded(corpus=p.corpus, sae=p.sae, static=p.static, ckpt=p.ckpt,
+                                     cache_folder=cache.path if cache is not None else None,
+                                     opts=opts, log=log, timings=timings,
+                                     stop_after_shards=stop_after_shards)
+            acc, static = run.acc, run.static
+            result.shards_total, result.shards_run = run.shards_total, run.shards_run
+        else:
+            acc = _accumulate_here(p, opts=opts, log=log, result=result,
+                                   stop_after_batches=stop_after_batches)
         timings["stream"] = time.perf_counter() - t
-        if stopped:
+        if acc is None:
             return None, result
 
         t = time.perf_counter()
@@ -203,11 +212,12 @@ def compute_records(opts: BuildOptions, *, log: Log = print, lm: LanguageModel |
         timings["evaluate"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        job = p.static
-        done = job.background_progress()
-        log(f"logit effects and decoder neighbours: {done} of {job.units_total} units done "
-            f"in the background; finishing the rest")
-        static = job.finish()
+        if static is None:
+            job = p.static
+            done_units = job.background_progress()
+            log(f"logit effects and decoder neighbours: {done_units} of {job.units_total} units "
+                "done in the background; finishing the rest")
+            static = job.finish()
         timings["static_wait"] = time.perf_counter() - t
         timings["static_units_background"] = float(static.units_in_background)
         timings["static_units_total"] = float(static.units_total)
@@ -237,8 +247,31 @@ def compute_records(opts: BuildOptions, *, log: Log = print, lm: LanguageModel |
     return records, result
 
 
+def _accumulate_here(p: _Prepared, *, opts: BuildOptions, log: Log, result: BuildResult,
+                     stop_after_batches: int | None) -> FeatureAccumulators | None:
+    """The stream in this process, from the checkpoint if there is one; None if stopped."""
+    acc = new_accumulators(int(p.sae.cfg.d_sae), ctx=p.corpus.context_size, opts=opts)
+    start_seq = 0
+    loaded = p.ckpt.load()
+    if loaded is not None:
+        start_seq, state = loaded
+        acc.load_state_dict(state)
+        log(f"resuming at {p.corpus.real_tokens(start_seq):,} of "
+            f"{p.corpus.real_tokens():,} tokens (sequence {start_seq} of {p.corpus.n_seq}, "
+            f"checkpoint in {p.ckpt.folder})")
+    result.resumed_at_seq = start_seq
+    stopped = _stream(acc=acc, sae=p.sae, source=p.source, corpus=p.corpus,
+                      start_seq=start_seq, opts=opts, ckpt=p.ckpt,
+                      stop_after_batches=stop_after_batches)
+    return None if stopped else acc
+
+
 def _saved_message(p: _Prepared) -> str:
     """What a Ctrl-C outside the stream leaves: the last checkpoint, if any."""
+    kept = sorted((p.ckpt.folder / "shards").glob("*.npz"))
+    if kept:  # a sharded build
+        return (f"interrupted; {len(kept)} finished shards are kept in {kept[0].parent}: the "
+                "same command runs only the others")
     saved = p.ckpt.saved_seq()
     if saved is None:
         return "interrupted before the first checkpoint; a later run starts over"
@@ -254,7 +287,7 @@ def _prepare(opts: BuildOptions, *, log: Log, lm: LanguageModel | None,
         hook = lm.hook_point(opts.hook_name or sae.cfg.hook_name).name
         sae_id = opts.sae_id or Path(opts.sae_path).resolve().name
         ctx = int(opts.context_size or sae.cfg.context_size or 128)
-    static = start_static_features(lm=lm, sae=sae, opts=opts)
+    static = start_static_features(lm=lm, sae=sae, opts=opts, background=not opts.shards)
     try:
         return _prepare_run(opts, log=log, lm=lm, sae=sae, hook=hook, sae_id=sae_id, ctx=ctx,
                             static=static)
@@ -305,11 +338,12 @@ def _prepare_run(opts: BuildOptions, *, log: Log, lm: LanguageModel, sae: SAE, h
                      source=source, config=config, ckpt=ckpt, static=static)
 
 
-def start_static_features(*, lm: LanguageModel, sae: SAE, opts: BuildOptions
-                          ) -> StaticFeatures:
+def start_static_features(*, lm: LanguageModel, sae: SAE, opts: BuildOptions,
+                          background: bool = True) -> StaticFeatures:
     """Logit effects and decoder neighbours need only the weights, so they start now, in a
     lowest-priority worker process that uses the CPU the tokenizer and the stream leave idle
-    (see ``StaticFeatures.start_background``); ``compute_records`` finishes what is left."""
+    (see ``StaticFeatures.start_background``); ``compute_records`` finishes what is left. A
+    sharded build (no ``background``) sends their units to its workers instead."""
     from app.pipeline.static_features import StaticFeatures
 
     w_u, scale = lm.unembedding()
@@ -317,7 +351,8 @@ def start_static_features(*, lm: LanguageModel, sae: SAE, opts: BuildOptions
     job = StaticFeatures(w_dec=sae.W_dec.detach().float().cpu(), norm_scale=scale.float().cpu(),
                          w_u=w_u.float().cpu(),
                          n_logits=opts.n_logits, n_neighbours=opts.n_neighbours)
-    job.start_background()
+    if background:
+        job.start_background()
     return job
 
 
@@ -326,7 +361,6 @@ def _stream(*, acc: FeatureAccumulators, sae: SAE, source: ActivationSource,
             stop_after_batches: int | None) -> bool:
     """Feed batches [start_seq, n_seq) to the accumulators; True if stopped early (tests)."""
     n_seq, ctx, bs = corpus.n_seq, corpus.context_size, opts.batch_size
-    sparse_code = sae.cfg.architecture == "topk"
     bar = None
     if opts.progress:
         from tqdm import tqdm
@@ -339,18 +373,8 @@ def _stream(*, acc: FeatureAccumulators, sae: SAE, source: ActivationSource,
         with DeferredInterrupt() as interrupt:
             for s in range(start_seq, n_seq, bs):
                 e = min(s + bs, n_seq)
-                with torch.inference_mode():
-                    acts = source.batch(corpus.tokens, s, e)
-                    if sparse_code:  # no [tokens, d_sae] code at all (see SAE.encode_sparse)
-                        values, indices = sae.encode_sparse(acts)
-                        acc.update_sparse(values.cpu(), indices.cpu(),
-                                          special_mask=corpus.special_mask[s:e],
-                                          seq_index=np.arange(s, e))
-                        del values, indices
-                    else:
-                        acc.update(sae.encode(acts).cpu(), special_mask=corpus.special_mask[s:e],
-                                   seq_index=np.arange(s, e))
-                del acts
+                feed_batch(acc=acc, sae=sae, source=source, tokens=corpus.tokens,
+                           special_mask=corpus.special_mask, start=s, stop=e)
                 done += 1
                 # A checkpoint every few batches, every checkpoint_seconds, at the end, and on
                 # Ctrl-C (which waits for the batch, so the state saved is whole).
@@ -370,3 +394,4 @@ def _stream(*, acc: FeatureAccumulators, sae: SAE, source: ActivationSource,
         if bar is not None:
             bar.close()
     return False
+
