@@ -21,7 +21,11 @@ records per call, and touches only the bins it adds to when they are few (interv
 
 Overflow: after ``normalize`` each limb is below 2^32, so one call adds less than 2^53 to a limb
 and the limbs stay far below 2^63 when normalized after every call (``add`` does). Only l2, the
-integer part of the whole sum, could overflow, past 2^62 (4.6e18 units of activation).
+integer part of the whole sum, could overflow, past 2^62 (4.6e18 units of activation; two such
+sums still merge below 2^63).
+
+Memory: 24 bytes a sum instead of a float64's 8; the interval bins' sums (128 a feature) take
+3 KB a feature.
 """
 
 from __future__ import annotations

@@ -134,9 +134,7 @@ class IntervalSamples(ArrayState):
         self.bin_count[feats] = np.bincount(
             target, weights=self.bin_count[feats].ravel().astype(np.float64),
             minlength=n * self.n_fine).reshape(n, self.n_fine).astype(np.int64)
-        self.bin_sum[feats] = exact_sum.reduce_groups(
-            self.bin_sum[feats].reshape(-1, exact_sum.N_LIMBS), target, n * self.n_fine
-        ).reshape(n, self.n_fine, exact_sum.N_LIMBS)
+        self.bin_sum[feats] = self._coarsened_sums(self.bin_sum[feats], shift[:, 0])
         # Samples: merged bins keep the bottom-s priorities of the union of their candidates.
         nb, s = self.n_sample_bins, self.s
         old = {name: getattr(self, name)[feats].reshape(n * nb * s, *getattr(
@@ -154,6 +152,17 @@ class IntervalSamples(ArrayState):
                 fresh[:] = EMPTY_PRIORITY
             fresh[row[sel], new_bin[sel], slot] = old[name][sel]
             arr[feats] = fresh
+
+    def _coarsened_sums(self, sums: np.ndarray, shift: np.ndarray) -> np.ndarray:
+        """Exact bin sums [n, n_fine, 3] re-binned b -> b >> shift: runs of 2^shift adjacent
+        bins add up (integer adds of normalized limbs), one reshape per distinct shift."""
+        out = np.zeros_like(sums)
+        for d in np.unique(shift):
+            rows = np.flatnonzero(shift == d)
+            width = self.n_fine >> min(int(d), self.log2_fine)
+            out[rows, :width] = sums[rows].reshape(rows.size, width, -1,
+                                                   exact_sum.N_LIMBS).sum(axis=2)
+        return exact_sum.normalize(out)
 
     def _insert(self, batch: SparseBatch, sample_bin: np.ndarray) -> None:
         """Merge records into the per-(feature, sample bin) bottom-s sets. The s slots of a set
@@ -265,11 +274,10 @@ class IntervalSamples(ArrayState):
         size = self.d_sae * self.n_bands
         band_count = np.bincount(flat, weights=self.bin_count.ravel().astype(np.float64),
                                  minlength=size).reshape(self.d_sae, self.n_bands).astype(np.int64)
-        limbs = self.bin_sum.reshape(-1, exact_sum.N_LIMBS)
-        band_sum = exact_sum.to_float(exact_sum.reduce_groups(limbs, flat, size)).reshape(
-            self.d_sae, self.n_bands)
-        total = exact_sum.to_float(exact_sum.reduce_groups(
-            limbs, np.repeat(np.arange(self.d_sae), self.n_fine), self.d_sae))[:, None]
+        band_limbs = exact_sum.reduce_groups(self.bin_sum.reshape(-1, exact_sum.N_LIMBS), flat,
+                                             size).reshape(self.d_sae, self.n_bands, -1)
+        band_sum = exact_sum.to_float(band_limbs)
+        total = exact_sum.to_float(exact_sum.normalize(band_limbs.sum(axis=1)))[:, None]
         band_share = np.divide(band_sum, total, out=np.zeros_like(band_sum), where=total > 0)
 
         f, b, c = np.nonzero(self.prio != EMPTY_PRIORITY)
