@@ -203,9 +203,8 @@ def _run(ray: Any, b: _Build, *, run: ShardedRun, todo: list[int], log: Log,
     try:
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
-            if bar is not None:
-                bar.n = min(bar.total, done_before + ray.get(progress.total.remote()))
-                bar.refresh()
+            if bar is not None:  # update() draws at most every mininterval
+                bar.update(min(bar.total, done_before + ray.get(progress.total.remote())) - bar.n)
             for ref in ready:
                 i = pending.pop(ref)
                 state, took = _get(ray, ref, what=f"shard {i}")
