@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from app.engine import steered_generation, steering
+from app.engine import chat, steered_generation, steering
 from app.engine.lm import LanguageModel
 from app.engine.loading import load_model
 from app.engine.presets import find_preset
@@ -281,6 +281,24 @@ class EngineService:
         return {"hook_name": loaded.hook_name, "vector": vector.cpu().tolist(),
                 "norm": float(vector.norm()),
                 "aligned": [{"index": i, "cosine": c} for i, c in aligned]}
+
+    # ----- chat ---------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def chat_stream(
+        self, *, messages: Sequence[Mapping[str, str]], max_tokens: int,
+        temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, stop: Sequence[str] = (),
+        max_prompt_tokens: int = 4096, deadline: float | None = None,
+    ) -> Iterator[dict[str, Any]]:
+        """The model's reply to chat messages ({role, content}), one forward per item: {text,
+        finish_reason (None until the last item: "stop" or "length"), prompt_tokens,
+        completion_tokens} (see app/engine/chat.py)."""
+        limit, why = max_prompt_tokens, "SAESCOPE_CHAT_MAX_PROMPT_TOKENS"
+        if self.lm.n_ctx and self.lm.n_ctx - 1 < limit:
+            limit, why = self.lm.n_ctx - 1, f"{self.model_id}'s context less one"
+        yield from chat.chat_steps(
+            self.lm, messages, max_new_tokens=max_tokens, temperature=temperature, top_p=top_p,
+            seed=seed, stop=stop, max_prompt_tokens=limit, limit_name=why, deadline=deadline)
 
 
 def _top_over_text(
