@@ -12,7 +12,7 @@ from typing import Any
 from fastapi import Depends, FastAPI
 from starlette.concurrency import run_in_threadpool
 
-from app.api import steer_schemas
+from app.api import openai_schemas, steer_schemas
 from app.api.auth import check_auth_settings, install_gate
 from app.api.deps import current_user
 from app.api.errors import install_error_handlers
@@ -20,7 +20,7 @@ from app.api.middleware import HttpEdge
 from app.api.model_service import EngineState
 from app.api.model_worker import ModelWorker
 from app.api.public_paths import public_path
-from app.api.routes import features, labels, models, saes, search, steer, steer_library
+from app.api.routes import chat, features, labels, models, saes, search, steer, steer_library
 from app.errors import SaescopeError
 from app.settings import Settings, get_settings
 from app.store import queries
@@ -134,6 +134,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(steer.router, max_body_size=steer.MAX_BODY_BYTES, dependencies=signed_in)
     app.include_router(steer_library.router, max_body_size=steer_library.MAX_BODY_BYTES,
                        dependencies=signed_in)
+    # OpenAI-compatible chat for the loaded model (OpenAI clients send Bearer, no Origin).
+    app.include_router(chat.router, max_body_size=chat.MAX_BODY_BYTES, dependencies=signed_in)
     _mount_web(app)
     _document_deployment_bounds(app, settings)
     return app
@@ -145,7 +147,10 @@ def _document_deployment_bounds(app: FastAPI, settings: Settings) -> None:
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            steer_schemas.document_bounds(build(), max_new_tokens=settings.steer_max_new_tokens)
+            schema = build()
+            steer_schemas.document_bounds(schema, max_new_tokens=settings.steer_max_new_tokens)
+            openai_schemas.document_bounds(schema, max_new_tokens=settings.steer_max_new_tokens,
+                                           model=settings.model)
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]

@@ -34,6 +34,10 @@ class Settings(BaseSettings):
     # streams stop (stop reason "time_limit"), queueing included.
     steer_max_new_tokens: int = 256
     steer_time_limit_s: float = 120.0
+    # The OpenAI-compatible /v1/chat/completions: prompt tokens one request may send (an
+    # autointerp prompt with twenty marked windows is a few thousand); new tokens and the time
+    # limit are steering's (steer_max_new_tokens, steer_time_limit_s).
+    chat_max_prompt_tokens: int = 4096
     # Threads for the hot reads (feature JSON and pages). Few on purpose: reads are CPU-bound
     # Python, and many threads contending for the GIL stretch every request's latency.
     read_threads: int = 1

@@ -18,6 +18,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from app.api.openai_errors import is_openai_path, openai_error_response
 from app.errors import ConfigError, ForbiddenError, UnauthorizedError
 from app.settings import Settings
 from app.store.db import read_session
@@ -186,8 +187,11 @@ class RequestGate:
             await self.app(scope, receive, send)
             return
         status, message = problem
-        response = JSONResponse({"error": {"status": status, "message": message}},
-                                status_code=status)
+        if is_openai_path(scope["path"]):
+            response = openai_error_response(status, message)
+        else:
+            response = JSONResponse({"error": {"status": status, "message": message}},
+                                    status_code=status)
         await response(scope, receive, send)
 
 

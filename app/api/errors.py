@@ -1,4 +1,5 @@
-"""One error shape for the API, {"error": {"status", "message"}}, and error pages for browsers."""
+"""One error shape for the API, {"error": {"status", "message"}}, error pages for browsers, and
+OpenAI's shape on the OpenAI-compatible /v1 routes (app/api/openai_errors.py)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from starlette.middleware.body_limit import MAX_BODY_SIZE_SCOPE_KEY
 from starlette.routing import Match
 from starlette.types import Scope
 
+from app.api.openai_errors import is_openai_path, openai_error_response
 from app.api.security_headers import add_security_headers
 from app.errors import SaescopeError
 
@@ -23,8 +25,14 @@ HtmlRenderer = Callable[[Request, int, str, dict[str, str] | None], Response | N
 
 
 def error_response(
-    request: Request, status_code: int, message: str, headers: dict[str, str] | None = None
+    request: Request, status_code: int, message: str, headers: dict[str, str] | None = None,
+    *, param: str | None = None, code: str | None = None,
 ) -> Response:
+    """The error in the shape its client reads; ``param`` and ``code`` go into OpenAI's shape
+    (the field at fault, a machine-readable reason) and nowhere else."""
+    if is_openai_path(request.url.path):
+        return openai_error_response(status_code, message, headers=headers, param=param,
+                                     code=code)
     renderer: HtmlRenderer | None = getattr(request.app.state, "html_error_renderer", None)
     if renderer is not None:
         page = renderer(request, status_code, message, headers)
@@ -58,6 +66,22 @@ def _validation_message(exc: RequestValidationError) -> str:
     return "; ".join(parts) or "invalid request"
 
 
+# Pydantic puts the branch of a union it tried into the error's location ("str", "list[...]",
+# "constrained-str", "function-after[...]"); OpenAI's `param` names fields only.
+_TYPE_NAMES = {"str", "int", "float", "bool", "list", "dict", "none", "json-or-python"}
+
+
+def _first_field(exc: RequestValidationError) -> str | None:
+    """The first invalid field as a dotted path (messages.0.role), for OpenAI's `param`."""
+    for err in exc.errors()[:1]:
+        if err.get("type") == "json_invalid":
+            return None
+        parts = [str(p) for p in err.get("loc", ()) if p != "body"]
+        parts = [p for p in parts if p not in _TYPE_NAMES and not any(c in p for c in "[]-(")]
+        return ".".join(parts) or None
+    return None
+
+
 def _allowed_methods(request: Request) -> str:
     """Every method some route answers on this path: Starlette's 405 names only the first
     matching route's, and one path may have several routes (GET, PUT and DELETE of a label)."""
@@ -79,7 +103,8 @@ def install_error_handlers(app: FastAPI) -> None:
         if exc.status_code == 401:
             # RFC 9110: a 401 names the scheme that would work.
             headers = {**(headers or {}), "WWW-Authenticate": 'Bearer realm="saescope"'}
-        return error_response(request, exc.status_code, str(exc), headers)
+        return error_response(request, exc.status_code, str(exc), headers,
+                              param=getattr(exc, "param", None), code=getattr(exc, "code", None))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> Response:
@@ -100,7 +125,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> Response:
-        return error_response(request, 422, _validation_message(exc))
+        return error_response(request, 422, _validation_message(exc), param=_first_field(exc))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:

@@ -46,6 +46,12 @@ class ModelService(Protocol):
         max_prompt_tokens: int = 1024, deadline: float | None = None,
     ) -> Iterator[dict[str, Any] | None]: ...
 
+    def chat_stream(
+        self, *, messages: Sequence[Mapping[str, str]], max_tokens: int,
+        temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, stop: Sequence[str] = (),
+        max_prompt_tokens: int = 4096, deadline: float | None = None,
+    ) -> Iterator[dict[str, Any]]: ...
+
     def caa_vector(self, *, sae_id: str, positive: Sequence[str], negative: Sequence[str],
                    position: str = "last", top_k: int = 10) -> dict[str, Any]: ...
 

@@ -167,13 +167,15 @@ def test_docs_load_swagger_from_this_server(client) -> None:
 
 
 def test_every_operation_documents_its_errors_in_the_one_shape(client) -> None:
+    """ErrorOut everywhere, except OpenAI's shape on the OpenAI-compatible /v1 routes."""
     spec = client.get("/openapi.json").json()
     for path, methods in spec["paths"].items():
+        shape = "OpenAIErrorOut" if path.startswith("/v1/") else "ErrorOut"
         for method, operation in methods.items():
             for status, response in operation["responses"].items():
                 if status.startswith(("4", "5")):
                     schema = response["content"]["application/json"]["schema"]
-                    assert schema == {"$ref": "#/components/schemas/ErrorOut"}, (path, method)
+                    assert schema == {"$ref": f"#/components/schemas/{shape}"}, (path, method)
 
 
 # --- no server paths in public responses -------------------------------------------------------
