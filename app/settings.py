@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -89,6 +90,12 @@ def to_environ(settings: Settings) -> dict[str, str]:
         text = str(value).lower() if isinstance(value, bool) else str(value)
         out[f"SAESCOPE_{name.upper()}"] = text
     return out
+
+
+def read_env(name: str) -> str | None:
+    """One environment variable the user named (e.g. the variable holding an API key), or None
+    when it is not set; the environment is read here and nowhere else."""
+    return os.environ.get(name)
 
 
 @lru_cache

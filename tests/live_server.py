@@ -16,7 +16,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,10 +162,44 @@ def running_server(root: Path, db_url: str | None = None) -> Iterator[Server]:
     """Build the database (a SQLite file under `root` unless `db_url`), start the server, and
     stop it on exit."""
     db_url = _build_database(root, db_url)
+    with _serving(root, db_url, _wait_ready) as srv:
+        yield srv
+
+
+@contextmanager
+def chat_server(root: Path, **env: str) -> Iterator[Server]:
+    """A server with tiny-llama loaded over an empty database (no build): enough for the
+    OpenAI-compatible /v1 routes, and ready in seconds. `env`: more SAESCOPE_* variables (for
+    auth=token, create the users in `{root}/chat.db` first)."""
+    db_url = f"sqlite:///{root / 'chat.db'}"
+    with _serving(root, db_url, _wait_model, **env) as srv:
+        yield srv
+
+
+def _wait_model(server: Server, proc: subprocess.Popen, *, timeout: float = 120.0) -> None:
+    """Until /v1/chat/completions answers something other than 503 (the model loading)."""
+    deadline = time.monotonic() + timeout
+    body = {"model": MODEL_ID, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{server.log()}")
+        try:
+            if httpx.post(f"{server.url}/v1/chat/completions", json=body,
+                          timeout=30).status_code != 503:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"model not loaded after {timeout:.0f} s:\n{server.log()}")
+
+
+@contextmanager
+def _serving(root: Path, db_url: str, wait: Callable[[Server, subprocess.Popen], None],
+             **extra_env: str) -> Iterator[Server]:
     port = free_port()
     log_path = root / "server.log"
     env = _env(root / "home")
-    env.update(SAESCOPE_DATABASE_URL=db_url, SAESCOPE_MODEL=MODEL_ID)
+    env.update(SAESCOPE_DATABASE_URL=db_url, SAESCOPE_MODEL=MODEL_ID, **extra_env)
     with log_path.open("w") as log_file:
         proc = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory",
@@ -174,7 +208,7 @@ def running_server(root: Path, db_url: str | None = None) -> Iterator[Server]:
         )
     srv = Server(url=f"http://127.0.0.1:{port}", log_path=log_path, db_url=db_url)
     try:
-        _wait_ready(srv, proc)
+        wait(srv, proc)
         yield srv
     finally:
         proc.terminate()
