@@ -31,13 +31,19 @@ Role = Literal["system", "developer", "user", "assistant"]
 StopText = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
 
 
+# strict: JSON's types as the schema says them (0 is no boolean, 1.0 no count), as OpenAI does.
+STRICT = ConfigDict(extra="ignore", strict=True)
+
+
 class TextPart(BaseModel):
+    model_config = STRICT
+
     type: Literal["text"]
     text: str = Field(max_length=MAX_CONTENT_CHARS // MAX_PARTS)
 
 
 class ChatMessageIn(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT
 
     role: Role = Field(description="developer is read as system")
     content: (Annotated[str, Field(max_length=MAX_CONTENT_CHARS)]
@@ -51,12 +57,14 @@ class ChatMessageIn(BaseModel):
 
 
 class StreamOptions(BaseModel):
+    model_config = STRICT
+
     include_usage: bool = Field(False, description="Send a last chunk with the usage and no "
                                                    "choices before [DONE]")
 
 
 class ChatCompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore", json_schema_extra={"examples": [{
+    model_config = ConfigDict(extra="ignore", strict=True, json_schema_extra={"examples": [{
         "model": "smollm2-135m", "messages": [{"role": "user", "content": "Say hello."}],
         "max_tokens": 16, "temperature": 0}]})
 
@@ -168,7 +176,11 @@ CHAT_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"description": "A chat.completion object; with stream=true, server-sent events "
                          "(`data: {chat.completion.chunk}` lines, an error object if the "
                          "generation fails midway, then `data: [DONE]`)",
-          "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+          # One server-sent event: its data is a chunk's JSON, an error object's, or [DONE].
+          "content": {"text/event-stream": {"schema": {
+              "type": "object", "required": ["data"],
+              "properties": {"event": {"type": "string", "enum": ["message"]},
+                             "data": {"type": "string"}}}}}},
     400: _error("Invalid request, messages over the prompt token limit, or max_tokens over "
                 "the server's limit"),
     **AUTH_RESPONSES,

@@ -164,6 +164,8 @@ def test_models_lists_the_loaded_model(client):
     (body(messages=[{"role": "robot", "content": "hi"}]), "messages.0.role"),
     (body(temperature=3), "temperature"),
     (body(n=2), "n"),
+    (body(n=1.0), "n"),  # strict types, as the schema says: no 1.0 for a count
+    (body(stream_options={"include_usage": 0}), "stream_options.include_usage"),
     (body(stop=["a", "b", "c", "d", "e"]), "stop"),
     (body(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}]),
      None),
