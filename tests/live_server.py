@@ -158,11 +158,11 @@ def _wait_ready(server: Server, proc: subprocess.Popen, *, timeout: float = 180.
 
 
 @contextmanager
-def running_server(root: Path, db_url: str | None = None) -> Iterator[Server]:
-    """Build the database (a SQLite file under `root` unless `db_url`), start the server, and
-    stop it on exit."""
+def running_server(root: Path, db_url: str | None = None, **env: str) -> Iterator[Server]:
+    """Build the database (a SQLite file under `root` unless `db_url`), start the server (with
+    more SAESCOPE_* variables from `env`), and stop it on exit."""
     db_url = _build_database(root, db_url)
-    with _serving(root, db_url, _wait_ready) as srv:
+    with _serving(root, db_url, _wait_ready, **env) as srv:
         yield srv
 
 
