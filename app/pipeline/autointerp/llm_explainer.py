@@ -12,10 +12,10 @@ model says what the feature makes the model write.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-from app.errors import ConfigError
+from app.errors import ConfigError, SaescopeError
 from app.pipeline.autointerp.backends import ChatBackend, ChatMessage, ChatOptions
 from app.pipeline.autointerp.feature_data import FeatureData, LogitEffect, Window
 
@@ -222,5 +222,26 @@ def llm_explain(feature_data: FeatureData | Any, backend: ChatBackend,
     if isinstance(options, ChatOptions):
         options = ExplainOptions(chat=options)
     options = options or ExplainOptions()
-    answer = backend.complete(explain_messages(feature_data, options), options.chat)
+    while True:
+        try:
+            answer = backend.complete(explain_messages(feature_data, options), options.chat)
+            break
+        except SaescopeError as exc:
+            # A prompt over the model's context (the local engine's, or an endpoint's 400
+            # with OpenAI's code) is asked again with fewer and shorter examples.
+            smaller = _smaller(options)
+            if getattr(exc, "code", None) != "context_length_exceeded" or smaller is None:
+                raise
+            options = smaller
     return clean_explanation(answer, max_chars=options.max_chars)
+
+
+def _smaller(options: ExplainOptions) -> ExplainOptions | None:
+    """The options with about half the prompt: no worked example first, then half the
+    examples and context; None once there is nothing left to cut."""
+    if options.few_shot:
+        return replace(options, few_shot=False)
+    smaller = replace(options, n_top=max(1, options.n_top // 2),
+                      n_intervals=options.n_intervals // 2, n_logits=max(1, options.n_logits // 2),
+                      before=max(4, options.before // 2), after=max(1, options.after // 2))
+    return None if smaller == options else smaller

@@ -31,6 +31,19 @@ MAX_RETRY_WAIT_S = 30.0
 class ChatEndpointError(ConfigError):
     """The endpoint cannot be used as configured; the message says what to change."""
 
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code  # OpenAI's error code when the server gave one
+
+
+def _server_code(response: httpx.Response) -> str | None:
+    try:
+        error = response.json().get("error")
+    except (ValueError, AttributeError):
+        return None
+    code = error.get("code") if isinstance(error, dict) else None
+    return code if isinstance(code, str) else None
+
 
 def chat_url(url: str) -> str:
     """The completions URL of a base URL: kept when it ends in /chat/completions, else
@@ -217,7 +230,8 @@ class OpenAIBackend:
                                         "and the URL (it usually ends in /v1)")
             if status >= 400:
                 raise ChatEndpointError(f"{url} refused the request ({status}): "
-                                        f"{_server_message(response)}")
+                                        f"{_server_message(response)}",
+                                        code=_server_code(response))
             try:
                 return response.json()
             except ValueError:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 
+from app.engine.chat import PromptTooLongError
 from app.engine.tiny import build_tiny
 from app.errors import ConfigError
 from app.pipeline.autointerp.backends import ChatOptions
@@ -121,6 +122,34 @@ def test_llm_explain_asks_the_backend_and_cleans_its_answer():
     assert "<<brown fox>>" in messages[-1]["content"]
 
 
+class SmallContext(Scripted):
+    """Refuses prompts over `limit` characters as the engine does (PromptTooLongError)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__("fox words")
+        self.limit = limit
+
+    def complete(self, messages, options):
+        self.asked.append((list(messages), options))
+        size = sum(len(m["content"]) for m in messages)
+        if size > self.limit:
+            raise PromptTooLongError(f"{size} characters")
+        return self.answer
+
+
+def test_a_prompt_over_the_context_is_asked_again_shorter():
+    long = FeatureData(sae_id="s", index=1, top=tuple(
+        Window.of([f" w{i}" for i in range(60)], [0.0] * 30 + [2.0] + [0.0] * 29)
+        for _ in range(10)))
+    backend = SmallContext(limit=900)
+    assert llm_explain(long, backend) == "fox words"
+    sizes = [sum(len(m["content"]) for m in asked) for asked, _ in backend.asked]
+    assert sizes == sorted(sizes, reverse=True) and sizes[-1] <= 900 < sizes[-2]
+    assert len(backend.asked[-1][0]) == 2  # the worked example went first
+    with pytest.raises(PromptTooLongError):
+        llm_explain(long, SmallContext(limit=10))
+
+
 def test_llm_explain_takes_the_stores_feature_read(tmp_path):
     url = f"sqlite:///{tmp_path / 'f.db'}"
     run = synthetic_run(d_sae=8, n_dead=1, seed=4)
@@ -150,6 +179,8 @@ def test_local_backend_on_the_tiny_model():
     assert backend.usage.requests == 2 and backend.usage.completion_tokens <= 16
     assert backend.usage.prompt_tokens > 2 * 50
     assert "\n" not in llm_explain(FEATURE, backend, short)
+    # The default prompt is over the tiny model's 511 positions: asked again, shorter.
+    assert "\n" not in llm_explain(FEATURE, backend, ExplainOptions(chat=ChatOptions(4)))
     tight = LocalBackend.from_model(backend.lm, max_total_tokens=1)
     tight.complete(messages, ChatOptions(max_tokens=2))
     with pytest.raises(TokenBudgetExceeded, match="token budget is used up"):

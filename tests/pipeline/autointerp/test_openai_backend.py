@@ -16,7 +16,7 @@ import pytest
 from app.errors import ConfigError
 from app.pipeline.autointerp.backends import ChatOptions
 from app.pipeline.autointerp.feature_data import FeatureData, Window
-from app.pipeline.autointerp.llm_explainer import ExplainOptions, llm_explain
+from app.pipeline.autointerp.llm_explainer import ExplainOptions, explain_messages, llm_explain
 from app.pipeline.autointerp.openai_backend import ChatEndpointError, OpenAIBackend, chat_url
 from app.pipeline.autointerp.usage import TokenBudgetExceeded
 from app.store.db import make_engine, upgrade
@@ -78,6 +78,15 @@ def test_one_saescope_explains_for_another(server):
             few_shot=False, chat=ChatOptions(max_tokens=8)))
         assert isinstance(description, str) and "\n" not in description
         assert backend.usage.requests == 2
+        # Over tiny-llama's 511 positions: the server's 400 (context_length_exceeded), then the
+        # explainer asks again with a shorter prompt.
+        long = FeatureData(sae_id="s", index=2, top=tuple(
+            Window.of([f" w{i}" for i in range(40)], [0.0] * 30 + [2.0] + [0.0] * 9)
+            for _ in range(10)))
+        with pytest.raises(ChatEndpointError) as err:
+            backend.complete(explain_messages(long, ExplainOptions()), GREEDY)
+        assert err.value.code == "context_length_exceeded"
+        assert "\n" not in llm_explain(long, backend, ExplainOptions(chat=GREEDY))
 
 
 def test_many_prompts_with_several_workers_keep_their_order(server):
