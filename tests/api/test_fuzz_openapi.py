@@ -102,8 +102,9 @@ def test_openapi_fuzz_finds_no_failure(fuzz_server: Server, tmp_path: Path) -> N
            # (rerun with another seed by hand to explore further).
            "--seed", str(FUZZ_SEED),
            # A generation is CPU-bound: on a busy 2-core machine 32 steered tokens (two streams)
-           # passed schemathesis's default 10 s read timeout. A hang still fails, at 60 s.
-           "--request-timeout", "60"]
+           # passed schemathesis's default 10 s, both as read timeout and as the response-time
+           # check of --checks all. A hang still fails, at 60 s.
+           "--request-timeout", "60", "--max-response-time", "60"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     out = done.stdout + done.stderr
     assert done.returncode == 0, f"schemathesis found failures:\n{out[-20000:]}"
