@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from app.engine import chat
+from app.engine.devices import resolve_device, resolve_dtype
 from app.engine.loading import load_model
 from app.errors import ConfigError
 from app.pipeline.autointerp.backends import ChatMessage, ChatOptions
@@ -24,11 +25,12 @@ if TYPE_CHECKING:
 
 class LocalBackend:
     """A ChatBackend over an engine-loaded model. ``model``: a preset name, a Hugging Face
-    folder or a .gguf file (default: the default preset); ``cache_dir``: where dequantized GGUF
-    copies live (default: the settings'). One model, one generation at a time: calls from
-    several threads take turns."""
+    folder or a .gguf file (default: the default preset); ``device`` (auto, cpu, cuda[:N]) and
+    ``dtype`` (float32, bfloat16, float16) as `--device`/`--dtype` elsewhere; ``cache_dir``:
+    where dequantized GGUF copies live (default: the settings'). One model, one generation at
+    a time: calls from several threads take turns."""
 
-    def __init__(self, model: str | None = None, device: str = "cpu", *,
+    def __init__(self, model: str | None = None, device: str = "cpu", *, dtype: str = "float32",
                  cache_dir: Path | None = None, max_total_tokens: int | None = None,
                  max_prompt_tokens: int | None = None, url: str | None = None,
                  api_key_env: str | None = None, lm: LanguageModel | None = None) -> None:
@@ -39,7 +41,7 @@ class LocalBackend:
             raise ConfigError(f"the local explainer runs a model here and takes no URL "
                               f"({url}); use --explainer openai for an endpoint")
         if lm is None:
-            lm = load_model(model, device=device,
+            lm = load_model(model, device=resolve_device(device), dtype=resolve_dtype(dtype),
                             cache_dir=cache_dir or get_settings().cache_dir)
         self.lm = lm
         self.name = f"local:{lm.model_id}"

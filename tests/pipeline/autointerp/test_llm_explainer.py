@@ -5,6 +5,7 @@ backend on the tiny model (and, marked integration, on the default model)."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from app.engine.chat import PromptTooLongError
 from app.engine.tiny import build_tiny
@@ -187,6 +188,14 @@ def test_local_backend_on_the_tiny_model():
         tight.complete(messages, ChatOptions(max_tokens=2))
     with pytest.raises(ConfigError, match="takes no URL"):
         LocalBackend(url="http://127.0.0.1:1/v1", lm=backend.lm)
+
+
+def test_local_backend_loads_by_name_on_a_device_and_dtype():
+    backend = LocalBackend("tiny-llama", device="auto", dtype="bfloat16")
+    assert next(backend.lm.hf_model.parameters()).dtype == torch.bfloat16
+    assert isinstance(backend.complete([{"role": "user", "content": "hi"}], ChatOptions(4)), str)
+    with pytest.raises(ConfigError, match="unknown device 'tpu'"):
+        LocalBackend("tiny-llama", device="tpu")
 
 
 @pytest.mark.integration
