@@ -227,6 +227,10 @@ class FeatureDetail:
     # The model's display strings by token id (the cached list; renderers index it by id).
     vocab: list[str] = field(default_factory=list, compare=False, repr=False)
     extra: dict[str, Any] = field(default_factory=dict)
+    # Automatic drafts waiting for review (never the shown label), and the current scores of
+    # every label of this feature by label id (part of the feature JSON's ETag too).
+    drafts: list[LabelInfo] = field(default_factory=list)
+    label_scores: dict[int, list[ScoreInfo]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -258,3 +262,41 @@ class SteerVectorInfo:
     aligned: list[dict[str, Any]]
     author: str
     created_at: datetime
+
+
+@dataclass(frozen=True)
+class ExplainerCounts:
+    """One explainer's labels on one SAE, by status."""
+
+    explainer: str  # e.g. "pattern" (its labels' author is "autointerp:pattern")
+    total: int
+    draft: int
+    needs_review: int
+    accepted: int
+    rejected: int
+
+
+@dataclass(frozen=True)
+class ScoreSeries:
+    """The current scores of one source's labels by one method and scorer, with the controls
+    (random explanations) measured beside them."""
+
+    source: str  # an explainer, or "people" for people's labels
+    method: str
+    scorer: str
+    scores: list[float]
+    controls: list[float]
+
+
+@dataclass(frozen=True)
+class AutointerpSummary:
+    """Automatic descriptions of one SAE: features labeled (a shown label), drafted (an
+    automatic draft waiting for review) and accepted (an accepted automatic label); labels per
+    explainer; score distributions."""
+
+    sae_id: str
+    labeled: int
+    drafted: int
+    accepted: int
+    explainers: list[ExplainerCounts]
+    series: list[ScoreSeries]

@@ -2,7 +2,8 @@
 label rule, full-text search, the labeling queue, import and export.
 
 Modules: edits (what a write carries, its checks), reads, writes, search, queue, transfer, scores
-(automatic drafts with their scores, scores of any label).
+(automatic drafts with their scores, scores of any label), summary (an SAE's automatic
+descriptions in numbers).
 """
 
 from app.store.labels.edits import (
@@ -14,7 +15,14 @@ from app.store.labels.edits import (
     clean_edit,
     normalize_tags,
 )
-from app.store.labels.queue import QUEUE_ORDERS, QueueMode, QueueOrder, next_feature, skip_feature
+from app.store.labels.queue import (
+    DRAFT_ORDERS,
+    QUEUE_ORDERS,
+    QueueMode,
+    QueueOrder,
+    next_feature,
+    skip_feature,
+)
 from app.store.labels.reads import (
     count_labeled,
     feature_history,
@@ -34,12 +42,15 @@ from app.store.labels.scores import (
     SavedExplanation,
     ScoreRecord,
     automatic_author,
+    draft_scores,
     explained_features,
     save_explanation,
     save_scores,
+    score_is_current,
     scores_of,
 )
 from app.store.labels.search import search_labels
+from app.store.labels.summary import autointerp_summary
 from app.store.labels.transfer import (
     FORMATS,
     export_records,
@@ -53,8 +64,9 @@ from app.store.labels.transfer import (
 from app.store.labels.writes import create_label, review_label, update_label, withdraw_label
 
 __all__ = [
-    "AUTOMATIC_PREFIX", "FORMATS", "SavedExplanation", "ScoreRecord", "automatic_author",
-    "explained_features", "save_explanation", "save_scores", "scores_of",
+    "AUTOMATIC_PREFIX", "DRAFT_ORDERS", "FORMATS", "SavedExplanation", "ScoreRecord",
+    "autointerp_summary", "automatic_author", "draft_scores", "explained_features",
+    "save_explanation", "save_scores", "score_is_current", "scores_of",
     "MAX_DESCRIPTION", "MAX_NOTES", "MAX_TAGS", "QUEUE_ORDERS", "TAG_PATTERN",
     "LabelEdit", "QueueMode", "QueueOrder", "clean_edit", "count_labeled", "create_label",
     "export_records", "export_text", "feature_history", "feature_labels", "import_records",

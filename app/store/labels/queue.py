@@ -1,5 +1,9 @@
 """The labeling queue: the next feature for one person, leased to them for a few minutes.
 
+Orders: by index, density, max activation, a seeded random permutation, or by automatic drafts'
+scores: `draft_lowest` (features with a draft, the worst explained first: a person is needed)
+and `draft_highest` (the best first: a reviewer accepts them); drafts not scored come last.
+
 Leases and skips are rows, so every server worker sees them. Handing out a feature is one write
 transaction that clears expired leases, reads the first candidates and leases the first one
 nobody else took meanwhile (the lease's primary key decides; the loser takes the next).
@@ -11,23 +15,24 @@ import random
 from datetime import datetime, timedelta
 from typing import Literal
 
-from sqlalchemy import BigInteger, Engine, and_, cast, delete, exists, or_, select
+from sqlalchemy import BigInteger, Engine, and_, case, cast, delete, exists, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
+from sqlalchemy.sql import Subquery
 
 from app.errors import ConfigError, NotFoundError
 from app.store.db import write_session
 from app.store.labels.reads import may_be_shown
+from app.store.labels.scores import draft_scores
 from app.store.tables import SAE, Feature, Label, LabelLease, LabelSkip, as_utc, utcnow
 
-QueueOrder = Literal["index", "density", "random", "active"]
+QueueOrder = Literal["index", "density", "random", "active", "draft_lowest", "draft_highest"]
 QueueMode = Literal["unlabeled", "review"]
-QUEUE_ORDERS = ("index", "density", "random", "active")
+QUEUE_ORDERS = ("index", "density", "random", "active", "draft_lowest", "draft_highest")
+DRAFT_ORDERS = ("draft_lowest", "draft_highest")
 LEASE_SECONDS = 300
 _ATTEMPTS = 5
 _CANDIDATES = 32  # tried in order within one transaction before reading again
-
-
 _PRIME = 2_147_483_647  # 2^31 - 1: index * a stays below 2^62, no 64-bit overflow
 
 
@@ -37,7 +42,11 @@ def _random_key(seed: int) -> tuple[int, int]:
     return rng.randrange(1, _PRIME), rng.randrange(_PRIME)
 
 
-def _order(order: str, seed: int) -> list:
+def _order(order: str, seed: int, drafts: Subquery | None) -> list:
+    if drafts is not None:  # the draft orders
+        score = drafts.c.score
+        return [case((score.is_(None), 1), else_=0),
+                score.asc() if order == "draft_lowest" else score.desc(), Feature.index.asc()]
     if order == "index":
         return [Feature.index.asc()]
     if order == "density":
@@ -60,10 +69,12 @@ def next_feature(
 ) -> tuple[int, datetime] | None:
     """(feature index, lease expiry) of the next feature for `user`, or None when the queue is
     empty. `unlabeled`: alive features with no shown label and none by this user; `review`:
-    features with a label that needs review (or an automatic draft) by someone else."""
+    features with a label that needs review (or an automatic draft) by someone else. The draft
+    orders take only features with an automatic draft."""
     if mode not in ("unlabeled", "review"):
         raise ConfigError(f"mode: {mode!r} is not one of unlabeled, review")
-    ordering = _order(order, seed)
+    drafts = draft_scores(sae_id) if order in DRAFT_ORDERS else None
+    ordering = _order(order, seed, drafts)
     for _ in range(_ATTEMPTS):
         with write_session(engine) as session:
             sae = session.get(SAE, sae_id)
@@ -83,8 +94,11 @@ def next_feature(
                 wanted = exists().where(on_feature, Label.author != user, or_(
                     Label.status == "needs_review",
                     and_(Label.author_kind == "automatic", Label.status == "draft")))
+            stmt = select(Feature.index)
+            if drafts is not None:
+                stmt = stmt.join(drafts, drafts.c.feature_index == Feature.index)
             candidates = session.scalars(
-                select(Feature.index).where(
+                stmt.where(
                     Feature.run_id == sae.active_run_id, Feature.count > 0, wanted,
                     ~exists().where(LabelLease.sae_id == sae_id,
                                     LabelLease.feature_index == Feature.index),

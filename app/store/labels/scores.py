@@ -1,6 +1,10 @@
 """Automatic labels and label scores: an explainer's draft written with its scores in one
 transaction, scores of any label (a person's too), and which features an explainer has finished.
 
+A score describes the text it scored: it stays a label's current score while the label's
+description is the one it had at the scored version (a review or a tag edit bumps the version and
+keeps it; an edit of the text does not).
+
 An explainer writes as author `autointerp:<explainer>` (author_kind 'automatic', status draft), so
 it never touches a person's label, and automatic labels are not shown until a reviewer accepts
 one (labels/reads.py). A rerun rewrites its own draft as a new revision (or keeps the version
@@ -13,8 +17,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Engine, and_, delete, insert, select, update
+from sqlalchemy import Engine, and_, delete, exists, func, insert, or_, select, update
 from sqlalchemy.orm import Session
+from sqlalchemy.sql import ColumnElement, Subquery
 
 from app.errors import ConfigError, NotFoundError
 from app.store.db import write_session
@@ -22,12 +27,21 @@ from app.store.labels.edits import MAX_DESCRIPTION, check_author
 from app.store.labels.reads import label_info
 from app.store.labels.writes import _add_revision, _stale, snapshot
 from app.store.read_models import LabelInfo, ScoreInfo
-from app.store.tables import SCORE_METHODS, Label, LabelExplanation, LabelScore, as_utc, utcnow
+from app.store.tables import (
+    SCORE_METHODS,
+    Label,
+    LabelExplanation,
+    LabelRevision,
+    LabelScore,
+    as_utc,
+    utcnow,
+)
 
 AUTOMATIC_PREFIX = "autointerp:"
 _label_t = Label.__table__
 _score_t = LabelScore.__table__
 _expl_t = LabelExplanation.__table__
+_rev_t = LabelRevision.__table__
 
 
 def automatic_author(explainer: str) -> str:
@@ -148,20 +162,52 @@ def score_info(row: Any) -> ScoreInfo:
                      created_at=as_utc(row.created_at), details=row.details or {})
 
 
+def score_is_current(score: Any = _score_t.c, label: Any = _label_t.c) -> ColumnElement[bool]:
+    """SQL, with `score` joined to its `label`: the score describes the label's current text (it
+    scored the current version, or a version whose description, per its revision, is the
+    current one)."""
+    scored = _rev_t.alias("scored")
+    same_text = exists().where(
+        scored.c.label_id == score.label_id, scored.c.version == score.label_version,
+        scored.c.after["description"].as_string() == label.description)
+    return or_(score.label_version == label.version, same_text)
+
+
 def scores_of(*, session: Session, label_ids: list[int], current_only: bool = True
               ) -> dict[int, list[ScoreInfo]]:
-    """Scores by label id, newest first; `current_only`: only those of each label's current
-    version (older ones scored a text the label no longer has)."""
+    """Scores by label id, newest first; `current_only`: only those of each label's current text
+    (score_is_current), one per method, scorer and seed (the newest)."""
     if not label_ids:
         return {}
     stmt = select(_score_t).where(_score_t.c.label_id.in_(label_ids))
     if current_only:
-        stmt = stmt.join(_label_t, and_(_label_t.c.id == _score_t.c.label_id,
-                                        _label_t.c.version == _score_t.c.label_version))
+        stmt = stmt.join(_label_t, _label_t.c.id == _score_t.c.label_id).where(
+            score_is_current())
     out: dict[int, list[ScoreInfo]] = {}
+    seen: set[tuple] = set()
     for row in session.execute(stmt.order_by(_score_t.c.id.desc())):
+        key = (row.label_id, row.method, row.scorer, row.seed)
+        if current_only and key in seen:
+            continue
+        seen.add(key)
         out.setdefault(row.label_id, []).append(score_info(row))
     return out
+
+
+def draft_scores(sae_id: str) -> Subquery:
+    """SQL (feature_index, score): one row per feature of `sae_id` with an automatic draft (status
+    draft); score: its best draft's, a draft's being the mean of its current measured scores
+    (null when none is measured)."""
+    per_draft = (
+        select(_label_t.c.feature_index, func.avg(_score_t.c.score).label("score"))
+        .select_from(_label_t.outerjoin(_score_t, and_(
+            _score_t.c.label_id == _label_t.c.id, _score_t.c.score.is_not(None),
+            score_is_current())))
+        .where(_label_t.c.sae_id == sae_id, _label_t.c.author_kind == "automatic",
+               _label_t.c.status == "draft")
+        .group_by(_label_t.c.feature_index, _label_t.c.id).subquery("per_draft"))
+    return (select(per_draft.c.feature_index, func.max(per_draft.c.score).label("score"))
+            .group_by(per_draft.c.feature_index).subquery("draft_scores"))
 
 
 def explained_features(*, session: Session, sae_id: str, explainer: str, seed: int,

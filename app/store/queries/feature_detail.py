@@ -1,4 +1,5 @@
-"""One feature, everything its page shows: statistics, bands, windows, logit effects, neighbours."""
+"""One feature, everything its page shows: statistics, bands, windows, logit effects, neighbours,
+its labels' scores and automatic drafts."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from app.errors import NotFoundError
 from app.records import WINDOW_KIND_TOP, band_edge_values
 from app.store import codec
 from app.store.labels.reads import labels_of, pick_shown
+from app.store.labels.scores import scores_of
 from app.store.queries.models import get_model_vocab, token_string
 from app.store.queries.runs import live_run
 from app.store.read_models import (
@@ -147,6 +149,9 @@ def get_feature(*, session: Session, sae_id: str, index: int) -> FeatureDetail:
     own_labels = everyone.pop(index, [])
     own_label = pick_shown(own_labels)
     labels = {i: shown for i, ls in everyone.items() if (shown := pick_shown(ls)) is not None}
+    # Most features have no label of their own: no scores query then.
+    scores = scores_of(session=session, label_ids=[lb.id for lb in own_labels]) \
+        if own_labels else {}
     return FeatureDetail(
         sae_id=sae.id, model_id=sae.model_id, index=index, d_sae=sae.d_sae, count=feat.count,
         act_sum=feat.act_sum, mean_act=feat.mean_act, max_act=feat.max_act,
@@ -160,4 +165,7 @@ def get_feature(*, session: Session, sae_id: str, index: int) -> FeatureDetail:
         run_id=run.id, corpus=run.corpus, dense_threshold=run.dense_threshold,
         neighbour_labels=labels, vocab=vocab,
         label_versions=tuple(sorted((lb.id, lb.version) for lb in own_labels)),
+        drafts=[lb for lb in own_labels if lb.author_kind == "automatic"
+                and lb.status == "draft"],
+        label_scores=scores,
     )
