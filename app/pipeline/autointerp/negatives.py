@@ -10,7 +10,7 @@ non-activating, not assumed.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -84,10 +84,11 @@ class SequencePool:
         return out
 
 
-def encode_pool(*, lm: LanguageModel, sae: SAE, hook_name: str, tokens: Mapping[int, np.ndarray],
-                batch_size: int = 16) -> SequencePool:
-    """Run the sequences to the hook and through the SAE (activations rounded through float16,
-    as the build feeds them), keeping every (sequence, position, feature) that fires."""
+def encode_pool_steps(*, lm: LanguageModel, sae: SAE, hook_name: str,
+                      tokens: Mapping[int, np.ndarray], batch_size: int = 16
+                      ) -> Iterator[SequencePool | None]:
+    """encode_pool one batch per step: None after each batch, then the pool (so a server's
+    model worker can interleave it with other jobs)."""
     import torch
 
     from app.pipeline.build_inputs import ActivationSource
@@ -108,8 +109,34 @@ def encode_pool(*, lm: LanguageModel, sae: SAE, hook_name: str, tokens: Mapping[
         seqs.append(np.asarray(chunk, np.int64)[flat // ctx])
         poss.append((flat % ctx).astype(np.int64))
         feats.append(indices[row, col].astype(np.int64))
+        yield None
     cat = (lambda parts: np.concatenate(parts) if parts else np.zeros(0, np.int64))  # noqa: E731
-    return SequencePool(tokens, seq=cat(seqs), pos=cat(poss), feature=cat(feats))
+    yield SequencePool(tokens, seq=cat(seqs), pos=cat(poss), feature=cat(feats))
+
+
+def encode_pool(*, lm: LanguageModel, sae: SAE, hook_name: str, tokens: Mapping[int, np.ndarray],
+                batch_size: int = 16) -> SequencePool:
+    """Run the sequences to the hook and through the SAE (activations rounded through float16,
+    as the build feeds them), keeping every (sequence, position, feature) that fires."""
+    *_, pool = encode_pool_steps(lm=lm, sae=sae, hook_name=hook_name, tokens=tokens,
+                                 batch_size=batch_size)
+    assert isinstance(pool, SequencePool)  # the last step is the pool
+    return pool
+
+
+def sample_sequences(engine: Engine, *, sae_id: str, n_sequences: int, seed: int
+                     ) -> tuple[queries.SAEWeights, dict[int, np.ndarray]]:
+    """Where the SAE's weights and model are, and a seeded sample of its live run's stored
+    sequences (token ids by sequence index)."""
+    with read_session(engine) as session:
+        weights = queries.sae_weights(session=session, sae_id=sae_id)
+        every = queries.sequence_indices(session=session, run_id=weights.run_id)
+        rng = np.random.default_rng([seed, 0x5E0])
+        chosen = sorted(int(i) for i in rng.choice(
+            np.asarray(every, np.int64), size=min(n_sequences, len(every)), replace=False))
+        tokens = queries.sequence_tokens(session=session, run_id=weights.run_id,
+                                         seq_indices=chosen)
+    return weights, tokens
 
 
 def pool_from_store(engine: Engine, *, sae_id: str, n_sequences: int, seed: int,
@@ -123,14 +150,7 @@ def pool_from_store(engine: Engine, *, sae_id: str, n_sequences: int, seed: int,
     from app.engine.sae import SAE
     from app.engine.service import model_spec
 
-    with read_session(engine) as session:
-        weights = queries.sae_weights(session=session, sae_id=sae_id)
-        every = queries.sequence_indices(session=session, run_id=weights.run_id)
-        rng = np.random.default_rng([seed, 0x5E0])
-        chosen = sorted(int(i) for i in rng.choice(
-            np.asarray(every, np.int64), size=min(n_sequences, len(every)), replace=False))
-        tokens = queries.sequence_tokens(session=session, run_id=weights.run_id,
-                                         seq_indices=chosen)
+    weights, tokens = sample_sequences(engine, sae_id=sae_id, n_sequences=n_sequences, seed=seed)
     if not Path(weights.path).exists():
         raise ConfigError(
             f"the weights of SAE {sae_id!r} ({weights.path}) are not there; detection scoring "
