@@ -20,7 +20,17 @@ from app.api.middleware import HttpEdge
 from app.api.model_service import EngineState
 from app.api.model_worker import ModelWorker
 from app.api.public_paths import public_path
-from app.api.routes import chat, features, labels, models, saes, search, steer, steer_library
+from app.api.routes import (
+    chat,
+    features,
+    label_scores,
+    labels,
+    models,
+    saes,
+    search,
+    steer,
+    steer_library,
+)
 from app.errors import SaescopeError
 from app.settings import Settings, get_settings
 from app.store import queries
@@ -114,6 +124,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         max_workers=settings.read_threads, thread_name_prefix="saescope-read"
     ) if settings.read_threads > 0 else None
     app.state.engine_state = EngineState()
+    app.state.label_scorer = _label_scorer(app)
     install_error_handlers(app)
     # The gate first, so the edge (added last, outermost) puts its headers on the gate's refusals.
     install_gate(app, settings)
@@ -129,6 +140,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(search.router, max_body_size=search.max_body_bytes(settings),
                        dependencies=signed_in)
     app.include_router(labels.router, max_body_size=DEFAULT_MAX_BODY_BYTES)
+    app.include_router(label_scores.router, max_body_size=DEFAULT_MAX_BODY_BYTES)
     app.include_router(labels.transfer_router, max_body_size=labels.IMPORT_MAX_BYTES)
     # Generation costs CPU: under auth=token only a signed-in person may run one.
     app.include_router(steer.router, max_body_size=steer.MAX_BODY_BYTES, dependencies=signed_in)
@@ -139,6 +151,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     _mount_web(app)
     _document_deployment_bounds(app, settings)
     return app
+
+
+def _label_scorer(app: FastAPI) -> Any:
+    """Scoring a label on request (POST .../labels/{id}/score): the pipeline's score_label over
+    the model this server loads, on the model worker (app/server_scoring.py)."""
+    from app.server_scoring import ServerLabelScorer
+
+    return ServerLabelScorer(db=app.state.db_engine, engine_state=app.state.engine_state,
+                             worker=app.state.model_worker, home=app.state.settings.home)
 
 
 def _document_deployment_bounds(app: FastAPI, settings: Settings) -> None:

@@ -15,8 +15,8 @@ The layers, lowest first:
 - ``app.store``: the database; plain Python, no engine, no pipeline.
 - ``app.api``: the JSON API over the store; holds the engine only through a Protocol.
 - ``app.web``: the HTML pages, built on the API's dependencies and the store.
-- composition roots ``app.main``, ``app.cli`` (with ``app.cli_explain``), ``app.serving``: wire
-  everything; nothing imports them.
+- composition roots ``app.main``, ``app.cli`` (with ``app.cli_explain``), ``app.serving``,
+  ``app.server_scoring`` (the server's label scorer): wire everything; nothing imports them.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import pytest
 APP_DIR = Path(__file__).resolve().parent.parent / "app"
 
 BASE = {"app.errors", "app.resources", "app.records", "app.settings"}
-ROOTS = {"app.main", "app.cli", "app.cli_explain", "app.serving"}
+ROOTS = {"app.main", "app.cli", "app.cli_explain", "app.serving", "app.server_scoring"}
 # What each layer may import from the app (besides itself and the base modules).
 ALLOWED = {
     "engine": set(),

@@ -13,23 +13,29 @@ from typing import Any
 import numpy as np
 import orjson
 
+from app.api.autointerp_schemas import draft_json, score_json
 from app.api.public_paths import public_path
-from app.store.read_models import FeatureDetail, LabelInfo
+from app.store.read_models import FeatureDetail, LabelInfo, ScoreInfo
 
 
-def _label_json(label: LabelInfo | None) -> dict[str, Any] | None:
+def _label_json(label: LabelInfo | None, scores: dict[int, list[ScoreInfo]]
+                ) -> dict[str, Any] | None:
     if label is None:
         return None
     return {"description": label.description, "tags": label.tags, "status": label.status,
             "author": label.author, "version": label.version,
-            "updated_at": label.updated_at.isoformat()}
+            "updated_at": label.updated_at.isoformat(), "id": label.id,
+            "scores": [score_json(s) for s in scores.get(label.id, [])]}
 
 
 def feature_etag(f: FeatureDetail) -> str:
     """The feature JSON's ETag: its run, every label of the feature and the shown labels of its
-    neighbours (id and version each), so it changes whenever any of them does."""
+    neighbours (id and version each), and the scores of its labels (a score is added without a
+    new label version), so it changes whenever any of them does."""
     neighbours = sorted((i, lb.id, lb.version) for i, lb in f.neighbour_labels.items())
-    key = repr((f.sae_id, f.index, f.run_id, f.label_versions, neighbours)).encode()
+    scores = sorted((s.label_id, s.label_version, s.method, s.scorer, s.seed,
+                     s.created_at.isoformat()) for ss in f.label_scores.values() for s in ss)
+    key = repr((f.sae_id, f.index, f.run_id, f.label_versions, neighbours, scores)).encode()
     return '"f-' + hashlib.sha256(key).hexdigest()[:32] + '"'
 
 
@@ -72,7 +78,9 @@ def feature_json(f: FeatureDetail, *, home: Path) -> bytes:
         "topkCosSimValues": [c for _, c in f.neighbours],
         "activations": activations,
         "sae_id": f.sae_id, "model_id": f.model_id, "d_sae": f.d_sae,
-        "label": _label_json(f.label),
+        "label": _label_json(f.label, f.label_scores),
+        "drafts": [draft_json(d, f.label_scores.get(d.id, []), etag=f'"{d.id}-{d.version}"')
+                   for d in f.drafts],
         "density": f.frac_nonzero, "count": f.count, "mean_act": f.mean_act,
         "max_act": f.max_act, "dense": f.frac_nonzero > f.dense_threshold,
         "pos_ids": [t.token_id for t in f.logits_pos],

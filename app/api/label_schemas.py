@@ -7,10 +7,11 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.api.autointerp_schemas import ScoreOut
 from app.api.deps import NO_NUL
 from app.api.schemas import ErrorOut
 from app.store.labels import MAX_DESCRIPTION, MAX_NOTES, MAX_TAGS
-from app.store.read_models import LabelHit, LabelInfo, RevisionInfo
+from app.store.read_models import LabelHit, LabelInfo, RevisionInfo, ScoreInfo
 
 Status = Literal["draft", "needs_review", "accepted", "rejected"]
 
@@ -67,10 +68,22 @@ class LabelOut(BaseModel):
                    updated_at=label.updated_at, etag=etag(label))
 
 
-class FeatureLabelsOut(BaseModel):
-    """Everyone's labels of one feature; the first is the one the feature shows, if any."""
+class ScoredLabelOut(LabelOut):
+    """A label with the scores of its current text (detection, fuzzing; each with its
+    random-explanation control)."""
 
-    data: list[LabelOut]
+    scores: list[ScoreOut]
+
+    @classmethod
+    def scored(cls, label: LabelInfo, scores: list[ScoreInfo]) -> ScoredLabelOut:
+        return cls(**LabelOut.of(label).model_dump(), scores=[ScoreOut.of(s) for s in scores])
+
+
+class FeatureLabelsOut(BaseModel):
+    """Everyone's labels of one feature, automatic drafts included; the first is the one the
+    feature shows, if any (a draft never is until a reviewer accepts it)."""
+
+    data: list[ScoredLabelOut]
     shown_id: int | None
 
 

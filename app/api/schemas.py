@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from app.api.autointerp_schemas import AutointerpOut, DraftOut, ScoreOut
 from app.api.public_paths import public_json, public_path
 from app.records import CE_ABLATION_GAP_MIN_NATS, ce_loss_figures
 from app.store.read_models import FeaturePage, LabelInfo, ModelInfo, SAEInfo
@@ -148,6 +149,9 @@ class SAEDetail(SAEOut):
     train_metrics: dict[str, Any] | None
     run: RunOut | None
     stats: dict[str, Any] = Field(description="Per-SAE statistics of the active precompute run")
+    autointerp: AutointerpOut | None = Field(
+        None, description="Automatic descriptions: features labeled, drafted and accepted; "
+                          "score histograms per explainer")
 
     @classmethod
     def of(cls, s: SAEInfo, *, home: Path) -> SAEDetail:  # type: ignore[override]
@@ -183,6 +187,13 @@ class LabelOut(BaseModel):
             return None
         return cls(description=label.description, tags=label.tags, status=label.status,
                    author=label.author, version=label.version, updated_at=label.updated_at)
+
+
+class ShownLabelOut(LabelOut):
+    """The label a feature shows, with the scores of its current text."""
+
+    id: int
+    scores: list[ScoreOut]
 
 
 class FeatureRowOut(BaseModel):
@@ -286,7 +297,9 @@ class FeatureOut(BaseModel):
     sae_id: str
     model_id: str
     d_sae: int
-    label: LabelOut | None
+    label: ShownLabelOut | None
+    drafts: list[DraftOut] = Field(description="Automatic drafts waiting for review, with their "
+                                               "scores; never the shown label until accepted")
     density: float
     count: int
     mean_act: float

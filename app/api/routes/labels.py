@@ -29,6 +29,7 @@ from app.api.label_schemas import (
     ProgressRow,
     QueueItemOut,
     ReviewIn,
+    ScoredLabelOut,
     SearchHitOut,
     SearchOut,
     etag,
@@ -161,8 +162,9 @@ def feature_labels(request: Request, session: SessionDep, user: CurrentUser, sae
     _check_feature(request, sae_id, index)
     labels = store.feature_labels(session=session, sae_id=sae_id, index=index)
     shown = store.pick_shown(labels)
-    return FeatureLabelsOut(data=[LabelOut.of(lb) for lb in labels],
-                            shown_id=shown.id if shown else None)
+    scores = store.scores_of(session=session, label_ids=[lb.id for lb in labels])
+    return FeatureLabelsOut(data=[ScoredLabelOut.scored(lb, scores.get(lb.id, []))
+                                  for lb in labels], shown_id=shown.id if shown else None)
 
 
 @router.get(FEATURE + "/labels/history", response_model=HistoryOut, responses=READ,
@@ -205,12 +207,17 @@ def review(request: Request, response: Response, user: ReviewerUser, sae_id: Sae
              summary="Lease the next feature to label (or review)")
 def queue_next(
     request: Request, user: AnnotatorUser, sae_id: SaeIdPath,
-    order: Literal["index", "density", "random", "active"] = "index",
+    order: store.QueueOrder = "index",
     seed: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
     mode: Literal["unlabeled", "review"] = "unlabeled",
 ) -> QueueItemOut | Response:
-    """`mode=review` (reviewers): features with a label by someone else that waits for a
-    verdict. The feature is leased to you for five minutes; asking again releases it."""
+    """`unlabeled`: features without a shown label; `review` (reviewers): features with a label
+    by someone else that waits for a verdict, automatic drafts included. Orders: `index`,
+    `density`, `active` (max activation), `random` (a fixed permutation per `seed`),
+    `draft_lowest` (features with an automatic draft, the lowest scored first: a person should
+    describe them) and `draft_highest` (the highest scored first, to accept); a draft's score is
+    the mean of its detection and fuzzing scores, and drafts without one come last. The feature
+    is leased to you for five minutes; asking again releases it."""
     if mode == "review" and not user.can("reviewer"):
         raise ForbiddenError(f"mode: review is for reviewers; {user.name} is a {user.role}")
     got = store.next_feature(request.app.state.db_engine, sae_id=sae_id, user=user.name,

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Query
 
+from app.api.autointerp_schemas import AutointerpOut
 from app.api.deps import NO_NUL, SaeIdPath, SessionDep, SettingsDep
 from app.api.schemas import ERROR_RESPONSES, VALIDATION_RESPONSES, SAEDetail, SAEList, SAEOut
 from app.store import queries
+from app.store.labels import autointerp_summary
 
 router = APIRouter(prefix="/api/v1/saes", tags=["saes"])
 
@@ -25,4 +27,6 @@ def list_saes(
 
 @router.get("/{sae_id}", response_model=SAEDetail, responses=ERROR_RESPONSES)
 def get_sae(session: SessionDep, settings: SettingsDep, sae_id: SaeIdPath) -> SAEDetail:
-    return SAEDetail.of(queries.get_sae(session=session, sae_id=sae_id), home=settings.home)
+    detail = SAEDetail.of(queries.get_sae(session=session, sae_id=sae_id), home=settings.home)
+    detail.autointerp = AutointerpOut.of(autointerp_summary(session=session, sae_id=sae_id))
+    return detail
