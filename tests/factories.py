@@ -380,3 +380,25 @@ def _planted_windows(feature: int, acts: np.ndarray, seq_index: np.ndarray, *, w
     arrays["values"] = (np.stack(out["values"]) if out["values"]
                         else np.zeros((0, window_len), np.float16))
     return arrays
+
+
+def explain_into(db_url: str, *, sae_id: str, indices: list[int], scorer: Any,
+                 cache_dir: Any, n_sequences: int = 64) -> Any:
+    """Scored automatic drafts in a built database, written by the real explain job: the pattern
+    explainer, `scorer` (a scripted chat backend, e.g. tests/pipeline/autointerp/scripted.py's
+    KeywordScorer) for detection and fuzzing, windows at zero from the run's stored sequences
+    encoded with the SAE's own model (so the SAE's weights must exist). Returns the summary."""
+    from app.pipeline.autointerp.explain_job import ExplainJob, FeatureSelection, run_explain
+    from app.pipeline.autointerp.negatives import pool_from_store
+    from app.pipeline.autointerp.pattern import explain_pattern
+
+    engine = make_engine(db_url)
+    try:
+        job = ExplainJob(sae_id=sae_id, selection=FeatureSelection(sorted(indices)),
+                         progress=False)
+        return run_explain(
+            engine, job, explain=explain_pattern, scorer=scorer, log=lambda _m: None,
+            negatives=lambda: pool_from_store(engine, sae_id=sae_id, n_sequences=n_sequences,
+                                              seed=0, cache_dir=cache_dir))
+    finally:
+        engine.dispose()

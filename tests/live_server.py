@@ -30,6 +30,9 @@ SAE_ID = "2-res-topk-128"
 XSS_MODEL_ID = "xss-lm"
 XSS_SAE_ID = "1-res-xss"
 XSS_TOKEN_ID = 5
+# Features from here up get automatic drafts scored by a scripted scorer (explain_into); tests
+# that review or accept drafts use them, so other tests' features keep their labels.
+DRAFTED_FROM = 96
 
 CORPUS = {
     "story.txt": " ".join(
@@ -120,6 +123,11 @@ def _build_database(root: Path, db_url: str | None = None) -> str:
          "tags": ["story"]},
         {"sae_id": XSS_SAE_ID, "index": 2, "description": XSS, "tags": ["xss-check"]},
     ])
+    from tests.factories import explain_into
+    from tests.pipeline.autointerp.scripted import KeywordScorer
+
+    explain_into(db_url, sae_id=SAE_ID, indices=list(range(DRAFTED_FROM, 128)),
+                 scorer=KeywordScorer(), cache_dir=root / "home" / "cache")
     return db_url
 
 

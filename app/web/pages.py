@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 from app.api.deps import ModelIdPath, SaeIdPath, SessionDep, run_read, text_query
 from app.errors import NotFoundError
 from app.store import queries
+from app.store.labels import autointerp_summary
 from app.store.labels import progress as label_progress
 from app.store.read_models import SAEInfo
 from app.web.csp import PLOT_PAGE_HEADERS
@@ -27,6 +28,7 @@ from app.web.views import (
     COLUMNS,
     FILTERS,
     SORTABLE,
+    autointerp_view,
     feature_table_view,
     feature_view,
     home_models,
@@ -141,6 +143,7 @@ def sae_page(
         "t": feature_table_view(table, per_page=FEATURE_TABLE_PER_PAGE, sort=sort, order=order,
                                 filter=filter, q=q, token=token, tag=tag, page=page),
         "progress": label_progress(session=session, sae_id=sae_id),
+        "auto": autointerp_view(autointerp_summary(session=session, sae_id=sae_id)),
         "filters": FILTERS,
         "columns": COLUMNS,
         "sortable": SORTABLE,
@@ -186,12 +189,16 @@ def feature_template() -> Template:
 @router.get("/{model_id}/{sae_id}/{index:int}", response_class=HTMLResponse)
 async def feature_page(request: Request, model_id: ModelIdPath, sae_id: SaeIdPath,
                        index: int) -> HTMLResponse:
+    # Scoring a label asks the server's model: offered when one is (or is being) loaded.
+    can_score = request.app.state.engine_state.status in ("ready", "loading")
+
     def render(session: Session) -> str:
         detail = queries.get_feature(session=session, sae_id=sae_id, index=index)
         if detail.model_id != model_id:
             _sae_for_page(session, model_id=model_id, sae_id=sae_id)  # raises the 404
         context = {
             "f": feature_view(detail),
+            "can_score": can_score,
             **_chrome(session, crumbs=[(model_id, None), (sae_id, sae_url(model_id, sae_id)),
                                        (f"#{index}", None)], model_id=model_id, sae_id=sae_id),
         }

@@ -7,9 +7,11 @@ from typing import Any
 
 from markupsafe import Markup, escape
 
+from app.api.autointerp_schemas import series_json
 from app.api.public_paths import public_path
 from app.records import CE_ABLATION_GAP_MIN_NATS, ce_loss_figures
 from app.store.read_models import (
+    AutointerpSummary,
     FeatureDetail,
     FeaturePage,
     ModelInfo,
@@ -128,6 +130,7 @@ def feature_view(detail: FeatureDetail) -> dict[str, Any]:
         "index": detail.index,
         "d_sae": detail.d_sae,
         "label": detail.label,
+        "n_drafts": len(detail.drafts),
         "frac_nonzero": detail.frac_nonzero,
         "max_act": detail.max_act,
         "mean_act": detail.mean_act,
@@ -184,6 +187,38 @@ def sae_view(sae: SAEInfo, *, home: Path) -> dict[str, Any]:
         "density_hist": _hist(stats.get("density_hist")),
         "l0_hist": _hist(stats.get("l0_hist")),
     }
+
+
+SCORE_METHOD_TITLES = {
+    "detection": "Detection: which windows activate, read from the description",
+    "fuzzing": "Fuzzing: which windows have their strongest tokens marked",
+}
+
+
+def autointerp_view(summary: AutointerpSummary) -> dict[str, Any]:
+    """The SAE overview's automatic descriptions: counts, labels per explainer, and per score
+    method a histogram of every source's scores beside its controls (one bar series each)."""
+    rows = [series_json(s) for s in summary.series]
+    charts = []
+    for method, title in SCORE_METHOD_TITLES.items():
+        mine = [r for r in rows if r["method"] == method]
+        if not any(r["n"] for r in mine):
+            continue
+        series = [{"name": f"{r['source']} · scored by {r['scorer']}", "counts": r["counts"]}
+                  for r in mine if r["n"]]
+        # One control series per scorer: it does not depend on whose text was scored.
+        controls: dict[str, list[int]] = {}
+        for r in mine:
+            counts = controls.setdefault(r["scorer"], [0] * len(r["control_counts"]))
+            controls[r["scorer"]] = [a + b for a, b in zip(counts, r["control_counts"],
+                                                           strict=True)]
+        series += [{"name": f"random explanation · scored by {scorer}", "counts": counts,
+                    "control": True} for scorer, counts in controls.items() if any(counts)]
+        charts.append({"method": method, "title": title,
+                       "data": {"edges": mine[0]["edges"], "series": series}})
+    return {"labeled": summary.labeled, "drafted": summary.drafted,
+            "accepted": summary.accepted, "explainers": summary.explainers, "scores": rows,
+            "charts": charts, "any": bool(summary.explainers or rows)}
 
 
 def _ce_view(stats: dict[str, Any]) -> dict[str, Any]:

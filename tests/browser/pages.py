@@ -1,8 +1,9 @@
 """Every page of the explorer, for the checks that run on all of them (axe-core in test_a11y.py).
 
 A page added to the app is added here with one line: its name, its path (with {model}, {sae},
-{feature} filled from the live server's database) and, when it draws after load, a `ready`
-selector or an `act` that brings it into the state worth checking (results shown, rows open).
+{feature} and {drafted}, a feature with a scored automatic draft, filled from the live server's
+database) and, when it draws after load, a `ready` selector or an `act` that brings it into the
+state worth checking (results shown, rows open).
 """
 
 from __future__ import annotations
@@ -50,16 +51,22 @@ class AppPage:
     act: Callable[[Any], None] | None = None
     status: int = 200
 
-    def url(self, *, feature: int) -> str:
-        return self.path.format(model=MODEL_ID, sae=SAE_ID, feature=feature)
+    def url(self, *, feature: int, drafted: int | None = None) -> str:
+        return self.path.format(model=MODEL_ID, sae=SAE_ID, feature=feature, drafted=drafted)
 
 
 PAGES: list[AppPage] = [
     AppPage("home", "/"),
-    AppPage("overview", "/{model}/{sae}", ready=".plot[data-rendered]"),
+    AppPage("overview", "/{model}/{sae}", ready="#score-hist-fuzzing[data-rendered]"),
     AppPage("overview-labeled", "/{model}/{sae}?filter=labeled&sort=max_act"),
     AppPage("feature", "/{model}/{sae}/{feature}", ready=".plot[data-rendered]",
             act=_run_test_box),
+    AppPage("feature-drafted", "/{model}/{sae}/{drafted}",
+            ready="[data-all-labels] .label-row.automatic table.label-scores"),
+    AppPage("queue-drafts", "/{model}/{sae}/queue?order=draft_highest&mode=review",
+            ready="[data-queue-pending] table.label-scores"),
+    AppPage("queue-write-drafts", "/{model}/{sae}/queue?order=draft_lowest",
+            ready="[data-queue-drafts] table.label-scores"),
     AppPage("search-empty", "/{model}/{sae}/search"),
     AppPage("search", "/{model}/{sae}/search?text=the+quick+brown+fox%0A%09def+f(x)%3A",
             ready="#search-tokens .t", act=_open_search_feature),

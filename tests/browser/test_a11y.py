@@ -15,7 +15,7 @@ import subprocess
 import pytest
 
 from tests.browser.pages import MODEL_ID, PAGES, SAE_ID, AppPage
-from tests.live_server import REPO
+from tests.live_server import DRAFTED_FROM, REPO
 
 pytestmark = pytest.mark.browser
 
@@ -49,11 +49,20 @@ def _alive_feature(server) -> int:  # noqa: ANN001
     return rows["data"][0]["index"]
 
 
+def _drafted_feature(server) -> int:  # noqa: ANN001
+    """A feature with a scored automatic draft (the live server's build wrote them)."""
+    for index in range(DRAFTED_FROM, 128):
+        if server.get_json(f"/api/v1/saes/{SAE_ID}/features/{index}")["drafts"]:
+            return index
+    raise AssertionError("the live server's build wrote no drafts")
+
+
 @pytest.mark.parametrize("app_page", PAGES, ids=[p.name for p in PAGES])
 def test_axe_finds_no_serious_violations(page, server, axe_script, shot,
                                          app_page: AppPage) -> None:
     page.add_init_script(path=axe_script)
-    response = page.goto(app_page.url(feature=_alive_feature(server)))
+    drafted = _drafted_feature(server) if "{drafted}" in app_page.path else None
+    response = page.goto(app_page.url(feature=_alive_feature(server), drafted=drafted))
     assert response.status == app_page.status
     if app_page.ready:
         page.wait_for_selector(app_page.ready)

@@ -1,7 +1,7 @@
 // Behaviour shared by every page: token tooltips, keyboard reading of tokens, single-key
 // shortcuts (which can be turned off), window expansion, charts.
 
-import { barHistogram } from "./plots.js";
+import { barHistogram, scoreHistogram } from "./plots.js";
 
 const tooltip = document.getElementById("tooltip");
 
@@ -193,3 +193,4 @@ document.addEventListener("keydown", (ev) => {
 });
 
 for (const el of document.querySelectorAll('[data-plot="bar-histogram"]')) barHistogram(el);
+for (const el of document.querySelectorAll('[data-plot="score-histogram"]')) scoreHistogram(el);

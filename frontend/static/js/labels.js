@@ -124,19 +124,63 @@ export function review(base, label, status) {
   });
 }
 
-/** One label of a feature; with `onReview`, a reviewer's buttons for the other statuses. */
-export function labelRow(label, shownId, onReview = null) {
-  const li = el("li", "", "label-row" + (label.id === shownId ? " shown" : ""));
+function fmtScore(value) {
+  return value === null || value === undefined ? "–" : value.toFixed(2);
+}
+
+/** A label's scores: per method and scorer its balanced accuracy (0.5 is chance), with the
+ *  same scorer's accuracy for a random other feature's explanation beside it. */
+export function scoresTable(scores) {
+  const table = el("table", "", "label-scores");
+  table.append(el("caption", "how well this text predicts where the feature fires (balanced accuracy; 0.5 is chance)", "muted small"));
+  const head = el("tr");
+  for (const text of ["method", "score", "random explanation", "windows", "scorer"]) {
+    const th = el("th", text);
+    th.scope = "col";
+    head.append(th);
+  }
+  const body = el("tbody");
+  const order = (s) => `${s.method === "detection" ? 0 : 1} ${s.scorer} ${s.seed}`;
+  for (const s of [...scores].sort((a, b) => order(a).localeCompare(order(b)))) {
+    const row = el("tr");
+    const method = el("th", s.method);
+    method.scope = "row";
+    const score = el("td", fmtScore(s.score), "num score-value");
+    if (s.score === null && s.details?.skipped) score.title = s.details.skipped;
+    const control = el("td", fmtScore(s.control_score), "num");
+    const source = s.details?.control;
+    if (source?.explanation) control.title = `${source.source}: ${source.explanation}`;
+    const scorer = el("td");
+    scorer.append(el("bdi", s.scorer));
+    row.append(method, score, control, el("td", String(s.n_windows), "num"), scorer);
+    body.append(row);
+  }
+  const thead = el("thead");
+  thead.append(head);
+  table.append(thead, body);
+  return table;
+}
+
+/** Score a label's text with the server's model (detection and fuzzing; slow on a CPU). */
+export function scoreLabel(base, label) {
+  return api(`${base}/labels/${label.id}/score`, { method: "POST", body: {} });
+}
+
+/** One label of a feature, with the scores of its text; with `onReview`, a reviewer's buttons
+ *  for the other statuses; with `onScore`, a button that scores its text. */
+export function labelRow(label, shownId, onReview = null, onScore = null) {
+  const li = el("li", "", "label-row" + (label.id === shownId ? " shown" : "")
+    + (label.author_kind === "automatic" ? " automatic" : ""));
   li.dataset.labelId = String(label.id);
   li.append(labelText(label.description));
-  for (const tag of label.tags) li.append(el("span", tag, "tag"));
+  for (const tag of label.tags ?? []) li.append(el("span", tag, "tag"));
   const meta = el("span", "", "muted small label-meta");
   meta.append(el("bdi", label.author), document.createTextNode(
     ` · ${label.author_kind === "automatic" ? "automatic · " : ""}${label.status.replace("_", " ")} · v${label.version}`));
   li.append(meta);
   if (label.id === shownId) li.append(el("span", "shown", "badge"));
+  const buttons = el("span", "", "review-buttons");
   if (onReview) {
-    const buttons = el("span", "", "review-buttons");
     for (const [status, text] of REVIEWS) {
       if (status === label.status || (status === "needs_review" && label.status === "draft")) continue;
       const button = el("button", text, "subtle small");
@@ -145,9 +189,37 @@ export function labelRow(label, shownId, onReview = null) {
       button.addEventListener("click", () => onReview(label, status));
       buttons.append(button);
     }
-    li.append(buttons);
   }
+  if (onScore && label.description) {
+    const button = el("button", "Score", "subtle small");
+    button.type = "button";
+    button.dataset.score = "";
+    button.setAttribute("aria-label", `Score the label by ${label.author}`);
+    button.addEventListener("click", () => {
+      button.disabled = true;
+      onScore(label);
+    });
+    buttons.append(button);
+  }
+  if (buttons.children.length) li.append(buttons);
+  if (label.scores?.length) li.append(scoresTable(label.scores));
   return li;
+}
+
+/** The page header's label: the shown one, after a review may have changed it. */
+function showHeader(labels, shownId) {
+  const head = document.querySelector(".feature-label");
+  if (!head) return;
+  const shown = labels.find((l) => l.id === shownId);
+  head.replaceChildren(labelText(shown?.description ?? ""));
+  for (const tag of shown?.tags ?? []) head.append(" ", el("span", tag, "tag"));
+  const drafts = labels.filter((l) => l.author_kind === "automatic" && l.status === "draft").length;
+  if (drafts) {
+    const link = el("a", `${drafts} automatic draft${drafts === 1 ? "" : "s"} to review`, "small");
+    link.href = "#labels";
+    link.dataset.draftsLink = "";
+    head.append(" ", link);
+  }
 }
 
 function formValues(form) {
@@ -182,6 +254,8 @@ export function labelEditor(box) {
   const history = box.querySelector("[data-history-list]");
   const conflict = box.querySelector("[data-conflict]");
   const withdraw = box.querySelector("[data-withdraw]");
+  // Scoring asks the server's model: offered when it has one and to annotators (the route's role).
+  const scoring = box.dataset.canScore === "yes" && can("annotator");
   let etag = null;
   if (!can("reviewer")) {
     for (const option of [...form.elements.status.options]) {
@@ -191,6 +265,15 @@ export function labelEditor(box) {
   if (!can("annotator")) {
     form.hidden = true;
     box.querySelector("[data-read-only]").hidden = false;
+  }
+
+  async function onScore(label) {
+    status.textContent = `scoring the label by ${label.author}: the model reads dozens of windows, which can take a minute…`;
+    const { res, data } = await scoreLabel(base, label);
+    await refresh({ keepForm: true });
+    status.textContent = res.ok
+      ? `scored the label by ${label.author}: ${data.scores.map((s) => `${s.method} ${fmtScore(s.score)} (random ${fmtScore(s.control_score)})`).join(", ")}`
+      : errorText(res, data);
   }
 
   async function onReview(label, verdict) {
@@ -216,7 +299,9 @@ export function labelEditor(box) {
     }
     withdraw.hidden = etag === null;
     const reviewer = can("reviewer") ? onReview : null;
-    all.replaceChildren(...(everyone.data?.data ?? []).map((l) => labelRow(l, everyone.data.shown_id, reviewer)));
+    const labels = everyone.data?.data ?? [];
+    all.replaceChildren(...labels.map((l) => labelRow(l, everyone.data.shown_id, reviewer, scoring ? onScore : null)));
+    if (everyone.res.ok) showHeader(labels, everyone.data.shown_id);
     if (!all.children.length) all.append(el("li", "no labels yet", "muted"));
     history.replaceChildren(...(revs.data?.data ?? []).map(historyItem));
     if (!history.children.length) history.append(el("li", "no changes yet", "muted"));

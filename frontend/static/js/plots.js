@@ -81,6 +81,49 @@ export function barHistogram(el) {
 }
 
 /**
+ * Score histograms: {edges, series: [{name, counts, control?}]} over [0, 1], one group of bars
+ * per bin, one colour per series (controls, random explanations, in grey), with a legend.
+ */
+export function scoreHistogram(el) {
+  const data = readData(el.dataset.source);
+  if (!data || !data.series || data.series.every((s) => s.counts.every((c) => c === 0))) {
+    markEmpty(el);
+    return;
+  }
+  const { edges } = data;
+  const x = edges.slice(0, -1).map((lo, i) => (lo + edges[i + 1]) / 2);
+  const colours = ["rgba(47, 95, 208, 0.8)", "rgba(23, 122, 66, 0.8)", "rgba(143, 91, 15, 0.8)",
+    "rgba(194, 59, 59, 0.8)"];
+  let next = 0;
+  const traces = data.series.map((s) => ({
+    type: "bar",
+    name: plotText(s.name),
+    x,
+    y: s.counts,
+    text: s.counts.map((c, i) => plotText(`${s.name}: ${c} with ${edges[i].toFixed(2)} – ${edges[i + 1].toFixed(2)}`)),
+    textposition: "none",
+    hovertemplate: "%{text}<extra></extra>",
+    marker: { color: s.control ? "rgba(92, 103, 117, 0.45)" : colours[next++ % colours.length] },
+  }));
+  withPlotly((Plotly) => {
+    Plotly.newPlot(
+      el,
+      traces,
+      layout({
+        barmode: "group",
+        bargap: 0.15,
+        showlegend: true,
+        legend: { orientation: "h", y: -0.3, font: { size: 11 } },
+        margin: { l: 44, r: 8, t: 6, b: 70 },
+        xaxis: axis(el.dataset.xtitle || "", { range: [0, 1] }),
+        yaxis: axis(el.dataset.ytitle || ""),
+      }),
+      CONFIG,
+    ).then(() => { el.dataset.rendered = "yes"; el.dataset.points = String(traces.length); });
+  });
+}
+
+/**
  * The feature's activation histogram on log-spaced bins, each bar coloured by the interval band
  * its centre falls in (bands are equal-width over (0, max]).
  */

@@ -1,7 +1,8 @@
 // The labeling queue: type a description, Enter saves and moves on, Esc skips. In review mode
 // the feature's labels waiting for review are listed instead: Enter accepts the first one (or
 // the button with the focus acts), Esc skips. The server leases each feature to one person for
-// a few minutes (POST .../queue/next).
+// a few minutes (POST .../queue/next). A feature's automatic drafts show with their scores (in
+// review mode among the labels to accept); ?order= and ?mode= in the page's URL pick the queue.
 
 import { api, el, errorText, labelRow, labelText, review } from "./labels.js";
 import { fmtNum, renderTokens } from "./tokens.js";
@@ -17,6 +18,12 @@ if (page) {
   const counter = page.querySelector("[data-queue-count]");
   let current = null;
   let saved = 0;
+  const wanted = new URLSearchParams(window.location.search);
+  for (const name of ["order", "mode"]) {
+    const select = form.elements[name];
+    const value = wanted.get(name);
+    if (value && [...select.options].some((o) => o.value === value)) select.value = value;
+  }
 
   function options() {
     const params = new URLSearchParams({ order: form.elements.order.value, mode: form.elements.mode.value });
@@ -44,6 +51,12 @@ if (page) {
     const existing = page.querySelector("[data-queue-existing]");
     existing.replaceChildren();
     if (label) existing.append("shown now: ", labelText(label.description));
+    // Writing: the drafts as context (a reviewer accepts them in review mode, where they are
+    // listed with the other labels waiting).
+    const drafts = reviewing() ? [] : feature.drafts;
+    page.querySelector("[data-queue-drafts]").replaceChildren(...drafts.map((d) => labelRow(
+      { ...d, author_kind: "automatic", tags: [] }, null)));
+    page.querySelector("[data-queue-drafts-box]").hidden = drafts.length === 0;
   }
 
   const reviewing = () => form.elements.mode.value === "review";
