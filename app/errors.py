@@ -37,6 +37,16 @@ class BusyError(SaescopeError):
         self.retry_after = retry_after
 
 
+class TooManyRequestsError(SaescopeError):
+    """This person already runs as many model jobs as they may; retry after `retry_after` s."""
+
+    status_code = 429
+
+    def __init__(self, message: str, *, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class ConflictError(SaescopeError):
     """A write lost a race (e.g. a label edited meanwhile): reload and apply the change again."""
 

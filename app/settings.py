@@ -7,7 +7,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.errors import ConfigError
@@ -39,6 +39,11 @@ class Settings(BaseSettings):
     # autointerp prompt with twenty marked windows is a few thousand); new tokens and the time
     # limit are steering's (steer_max_new_tokens, steer_time_limit_s).
     chat_max_prompt_tokens: int = 4096
+
+    # Generations (steer, stream, sweep) one signed-in person may run at once with auth=token,
+    # counted across every server process; one more is a 429 with Retry-After. Without sign-in
+    # (auth=none) only the model queue (model_queue_size) bounds them.
+    steer_per_user: int = Field(default=2, ge=1)
     # Threads for the hot reads (feature JSON and pages). Few on purpose: reads are CPU-bound
     # Python, and many threads contending for the GIL stretch every request's latency.
     read_threads: int = 1

@@ -42,6 +42,8 @@ STEER_RESPONSES: dict[int | str, dict[str, Any]] = {
                                             "this server did not load"},
     409: {"model": ErrorOut, "description": "The loaded model cannot do what was asked (a chat "
                                             "template it does not have)"},
+    429: {"model": ErrorOut, "description": "With auth=token: this person already runs "
+                                            "SAESCOPE_STEER_PER_USER generations (Retry-After)"},
 }
 MAX_NEW_TOKENS_CEILING = 4096  # the schema's bound; the deployment's (lower) one is documented
 # in OpenAPI by document_bounds and checked by the routes

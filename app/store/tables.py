@@ -381,7 +381,10 @@ class LabelScore(Base):
 
 
 class LabelLease(Base):
-    """A feature the queue handed to one person until `expires_at`, so two people do not get it."""
+    """A feature the queue handed to one person until `expires_at`, so two people do not get it.
+
+    The same rows hold people's generation slots, under `sae_id` "generation/{user id}" (see
+    store/generation_slots.py): one table of leases, shared by every server process."""
 
     __tablename__ = "label_leases"
 

@@ -5,43 +5,32 @@ disconnect cancelling, bounds as 422s, a full queue as 503, sweeps, saved runs a
 from __future__ import annotations
 
 import asyncio
-import re
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-import orjson
 import pytest
 from fastapi.testclient import TestClient
 
 from app.api.auth import Principal
 from app.api.deps import current_user
-from app.main import create_app
-from app.settings import Settings
-from tests.factories import SERVED_HOOK, SERVED_SAE_ID, engine_ready, served_sae_database
-
-SAE_ID = SERVED_SAE_ID
-HOOK = SERVED_HOOK
-PROMPT = "def add(a, b):"
-WAIT = 60  # seconds; only a broken server ever waits this long
+from tests.api.steer_support import (
+    HOOK,
+    SAE_ID,
+    STEERED,
+    WAIT,
+    ASGICall,
+    SteppedService,
+    build_database,
+    make_app,
+    parse_sse,
+    request,
+    wait_ready,
+)
 
 
 @pytest.fixture(scope="module")
 def database(tmp_path_factory) -> tuple[Path, str]:
-    home = tmp_path_factory.mktemp("steer")
-    _, url = served_sae_database(home, name="steer.db")
-    return home, url
-
-
-def make_app(database, **overrides):
-    home, url = database
-    settings = Settings(home=home, database_url=url, load_model=True, max_text_tokens=32,
-                        steer_max_new_tokens=24, **overrides)
-    return create_app(settings)
-
-
-def wait_ready(app) -> None:
-    engine_ready(app, timeout=WAIT)
+    return build_database(tmp_path_factory.mktemp("steer"))
 
 
 @pytest.fixture
@@ -49,22 +38,6 @@ def client(database) -> Iterator[TestClient]:
     with TestClient(make_app(database), raise_server_exceptions=False) as c:
         wait_ready(c.app)
         yield c
-
-
-def request(**overrides):
-    return {"sae_id": SAE_ID, "prompt": PROMPT, "max_new_tokens": 8, **overrides}
-
-
-STEERED = [{"index": 5, "mode": "add", "value": 60.0}]
-
-
-def parse_sse(raw: str) -> list[tuple[str, dict]]:
-    events = []
-    for block in re.split(r"\r?\n\r?\n", raw):
-        fields = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line)
-        if "event" in fields:
-            events.append((fields["event"], orjson.loads(fields["data"])))
-    return events
 
 
 def test_json_side_by_side(client):
@@ -98,70 +71,6 @@ def test_sse_events_add_up_to_the_json_texts(client):
         assert indices == sorted(indices)
         assert events[-1][1][which] == {"tokens": len(whole[which]["token_ids"]),
                                         "stop_reason": whole[which]["stop_reason"]}
-
-
-class SteppedService:
-    """The real service, with each step of a generation held until the test releases it."""
-
-    def __init__(self, inner) -> None:
-        self.inner = inner
-        self.permits = threading.Semaphore(0)
-        self.closed = threading.Event()
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-    def steer_stream(self, **kwargs):
-        steps = self.inner.steer_stream(**kwargs)
-        try:
-            while True:
-                assert self.permits.acquire(timeout=WAIT), "the test never released a step"
-                try:
-                    item = next(steps)
-                except StopIteration:
-                    return
-                yield item
-        finally:
-            self.closed.set()
-
-
-class ASGICall:
-    """One POST driven straight through the ASGI app, so the test sees each body chunk as it is
-    sent and can disconnect at a moment of its choosing."""
-
-    def __init__(self, app, path: str, body: dict) -> None:
-        self.sent: asyncio.Queue[dict] = asyncio.Queue()
-        self.left = asyncio.Event()
-        payload = orjson.dumps(body)
-        delivered = False
-
-        async def receive() -> dict:
-            nonlocal delivered
-            if not delivered:
-                delivered = True
-                return {"type": "http.request", "body": payload, "more_body": False}
-            await self.left.wait()
-            return {"type": "http.disconnect"}
-
-        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
-                 "method": "POST", "scheme": "http", "path": path, "raw_path": path.encode(),
-                 "query_string": b"", "root_path": "", "client": ("test", 1),
-                 "server": ("test", 80),
-                 "headers": [(b"host", b"test"), (b"content-type", b"application/json")]}
-        self.task = asyncio.create_task(app(scope, receive, self.sent.put))
-        self.text = ""
-
-    async def status(self) -> int:
-        message = await asyncio.wait_for(self.sent.get(), WAIT)
-        assert message["type"] == "http.response.start"
-        return message["status"]
-
-    async def until(self, predicate) -> list[tuple[str, dict]]:
-        """Read body chunks until the events so far satisfy predicate; the events."""
-        while not predicate(parse_sse(self.text)):
-            message = await asyncio.wait_for(self.sent.get(), WAIT)
-            self.text += message.get("body", b"").decode()
-        return parse_sse(self.text)
 
 
 def test_the_stream_delivers_tokens_as_the_model_steps(database):

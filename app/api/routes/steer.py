@@ -4,8 +4,9 @@ strength sweeps.
 Every request is checked against the store first (known SAEs and feature indices, saved
 vectors, the deployment's bounds: 422 with what to change), then runs on the model worker as a
 stream, one forward per turn, so searches and other generations interleave with it. A full
-queue is a 503 with Retry-After before anything runs; a client that leaves (or a stream
-closed early) cancels its job after the step in progress.
+queue is a 503 with Retry-After before anything runs, and so is a person's generation past their
+limit under auth=token, as a 429 (api/generation_limit.py); a client that leaves (or a stream
+closed early) cancels its job after the step in progress and frees its slot.
 """
 
 from __future__ import annotations
@@ -19,8 +20,11 @@ import orjson
 from fastapi import APIRouter, Request, Response
 from sqlalchemy.orm import Session
 from sse_starlette import EventSourceResponse
+from starlette.background import BackgroundTask
 
-from app.api.deps import EngineStateDep, ModelWorkerDep, SettingsDep, run_read
+from app.api.auth import Principal
+from app.api.deps import CurrentUser, EngineStateDep, ModelWorkerDep, SettingsDep, run_read
+from app.api.generation_limit import HeldSlot, take_generation_slot
 from app.api.model_service import EngineState, ModelService
 from app.api.model_worker import ModelStream, ModelWorker
 from app.api.steer_schemas import (
@@ -118,40 +122,50 @@ def sweep_plan(session: Session, body: SweepIn, settings: Settings) -> dict[str,
             "values": list(body.values)}
 
 
-async def _open_stream(request: Request, *, engine_state: EngineState, worker: ModelWorker,
-                       plan: Callable[[Session], dict[str, Any]],
+async def _open_stream(request: Request, *, user: Principal, engine_state: EngineState,
+                       worker: ModelWorker, plan: Callable[[Session], dict[str, Any]],
                        steps: Callable[[ModelService, dict[str, Any]], Iterator[Any]],
-                       ) -> ModelStream[Any]:
-    """Check the request, then admit its job (BusyError: 503 at once)."""
+                       ) -> tuple[ModelStream[Any], HeldSlot]:
+    """Check the request, take one of the person's generation slots (TooManyRequestsError: 429),
+    then admit its job (BusyError: 503 at once). The caller releases the slot when the stream
+    ends, however it ends."""
     kwargs = await run_read(request, plan)
     service = engine_state.require()
-    return worker.stream(lambda: steps(service, kwargs))
+    slot = await take_generation_slot(request, user)
+    try:
+        return worker.stream(lambda: steps(service, kwargs)), slot
+    except BaseException:
+        await slot.release()
+        raise
 
 
 @router.post("", response_model=SteerOut, responses=STEER_RESPONSES)
-async def steer(body: SteerIn, request: Request, settings: SettingsDep, worker: ModelWorkerDep,
-                engine_state: EngineStateDep) -> SteerOut | Response:
+async def steer(body: SteerIn, request: Request, user: CurrentUser, settings: SettingsDep,
+                worker: ModelWorkerDep, engine_state: EngineStateDep) -> SteerOut | Response:
     """Default and steered continuations of the prompt, side by side, as JSON once both end."""
-    stream = await _open_stream(
-        request, engine_state=engine_state, worker=worker,
+    stream, slot = await _open_stream(
+        request, user=user, engine_state=engine_state, worker=worker,
         plan=lambda session: steer_plan(session, body, settings),
         steps=lambda service, kwargs: service.steer_stream(**kwargs))
     done: dict[str, Any] = {}
-    async with stream:
-        async for events in stream:
-            done.update(next((e["data"] for e in events if e["event"] == "done"), {}))
-            if not done and await request.is_disconnected():
-                # Leaving the block cancels the job after this step; nobody reads the answer.
-                return Response(status_code=CLIENT_GONE)
+    try:
+        async with stream:
+            async for events in stream:
+                done.update(next((e["data"] for e in events if e["event"] == "done"), {}))
+                if not done and await request.is_disconnected():
+                    # Leaving the block cancels the job after this step; nobody reads the answer.
+                    return Response(status_code=CLIENT_GONE)
+    finally:
+        await slot.release()
     return SteerOut.model_validate(done)
 
 
 @router.post("/stream", responses=STREAM_RESPONSES, response_class=EventSourceResponse)
-async def steer_stream(body: SteerIn, request: Request, settings: SettingsDep,
+async def steer_stream(body: SteerIn, request: Request, user: CurrentUser, settings: SettingsDep,
                        worker: ModelWorkerDep, engine_state: EngineStateDep) -> EventSourceResponse:
     """The same generation as server-sent events, token by token (POST: read it with fetch)."""
-    stream = await _open_stream(
-        request, engine_state=engine_state, worker=worker,
+    stream, slot = await _open_stream(
+        request, user=user, engine_state=engine_state, worker=worker,
         plan=lambda session: steer_plan(session, body, settings),
         steps=lambda service, kwargs: service.steer_stream(**kwargs))
     try:
@@ -160,8 +174,17 @@ async def steer_stream(body: SteerIn, request: Request, settings: SettingsDep,
         first = await stream.__anext__()
     except BaseException:
         await stream.aclose()
+        await slot.release()
         raise
-    return EventSourceResponse(_sse(stream, first), ping=15)
+    # The background task runs once the response ends, a client that left included: it closes
+    # the job and frees the slot even when the body never started (both are idempotent).
+    return EventSourceResponse(_sse(stream, first, slot), ping=15,
+                               background=BackgroundTask(_close, stream, slot))
+
+
+async def _close(stream: ModelStream[Any], slot: HeldSlot) -> None:
+    await stream.aclose()
+    await slot.release()
 
 
 def _sse_event(event: dict[str, Any]) -> dict[str, str]:
@@ -172,7 +195,7 @@ def _sse_event(event: dict[str, Any]) -> dict[str, str]:
     return {"event": event["event"], "data": orjson.dumps(data).decode()}
 
 
-async def _sse(stream: ModelStream[Any], first: list[dict[str, Any]]
+async def _sse(stream: ModelStream[Any], first: list[dict[str, Any]], slot: HeldSlot
                ) -> AsyncIterator[dict[str, str]]:
     try:
         for event in first:
@@ -187,25 +210,28 @@ async def _sse(stream: ModelStream[Any], first: list[dict[str, Any]]
         yield {"event": "error", "data": orjson.dumps(
             {"message": "the generation failed; the server log has details"}).decode()}
     finally:
-        await stream.aclose()
+        await _close(stream, slot)
 
 
 @router.post("/sweep", response_model=SweepOut, responses=STEER_RESPONSES)
-async def sweep(body: SweepIn, request: Request, settings: SettingsDep, worker: ModelWorkerDep,
-                engine_state: EngineStateDep) -> SweepOut | Response:
+async def sweep(body: SweepIn, request: Request, user: CurrentUser, settings: SettingsDep,
+                worker: ModelWorkerDep, engine_state: EngineStateDep) -> SweepOut | Response:
     """One feature at several strengths in one batch: each strength's text, the feature's
     realised activation on the generated tokens, and the text's mean log-probability under the
     unsteered model (where it drops, the text stops being coherent)."""
-    stream = await _open_stream(
-        request, engine_state=engine_state, worker=worker,
+    stream, slot = await _open_stream(
+        request, user=user, engine_state=engine_state, worker=worker,
         plan=lambda session: sweep_plan(session, body, settings),
         steps=lambda service, kwargs: service.steer_sweep(**kwargs))
     result: dict[str, Any] = {}
-    async with stream:
-        async for item in stream:
-            if item is not None:
-                result = item
-            elif await request.is_disconnected():
-                return Response(status_code=CLIENT_GONE)
+    try:
+        async with stream:
+            async for item in stream:
+                if item is not None:
+                    result = item
+                elif await request.is_disconnected():
+                    return Response(status_code=CLIENT_GONE)
+    finally:
+        await slot.release()
     return SweepOut.model_validate({"sae_id": body.sae_id, "index": body.index,
                                     "mode": body.mode, **result})
