@@ -15,8 +15,8 @@ Scope) in ``app.engine.formats``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import replace
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,15 @@ from app.errors import ConfigError
 # few tokens the BLAS runs that shape (d_sae rows) faster than x @ W_enc; beyond it the strided
 # result costs more than the product saves.
 _TRANSPOSED_MAX_ROWS = 256
+
+
+@dataclass(frozen=True)
+class _Latents:
+    """What an activation function reads (``SAELike``), for a few of an SAE's latents."""
+
+    cfg: SAEConfig
+    threshold: Tensor | None
+    training: bool
 
 
 class SAE(nn.Module):
@@ -231,6 +240,27 @@ class SAE(nn.Module):
     def encode(self, x: Tensor) -> Tensor:
         """feature_acts [..., d_sae] for x [..., d_in]."""
         return self.encode_with_hidden_pre(x)[0]
+
+    def encode_latents(self, x: Tensor, indices: Sequence[int]) -> Tensor:
+        """``encode(x)[..., indices]`` [..., len(indices)], computing as little as the
+        architecture allows (steering reads a few latents at every step).
+
+        Per-latent activations (relu, jumprelu, batchtopk at inference) need only those
+        latents' encoder columns: a [d_in, len(indices)] product instead of [d_in, d_sae]. TopK
+        ranks every pre-activation, so it takes them all, but keeps only the latents asked for
+        (the same ``topk`` call as ``encode``, so ties resolve alike)."""
+        idx = torch.as_tensor(list(indices), dtype=torch.long, device=self.device)
+        arch = self.architecture
+        if arch.per_latent and not (self.training and self.cfg.architecture == "batchtopk"):
+            pre = self.process_input(x) @ self.W_enc[:, idx] + self.b_enc[idx]
+            threshold = None if self.threshold is None else self.threshold[idx]
+            return arch.activation(_Latents(self.cfg, threshold, self.training), pre)
+        if self.cfg.architecture == "topk":
+            pre = self.hidden_pre(x)
+            _, top = pre.topk(int(self.cfg.k), dim=-1, sorted=False)  # type: ignore[arg-type]
+            chosen = (top.unsqueeze(-1) == idx).any(dim=-2)
+            return pre[..., idx].relu() * chosen.to(pre.dtype)
+        return self.encode(x)[..., idx]
 
     def decode(self, feature_acts: Tensor) -> Tensor:
         """Reconstruction [..., d_in] in the model's activation units."""

@@ -87,18 +87,25 @@ class Architecture:
     needs_k: bool
     # the name written to cfg.json "architecture" so SAELens builds the matching class
     saelens_name: str
+    # At inference each latent's activation depends on its own pre-activation alone (relu,
+    # jumprelu, batchtopk's threshold): a few latents need only their encoder columns
+    # (SAE.encode_latents). TopK ranks every latent against the others, so it needs them all.
+    per_latent: bool = False
 
 
 ARCHITECTURES: dict[str, Architecture] = {
     "relu": Architecture(
-        "relu", _relu, needs_threshold=False, needs_k=False, saelens_name="standard"
+        "relu", _relu, needs_threshold=False, needs_k=False, saelens_name="standard",
+        per_latent=True,
     ),
     "topk": Architecture("topk", _topk, needs_threshold=False, needs_k=True, saelens_name="topk"),
     "batchtopk": Architecture(
-        "batchtopk", _batchtopk, needs_threshold=True, needs_k=True, saelens_name="jumprelu"
+        "batchtopk", _batchtopk, needs_threshold=True, needs_k=True, saelens_name="jumprelu",
+        per_latent=True,
     ),
     "jumprelu": Architecture(
-        "jumprelu", _jumprelu, needs_threshold=True, needs_k=False, saelens_name="jumprelu"
+        "jumprelu", _jumprelu, needs_threshold=True, needs_k=False, saelens_name="jumprelu",
+        per_latent=True,
     ),
 }
 # Names other tools use for the same maths.

@@ -11,7 +11,9 @@ given, so a default stream and steered streams can share one batch.
   normalises its input), so a value of 5 adds what an activation of 5 decodes to.
 - clamp / multiply / ablate: f = encode(x), f' = f with the feature set to value, times value,
   or 0; x += decode(f') - decode(f). The SAE's reconstruction error x - decode(x) stays in the
-  stream, so the edit is not cancelled by what the SAE fails to explain.
+  stream, so the edit is not cancelled by what the SAE fails to explain. Only the edited
+  latents of f are computed (``SAE.encode_latents``): for relu / jumprelu SAEs a few encoder
+  columns, not the whole encoder; add needs no encode at all.
 - vector: x += value * v for a raw direction v at its hook (e.g. ``caa_vector``).
 
 At one hook, the encode-based edits of each SAE come first (one encode per SAE, on the activation
@@ -154,11 +156,11 @@ class Steering:
 @torch.no_grad()
 def _encoded_delta(sae: SAE, edits: Sequence[FeatureEdit], x: Tensor) -> Tensor:
     """decode(f') - decode(f) for f = encode(x) and f' = f with the edits applied in order; only
-    the edited latents differ, so only their decoder rows are multiplied."""
-    f = sae.encode(x)
+    the edited latents differ, so only they are encoded (see SAE.encode_latents: for per-latent
+    architectures only their encoder columns) and only their decoder rows multiplied."""
     indices = sorted({e.index for e in edits})
     column = {index: j for j, index in enumerate(indices)}
-    old = f[..., indices]
+    old = sae.encode_latents(x, indices)
     new = old.clone()
     for edit in edits:
         j = column[edit.index]
@@ -196,7 +198,8 @@ class FeatureProbe:
         generated = positions.generated.to(t.device)
         if bool(generated.any()):
             with torch.no_grad():
-                self.values.append(self.sae.encode(t[:, generated])[..., self.index].float())
+                self.values.append(
+                    self.sae.encode_latents(t[:, generated], [self.index])[..., 0].float())
 
     def mean(self, counts: Sequence[int] | None = None) -> list[float | None]:
         """Per batch row, the mean over the generated positions seen, or over the first

@@ -191,6 +191,40 @@ def test_encode_accepts_half_precision_input_and_keeps_leading_dims() -> None:
     assert sae.encode(x[0, 0]).shape == (D_SAE,)
 
 
+@pytest.mark.parametrize("architecture,training", [
+    ("relu", False), ("jumprelu", False), ("batchtopk", False), ("batchtopk", True),
+    ("topk", False)])
+@pytest.mark.parametrize("scaled", [False, True])
+def test_encode_latents_is_encode_at_those_latents(architecture: str, training: bool,
+                                                   scaled: bool) -> None:
+    """Steering's few-latent encode against the full one: per-latent architectures use only
+    those encoder columns, TopK ranks them all; batchtopk in training ranks over the batch."""
+    kwargs = {"normalize_activations": "expected_average_only_in",
+              "norm_scaling_factor": 1.7} if scaled else {}
+    sae = make_sae(architecture, **kwargs).train(training)
+    x = inputs()
+    latents = [31, 2, 17, 2, 0, 39]  # any order, repeats allowed
+    full = sae.encode(x)
+    assert bool((full[..., latents] > 0).any())  # some of them fire
+    torch.testing.assert_close(sae.encode_latents(x, latents), full[..., latents],
+                               atol=1e-6, rtol=1e-6)
+    sae.store_encoder_transposed()  # as the server holds it
+    torch.testing.assert_close(sae.encode_latents(x[0], [5]), sae.encode(x[0])[..., [5]],
+                               atol=1e-6, rtol=1e-6)
+
+
+def test_topk_encode_latents_resolves_ties_as_encode() -> None:
+    sae = make_sae("topk", k=2)
+    with torch.no_grad():  # four latents tie for the top two places
+        sae.W_enc.zero_()
+        sae.b_enc.zero_()
+        sae.b_enc[[3, 8, 20, 33]] = 1.0
+    x = inputs()
+    latents = [3, 8, 20, 33]
+    torch.testing.assert_close(sae.encode_latents(x, latents), sae.encode(x)[..., latents],
+                               atol=0, rtol=0)
+
+
 def test_to_dtype_updates_config() -> None:
     sae = make_sae("relu").to(torch.float64)
     assert sae.cfg.dtype == "float64" and sae.dtype == torch.float64

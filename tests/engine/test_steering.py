@@ -34,10 +34,12 @@ def lm(request):
     return build_tiny(request.param)
 
 
-def random_sae(lm, *, hook=HOOK, seed=0, d_sae=48, scale: float | None = 2.5) -> SAE:
-    """A TopK SAE with a nonzero b_dec and, by default, input normalisation, so the edits must
-    answer in the model's units."""
-    cfg = SAEConfig(architecture="topk", d_in=lm.d_model, d_sae=d_sae, k=8, hook_name=hook,
+def random_sae(lm, *, hook=HOOK, seed=0, d_sae=48, scale: float | None = 2.5,
+               architecture: str = "topk") -> SAE:
+    """A TopK SAE (or another architecture: thresholds a little above 0) with a nonzero b_dec
+    and, by default, input normalisation, so the edits must answer in the model's units."""
+    cfg = SAEConfig(architecture=architecture, d_in=lm.d_model, d_sae=d_sae,
+                    k=8 if architecture in ("topk", "batchtopk") else None, hook_name=hook,
                     normalize_activations="expected_average_only_in" if scale else "none",
                     norm_scaling_factor=scale)
     sae = SAE.from_config(cfg, seed=seed)
@@ -45,6 +47,8 @@ def random_sae(lm, *, hook=HOOK, seed=0, d_sae=48, scale: float | None = 2.5) ->
     with torch.no_grad():
         sae.b_dec.copy_(0.3 * torch.randn(lm.d_model, generator=gen))
         sae.W_dec.mul_(1 + torch.rand(d_sae, 1, generator=gen))  # rows of assorted norms
+        if sae.threshold is not None:
+            sae.threshold.copy_(0.1 * torch.rand(d_sae, generator=gen))
     return sae.eval()
 
 
@@ -104,9 +108,12 @@ def test_add_moves_the_activation_by_value_times_the_decoder_row_at_scoped_posit
     assert bool((delta[0] == 0).all())  # the default row untouched
 
 
+@pytest.mark.parametrize("architecture", ["topk", "relu", "jumprelu"])
 @pytest.mark.parametrize("mode,value", [("clamp", 4.0), ("multiply", 3.0), ("ablate", 0.0)])
-def test_encoded_edits_keep_the_error_term(lm, mode, value):
-    sae = random_sae(lm)
+def test_encoded_edits_keep_the_error_term(lm, mode, value, architecture):
+    """Against the full encode: clamp, multiply and ablate compute only the edited latent
+    (SAE.encode_latents: one encoder column for relu / jumprelu), with the same result."""
+    sae = random_sae(lm, architecture=architecture)
     with torch.no_grad():
         f0 = sae.encode(edited_activations(lm, Steering([]))[0][1])
     index = int((f0 > 0).sum(0).argmax())  # a feature that fires somewhere
