@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from app.engine import hooks as hk
+from app.engine.few_rows import use_few_rows_linears
 from app.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -60,6 +61,8 @@ class LanguageModel:
         self.model_id = model_id
         self.source = source
         self.hf_model = hf_model.eval()
+        # Decoding steps multiply one row per stream: see few_rows.py.
+        use_few_rows_linears(hf_model)
         self.tokenizer = tokenizer
         config = hf_model.config
         text_config = getattr(config, "text_config", None) or config
