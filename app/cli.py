@@ -191,7 +191,10 @@ def demo_command(
     rebuild: bool = typer.Option(False, "--rebuild", help="precompute again even when the "
                                  "database already holds this SAE's features"),
 ) -> None:
-    """Everything on the defaults: train the default SAE if absent, build, then serve."""
+    """Everything on the defaults: train the default SAE if absent, build, save the steering
+    lab's example runs, then serve."""
+    from app.engine.service import EngineService, SAESpec
+    from app.pipeline.demo_steering import ensure_demo_runs
     from app.pipeline.precompute import BuildOptions, build
     from app.pipeline.train_sae import (
         DEFAULT_EVAL_TOKENS,
@@ -210,24 +213,34 @@ def demo_command(
 
         check_auth_settings(settings)
     typer.echo(data_folder_line(settings, saes=True))
-    typer.echo(f"[1/3] default SAE {DEFAULT_SAE_ID} on {DEFAULT_MODEL} ({DEFAULT_HOOK})")
+    typer.echo(f"[1/4] default SAE {DEFAULT_SAE_ID} on {DEFAULT_MODEL} ({DEFAULT_HOOK})")
     folder = ensure_sae(saes_dir=settings.saes_dir, cache_dir=settings.cache_dir, log=typer.echo)
     typer.echo(f"      using {folder}")
     n_tokens = tokens or DEFAULT_TOKENS
     if not rebuild and _has_run(settings.db_url, sae_id=DEFAULT_SAE_ID, n_tokens=n_tokens):
-        typer.echo(f"[2/3] {settings.db_url} already holds {DEFAULT_SAE_ID} over "
+        typer.echo(f"[2/4] {settings.db_url} already holds {DEFAULT_SAE_ID} over "
                    f"{n_tokens} tokens; skipping the build (--rebuild forces it)")
     else:
-        typer.echo(f"[2/3] precomputing features into {settings.db_url}")
+        typer.echo(f"[2/4] precomputing features into {settings.db_url}")
         build(BuildOptions(sae_path=folder, model=DEFAULT_MODEL, n_tokens=n_tokens,
                            eval_tokens=DEFAULT_EVAL_TOKENS, sae_id=DEFAULT_SAE_ID,
                            db_url=settings.db_url, cache_dir=settings.cache_dir),
               log=lambda msg: typer.echo(f"      {msg}"))
+    typer.echo("[3/4] saved steering runs (the steering lab's examples)")
+    runs = ensure_demo_runs(
+        db_url=settings.db_url, sae_id=DEFAULT_SAE_ID,
+        load_service=lambda: EngineService.load(
+            saes=[SAESpec(sae_id=DEFAULT_SAE_ID, model_id=DEFAULT_MODEL, hook_name=DEFAULT_HOOK,
+                          path=str(folder))],
+            model=DEFAULT_MODEL, cache_dir=settings.cache_dir),
+        log=lambda msg: typer.echo(f"      {msg}"))
+    for name, run_id in runs.items():
+        typer.echo(f"      /steer/runs/{run_id}  {name}")
     if not serve:
-        typer.echo("[3/3] skipped serving (--no-serve)")
+        typer.echo("[4/4] skipped serving (--no-serve)")
         return
     _first_admin(settings)
-    typer.echo(f"[3/3] serving on http://{settings.host}:{settings.port}/ (Ctrl+C stops)")
+    typer.echo(f"[4/4] serving on http://{settings.host}:{settings.port}/ (Ctrl+C stops)")
     _serve(settings)
 
 

@@ -394,11 +394,13 @@ function renderSweep(out, scale) {
       { x, y: out.cells.map((c) => c.realised), name: plotText("realised activation"), mode: "lines+markers" },
       { x, y: out.cells.map((c) => c.coherence), name: plotText("coherence (mean log-prob)"), mode: "lines+markers", yaxis: "y2" },
     ], {
-      margin: { l: 50, r: 50, t: 6, b: 34 }, paper_bgcolor: "rgba(0,0,0,0)", plot_bgcolor: "rgba(0,0,0,0)",
+      // Room on the right for the log-prob ticks (two decimals) and the axis title.
+      margin: { l: 50, r: 64, t: 6, b: 34 }, paper_bgcolor: "rgba(0,0,0,0)", plot_bgcolor: "rgba(0,0,0,0)",
       font: { size: 11 }, legend: { orientation: "h" },
       xaxis: { title: { text: plotText(`strength (${out.mode})`) } },
       yaxis: { title: { text: plotText("realised") } },
-      yaxis2: { title: { text: plotText("log-prob") }, overlaying: "y", side: "right" },
+      yaxis2: { title: { text: plotText("log-prob") }, overlaying: "y", side: "right",
+                tickformat: ".2f" },
     }, { displayModeBar: false, responsive: true }).then(() => { plot.dataset.rendered = "yes"; });
   });
 }
