@@ -402,3 +402,36 @@ def explain_into(db_url: str, *, sae_id: str, indices: list[int], scorer: Any,
                                               seed=0, cache_dir=cache_dir))
     finally:
         engine.dispose()
+
+
+def word_corpus(folder: Path, words: list[str], *, n_docs: int = 12,
+                lengths: tuple[int, int] | None = (20, 400), n_words: int = 200,
+                name: str = "doc{i:02d}.txt", seed: int = 0) -> Path:
+    """A folder of `n_docs` text files of words drawn from `words` (seeded): each of a length
+    drawn from `lengths` (so packing and document boundaries occur), or of `n_words` words each
+    when `lengths` is None."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n_docs):
+        size = rng.integers(*lengths) if lengths else n_words
+        (folder / name.format(i=i)).write_text(" ".join(rng.choice(words, size)))
+    return folder
+
+
+def tiny_topk_sae(folder: Path, *, d_sae: int, k: int, context_size: int,
+                  hook: str = "blocks.2.hook_resid_post", spread_bias: bool = False,
+                  seed: int = 1) -> Path:
+    """A random TopK SAE on tiny-llama (d_in 64) saved at `folder`; `spread_bias` sets b_enc to
+    a ramp over [-0.5, 0.5] so latents fire at visibly different rates."""
+    import torch
+
+    from app.engine.sae import SAE, SAEConfig
+
+    cfg = SAEConfig(architecture="topk", d_in=64, d_sae=d_sae, k=k, hook_name=hook,
+                    model_name="tiny-llama", context_size=context_size)
+    sae = SAE.from_config(cfg, seed=seed)
+    if spread_bias:
+        with torch.no_grad():
+            sae.b_enc.copy_(torch.linspace(-0.5, 0.5, d_sae))
+    sae.save(folder)
+    return folder

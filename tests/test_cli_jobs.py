@@ -13,11 +13,9 @@ import sys
 import textwrap
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
 
-from app.engine.sae import SAE, SAEConfig
+from tests.factories import tiny_topk_sae, word_corpus
 
 REPO = Path(__file__).resolve().parents[1]
 CTX, D_SAE = 32, 96
@@ -30,17 +28,8 @@ WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", ";
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("cli-jobs")
-    corpus = root / "docs"
-    corpus.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(12):
-        (corpus / f"doc{i:02d}.txt").write_text(" ".join(rng.choice(WORDS, rng.integers(50, 400))))
-    cfg = SAEConfig(architecture="topk", d_in=64, d_sae=D_SAE, k=10, hook_name=HOOK,
-                    model_name="tiny-llama", context_size=CTX)
-    sae = SAE.from_config(cfg, seed=1)
-    with torch.no_grad():
-        sae.b_enc.copy_(torch.linspace(-0.5, 0.5, D_SAE))
-    sae.save(root / "sae")
+    corpus = word_corpus(root / "docs", WORDS, lengths=(50, 400))
+    tiny_topk_sae(root / "sae", d_sae=D_SAE, k=10, context_size=CTX, hook=HOOK, spread_bias=True)
     return {"sae": root / "sae", "corpus": corpus}
 
 

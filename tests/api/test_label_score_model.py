@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from app.engine.sae import SAE, SAEConfig
 from app.main import create_app
 from app.pipeline.autointerp.explain_job import control_explanation
 from app.pipeline.autointerp.negatives import pool_from_store
@@ -19,6 +17,7 @@ from app.server_scoring import POOL_SEED, POOL_SEQUENCES, ServerLabelScorer
 from app.settings import Settings
 from app.store import queries
 from app.store.db import make_engine, read_session
+from tests.factories import tiny_topk_sae, word_corpus
 from tests.pipeline.autointerp.scripted import KeywordScorer
 
 SAE_ID = "tiny"
@@ -32,14 +31,8 @@ def served(tmp_path_factory):
     from app.pipeline.precompute import BuildOptions, build
 
     root = tmp_path_factory.mktemp("scored")
-    corpus = root / "docs"
-    corpus.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(8):
-        (corpus / f"doc{i}.txt").write_text(" ".join(rng.choice(WORDS, 200)))
-    cfg = SAEConfig(architecture="topk", d_in=64, d_sae=48, k=6, hook_name=HOOK,
-                    model_name="tiny-llama", context_size=32)
-    SAE.from_config(cfg, seed=1).save(root / "sae")
+    corpus = word_corpus(root / "docs", WORDS, n_docs=8, lengths=None, name="doc{i}.txt")
+    tiny_topk_sae(root / "sae", d_sae=48, k=6, context_size=32, hook=HOOK)
     url = f"sqlite:///{root / 'tiny.db'}"
     build(BuildOptions(sae_path=root / "sae", corpus=str(corpus), n_tokens=24 * 32,
                        batch_size=8, window_len=10, n_top=4, n_bands=3, per_band=2,

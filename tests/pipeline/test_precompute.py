@@ -18,12 +18,13 @@ import numpy as np
 import pytest
 import torch
 
-from app.engine.sae import SAE, SAEConfig
+from app.engine.sae import SAE
 from app.engine.tiny import build_tiny
 from app.pipeline.activation_stats import default_hist_edges
 from app.pipeline.precompute import BuildOptions, compute_records
 from app.pipeline.static_features import decoder_neighbours, logit_effects
 from app.records import WINDOW_KIND_INTERVAL, WINDOW_KIND_TOP, band_edge_values
+from tests.factories import tiny_topk_sae, word_corpus
 
 REPO = Path(__file__).resolve().parents[2]
 CTX, BATCH, N_SEQ, D_SAE, WIN = 32, 4, 40, 96, 12
@@ -36,17 +37,8 @@ WORDS = " ".join([
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("precompute")
-    corpus = root / "docs"
-    corpus.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(12):  # documents of varied length, so padding and doc boundaries occur
-        (corpus / f"doc{i:02d}.txt").write_text(" ".join(rng.choice(WORDS, rng.integers(20, 400))))
-    cfg = SAEConfig(architecture="topk", d_in=64, d_sae=D_SAE, k=10, hook_name=HOOK,
-                    model_name="tiny-llama", context_size=CTX)
-    sae = SAE.from_config(cfg, seed=1)
-    with torch.no_grad():
-        sae.b_enc.copy_(torch.linspace(-0.5, 0.5, D_SAE))
-    sae.save(root / "sae")
+    corpus = word_corpus(root / "docs", WORDS)  # varied lengths: packing and boundaries occur
+    tiny_topk_sae(root / "sae", d_sae=D_SAE, k=10, context_size=CTX, hook=HOOK, spread_bias=True)
     sae = SAE.load(root / "sae")
     lm = build_tiny("tiny-llama")
     opts = BuildOptions(sae_path=root / "sae", corpus=str(corpus), n_tokens=N_SEQ * CTX,

@@ -7,15 +7,14 @@ import importlib.util
 import sys
 from dataclasses import replace
 
-import numpy as np
 import pytest
-import torch
 from typer.testing import CliRunner
 
-from app.engine.sae import SAE, SAEConfig
+from app.engine.sae import SAE
 from app.engine.tiny import build_tiny
 from app.pipeline.precompute import BuildOptions, build
 from app.pipeline.sharded import INSTALL_HINT, shard_bounds
+from tests.factories import tiny_topk_sae, word_corpus
 from tests.pipeline.test_precompute import dump_tables
 
 CTX, BATCH, N_SEQ, D_SAE = 32, 4, 40, 96
@@ -38,19 +37,10 @@ def ray_session():
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("sharded")
-    corpus = root / "docs"
-    corpus.mkdir()
-    rng = np.random.default_rng(0)
     words = ["the", "quick", "brown", "fox", ";", "def", "add", "(", "a", ",", "b", ")", ":",
              "return", "+", "class", "0", "1", "2", "10", "python"]
-    for i in range(12):
-        (corpus / f"doc{i:02d}.txt").write_text(" ".join(rng.choice(words, rng.integers(20, 400))))
-    cfg = SAEConfig(architecture="topk", d_in=64, d_sae=D_SAE, k=10, hook_name=HOOK,
-                    model_name="tiny-llama", context_size=CTX)
-    sae = SAE.from_config(cfg, seed=1)
-    with torch.no_grad():
-        sae.b_enc.copy_(torch.linspace(-0.5, 0.5, D_SAE))
-    sae.save(root / "sae")
+    corpus = word_corpus(root / "docs", words)
+    tiny_topk_sae(root / "sae", d_sae=D_SAE, k=10, context_size=CTX, hook=HOOK, spread_bias=True)
     opts = BuildOptions(sae_path=root / "sae", corpus=str(corpus), n_tokens=N_SEQ * CTX,
                         batch_size=BATCH, window_len=12, n_top=6, n_bands=5, per_band=2,
                         eval_tokens=2 * CTX, progress=False,

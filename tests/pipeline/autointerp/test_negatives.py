@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from app.engine.sae import SAE, SAEConfig
+from app.engine.sae import SAE
 from app.engine.tiny import build_tiny
 from app.errors import ConfigError
 from app.pipeline.autointerp.explain_job import ExplainJob, run_explain
@@ -19,7 +19,7 @@ from app.pipeline.precompute import BuildOptions, build
 from app.store import labels as store
 from app.store import queries
 from app.store.db import make_engine, read_session
-from tests.factories import synthetic_database, synthetic_run
+from tests.factories import synthetic_database, synthetic_run, tiny_topk_sae, word_corpus
 from tests.pipeline.autointerp.scripted import KeywordScorer
 
 HOOK = "blocks.2.hook_resid_post"
@@ -31,14 +31,8 @@ WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", ";
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     root = tmp_path_factory.mktemp("negatives")
-    corpus = root / "docs"
-    corpus.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(8):
-        (corpus / f"doc{i}.txt").write_text(" ".join(rng.choice(WORDS, 200)))
-    cfg = SAEConfig(architecture="topk", d_in=64, d_sae=48, k=6, hook_name=HOOK,
-                    model_name="tiny-llama", context_size=32)
-    SAE.from_config(cfg, seed=1).save(root / "sae")
+    corpus = word_corpus(root / "docs", WORDS, n_docs=8, lengths=None, name="doc{i}.txt")
+    tiny_topk_sae(root / "sae", d_sae=48, k=6, context_size=32, hook=HOOK)
     url = f"sqlite:///{root / 'tiny.db'}"
     build(BuildOptions(sae_path=root / "sae", corpus=str(corpus), n_tokens=24 * 32,
                        batch_size=8, window_len=10, n_top=4, n_bands=3, per_band=2,
