@@ -247,8 +247,8 @@ class SAE(nn.Module):
 
         Per-latent activations (relu, jumprelu, batchtopk at inference) need only those
         latents' encoder columns: a [d_in, len(indices)] product instead of [d_in, d_sae]. TopK
-        ranks every pre-activation, so it takes them all, but keeps only the latents asked for
-        (the same ``topk`` call as ``encode``, so ties resolve alike)."""
+        ranks every pre-activation, so it takes them all (the same ``topk`` call as ``encode``,
+        so ties resolve alike), but only for rows where a latent asked for is positive."""
         idx = torch.as_tensor(list(indices), dtype=torch.long, device=self.device)
         arch = self.architecture
         if arch.per_latent and not (self.training and self.cfg.architecture == "batchtopk"):
@@ -256,10 +256,18 @@ class SAE(nn.Module):
             threshold = None if self.threshold is None else self.threshold[idx]
             return arch.activation(_Latents(self.cfg, threshold, self.training), pre)
         if self.cfg.architecture == "topk":
-            pre = self.hidden_pre(x)
-            _, top = pre.topk(int(self.cfg.k), dim=-1, sorted=False)  # type: ignore[arg-type]
-            chosen = (top.unsqueeze(-1) == idx).any(dim=-2)
-            return pre[..., idx].relu() * chosen.to(pre.dtype)
+            # A latent whose pre-activation is <= 0 is 0 whatever its rank (the ReLU after the
+            # top k): rows where none of the latents asked for is positive need no ranking.
+            flat = x.reshape(-1, x.shape[-1])
+            out = torch.zeros(flat.shape[0], len(idx), dtype=self.dtype, device=self.device)
+            maybe = ((self.process_input(flat) @ self.W_enc[:, idx] + self.b_enc[idx]) > 0
+                     ).any(dim=-1)
+            if bool(maybe.any()):
+                pre = self.hidden_pre(flat[maybe])
+                _, top = pre.topk(int(self.cfg.k), dim=-1, sorted=False)  # type: ignore[arg-type]
+                chosen = (top.unsqueeze(-1) == idx).any(dim=-2)
+                out[maybe] = pre[..., idx].relu() * chosen.to(pre.dtype)
+            return out.reshape(*x.shape[:-1], len(idx))
         return self.encode(x)[..., idx]
 
     def decode(self, feature_acts: Tensor) -> Tensor:

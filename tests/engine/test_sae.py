@@ -213,6 +213,18 @@ def test_encode_latents_is_encode_at_those_latents(architecture: str, training: 
                                atol=1e-6, rtol=1e-6)
 
 
+def test_topk_encode_latents_of_latents_that_cannot_fire() -> None:
+    """Rows where every latent asked for has a pre-activation <= 0 are 0 without ranking."""
+    sae = make_sae("topk")
+    with torch.no_grad():
+        sae.b_enc[[4, 9]] = -100.0
+    x = inputs()
+    for latents in ([4, 9], [4, 9, 12]):
+        got = sae.encode_latents(x, latents)
+        torch.testing.assert_close(got, sae.encode(x)[..., latents], atol=1e-6, rtol=1e-6)
+    assert bool((sae.encode_latents(x, [4, 9]) == 0).all())
+
+
 def test_topk_encode_latents_resolves_ties_as_encode() -> None:
     sae = make_sae("topk", k=2)
     with torch.no_grad():  # four latents tie for the top two places
