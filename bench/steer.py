@@ -7,7 +7,9 @@ bench/serve.py database and SAE folder, built once under data/):
   - unsteered tokens/s of our cached loop (app/engine/generate.py) vs transformers' own
     `generate` with its KV cache, greedy, same prompt and token count, prefill included
     (target >= 1.0);
-  - steered (one feature added, one clamped) vs unsteered tokens/s (target >= 0.95);
+  - steered (one feature added, one clamped) vs unsteered tokens/s (target >= 0.95), on the
+    TopK SAE (a clamp ranks every latent: the whole encoder each step), on a JumpReLU SAE with
+    the same weights (a clamp computes one encoder column), and with only the add (no encode);
   - time to first token of each;
   - median decode step time of tokens 1-32 vs 225-256 of a 256-token generation (target <= 1.2:
     the KV cache keeps a step's cost flat);
@@ -70,6 +72,20 @@ def hf_generate(lm, ids, *, tokens: int) -> tuple[float, float]:  # noqa: ANN001
     return ttft, wall
 
 
+def jumprelu_twin(sae):  # noqa: ANN001, ANN201
+    """A JumpReLU SAE with the TopK SAE's weights (threshold 0), held as the server holds it."""
+    from dataclasses import replace
+
+    import torch
+
+    from app.engine.sae import SAE
+
+    cfg = replace(sae.cfg, architecture="jumprelu", k=None, metadata=dict(sae.cfg.metadata))
+    tensors = {name: getattr(sae, name).detach() for name in ("W_enc", "b_enc", "W_dec", "b_dec")}
+    tensors["threshold"] = torch.zeros(sae.cfg.d_sae)
+    return SAE.from_tensors(cfg, tensors).requires_grad_(False).store_encoder_transposed()
+
+
 def engine_part(lm, sae, *, tokens: int, rounds: int) -> None:  # noqa: ANN001
     """Each variant once per round, in a rotating order; each figure is the variant's best
     round (on a shared machine a burst of load from elsewhere slows a run several times over,
@@ -79,12 +95,19 @@ def engine_part(lm, sae, *, tokens: int, rounds: int) -> None:  # noqa: ANN001
     from app.engine.steering import FeatureEdit, Steering
 
     ids = lm.tokenize(PROMPT)
-    edits = [FeatureEdit(sae=sae, hook_name=HOOK, index=11, mode="add", value=8.0),
-             FeatureEdit(sae=sae, hook_name=HOOK, index=12, mode="clamp", value=4.0)]
+    def add_and_clamp(on):  # noqa: ANN001, ANN202
+        return [FeatureEdit(sae=on, hook_name=HOOK, index=11, mode="add", value=8.0),
+                FeatureEdit(sae=on, hook_name=HOOK, index=12, mode="clamp", value=4.0)]
+
+    edits, jump_edits = add_and_clamp(sae), add_and_clamp(jumprelu_twin(sae))
     variants = {
         "generate": lambda: hf_generate(lm, ids, tokens=tokens),
         "ours": lambda: decode_run(lm, ids, tokens=tokens),
         "steered": lambda: decode_run(lm, ids, tokens=tokens, hooks=Steering(edits).hooks()),
+        "steered_jumprelu": lambda: decode_run(lm, ids, tokens=tokens,
+                                               hooks=Steering(jump_edits).hooks()),
+        "steered_add": lambda: decode_run(lm, ids, tokens=tokens,
+                                          hooks=Steering(edits[:1]).hooks()),
         "pair": lambda: decode_run(lm, ids, tokens=tokens, batch=2,
                                    hooks=Steering(edits, rows=[1]).hooks()),
     }
@@ -110,8 +133,12 @@ def engine_part(lm, sae, *, tokens: int, rounds: int) -> None:  # noqa: ANN001
     print(f"{'measure':<52} {'value':>10}  target")
     print(f"{'tokens/s: ours / transformers generate':<52} {ours / hf:>10.2f}  >= 1.0"
           f"   ({ours:.1f} vs {hf:.1f} tokens/s)")
-    print(f"{'tokens/s: steered / unsteered':<52} {steered / ours:>10.2f}  >= 0.95"
-          f"  ({steered:.1f} vs {ours:.1f})")
+    print(f"{'tokens/s: steered / unsteered (add + clamp, TopK)':<52} {steered / ours:>10.2f}"
+          f"  >= 0.95  ({steered:.1f} vs {ours:.1f})")
+    for name, label in (("steered_jumprelu", "add + clamp, JumpReLU"), ("steered_add", "add")):
+        rate = tokens / wall(name)
+        print(f"{'tokens/s: steered / unsteered (' + label + ')':<52} {rate / ours:>10.2f}"
+              f"  >= 0.95  ({rate:.1f} vs {ours:.1f})")
     print(f"{'time to first token, ms: ours / steered / generate':<52} "
           f"{best('ours', 0) * 1e3:>5.0f} / {best('steered', 0) * 1e3:.0f} / "
           f"{best('generate', 0) * 1e3:.0f}")
