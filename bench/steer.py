@@ -14,6 +14,9 @@ bench/serve.py database and SAE folder, built once under data/):
   - median decode step time of tokens 1-32 vs 225-256 of a 256-token generation (target <= 1.2:
     the KV cache keeps a step's cost flat);
   - default beside steered (one batch of two) wall time vs one stream (target <= 1.3).
+With --cpu instead: the same steered / unsteered and side-by-side / one-stream ratios from each
+decode step's CPU time on one thread (time.thread_time, median of interleaved rounds), which
+other jobs on a shared machine disturb far less than the wall clock.
 Then, with `saescope serve` in a subprocess over that database (unless --no-server):
   - text search p50 while two streamed generations run vs idle (target <= 2);
   - feature JSON p50 while two streamed generations run vs idle (target <= 2).
@@ -148,6 +151,47 @@ def engine_part(lm, sae, *, tokens: int, rounds: int) -> None:  # noqa: ANN001
           f"{wall('pair') / wall('ours'):>10.2f}  <= 1.3")
 
 
+def cpu_part(lm, sae, *, steps: int = 32, rounds: int = 8) -> None:  # noqa: ANN001
+    """Per-step CPU time of each variant on one thread, interleaved over rounds."""
+    import torch
+
+    from app.engine.generate import Generation
+    from app.engine.steering import FeatureEdit, Steering
+
+    torch.set_num_threads(1)
+    ids = lm.tokenize(PROMPT)
+
+    def add_and_clamp(on):  # noqa: ANN001, ANN202
+        return [FeatureEdit(sae=on, hook_name=HOOK, index=11, mode="add", value=8.0),
+                FeatureEdit(sae=on, hook_name=HOOK, index=12, mode="clamp", value=4.0)]
+
+    edits, jump_edits = add_and_clamp(sae), add_and_clamp(jumprelu_twin(sae))
+    variants = {
+        "unsteered": (1, lambda: None),
+        "steered (add + clamp, TopK)": (1, lambda: Steering(edits).hooks()),
+        "steered (add + clamp, JumpReLU)": (1, lambda: Steering(jump_edits).hooks()),
+        "steered (add)": (1, lambda: Steering(edits[:1]).hooks()),
+        "side by side (batch of 2)": (2, lambda: Steering(edits, rows=[1]).hooks()),
+    }
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    with torch.inference_mode():
+        for _ in range(rounds):
+            for name, (batch, hooks) in variants.items():
+                gen = Generation(lm, max_new_tokens=steps + 1, stop_ids=(), hooks=hooks())
+                gen.prefill([ids] * batch)
+                while not gen.done:
+                    t0 = time.thread_time()
+                    gen.step()
+                    times[name].append(time.thread_time() - t0)
+    base = statistics.median(times["unsteered"])
+    print(f"\n{MODEL}, decode step CPU time on one thread, median of {rounds} rounds x {steps}")
+    print(f"{'variant':<36} {'ms':>7} {'/ unsteered':>12}  target")
+    for name, values in times.items():
+        step = statistics.median(values)
+        target = "<= 1.3" if name.startswith("side") else "<= 1.05" if name != "unsteered" else ""
+        print(f"{name:<36} {step * 1e3:>7.1f} {step / base:>12.3f}  {target}")
+
+
 def _p50_ms(fn, n: int) -> float:  # noqa: ANN001
     times = []
     for _ in range(n):
@@ -216,6 +260,8 @@ def main() -> None:
     parser.add_argument("--features", type=int, default=16384)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--no-server", action="store_true")
+    parser.add_argument("--cpu", action="store_true",
+                        help="only the per-step CPU-time ratios (robust on a shared machine)")
     args = parser.parse_args()
 
     from app.engine.loading import load_model
@@ -230,6 +276,9 @@ def main() -> None:
     # As the server holds it (EngineService.load): W_enc column-major, faster for a token.
     sae = SAE.load(data_dir / f"bench-serve-sae-{args.features}",
                    hook_name=HOOK).eval().store_encoder_transposed()
+    if args.cpu:
+        cpu_part(lm, sae)
+        return
     engine_part(lm, sae, tokens=args.tokens, rounds=args.rounds)
     if not args.no_server:
         server_part(lm, db_url, tokens=args.tokens)
