@@ -435,3 +435,19 @@ def tiny_topk_sae(folder: Path, *, d_sae: int, k: int, context_size: int,
             sae.b_enc.copy_(torch.linspace(-0.5, 0.5, d_sae))
     sae.save(folder)
     return folder
+
+
+def tiny_word_build(root: Path, words: list[str], *, sae_id: str = "tiny",
+                    hook: str = "blocks.2.hook_resid_post") -> str:
+    """A real precompute on tiny-llama over 8 word documents of 200 words and a random TopK SAE
+    (48 latents, k 6, context 32) at `hook`, into `root`/tiny.db; returns its URL."""
+    from app.pipeline.precompute import BuildOptions, build
+
+    corpus = word_corpus(root / "docs", words, n_docs=8, lengths=None, name="doc{i}.txt")
+    tiny_topk_sae(root / "sae", d_sae=48, k=6, context_size=32, hook=hook)
+    url = f"sqlite:///{root / 'tiny.db'}"
+    build(BuildOptions(sae_path=root / "sae", corpus=str(corpus), n_tokens=24 * 32,
+                       batch_size=8, window_len=10, n_top=4, n_bands=3, per_band=2,
+                       eval_tokens=64, progress=False, db_url=url, cache_dir=root / "cache",
+                       sae_id=sae_id), log=lambda _m: None)
+    return url

@@ -4,8 +4,6 @@ and the loaded model itself answers as the scorer, on the model worker."""
 
 from __future__ import annotations
 
-import time
-
 import pytest
 from fastapi.testclient import TestClient
 
@@ -17,7 +15,7 @@ from app.server_scoring import POOL_SEED, POOL_SEQUENCES, ServerLabelScorer
 from app.settings import Settings
 from app.store import queries
 from app.store.db import make_engine, read_session
-from tests.factories import tiny_topk_sae, word_corpus
+from tests.factories import engine_ready, tiny_word_build
 from tests.pipeline.autointerp.scripted import KeywordScorer
 
 SAE_ID = "tiny"
@@ -28,23 +26,11 @@ WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", ";
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    from app.pipeline.precompute import BuildOptions, build
-
     root = tmp_path_factory.mktemp("scored")
-    corpus = word_corpus(root / "docs", WORDS, n_docs=8, lengths=None, name="doc{i}.txt")
-    tiny_topk_sae(root / "sae", d_sae=48, k=6, context_size=32, hook=HOOK)
-    url = f"sqlite:///{root / 'tiny.db'}"
-    build(BuildOptions(sae_path=root / "sae", corpus=str(corpus), n_tokens=24 * 32,
-                       batch_size=8, window_len=10, n_top=4, n_bands=3, per_band=2,
-                       eval_tokens=64, progress=False, db_url=url, cache_dir=root / "cache",
-                       sae_id=SAE_ID), log=lambda _m: None)
+    url = tiny_word_build(root, WORDS, sae_id=SAE_ID, hook=HOOK)
     settings = Settings(home=root, database_url=url, load_model=True)
     with TestClient(create_app(settings), raise_server_exceptions=False) as client:
-        state = client.app.state.engine_state
-        deadline = time.monotonic() + 120
-        while state.status == "loading" and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert state.status == "ready", state.message
+        engine_ready(client.app)
         yield client, url, root
 
 

@@ -15,11 +15,10 @@ from app.pipeline.autointerp.explain_job import ExplainJob, run_explain
 from app.pipeline.autointerp.negatives import pool_from_store
 from app.pipeline.autointerp.pattern import explain_pattern
 from app.pipeline.autointerp.windows import excerpt_of
-from app.pipeline.precompute import BuildOptions, build
 from app.store import labels as store
 from app.store import queries
 from app.store.db import make_engine, read_session
-from tests.factories import synthetic_database, synthetic_run, tiny_topk_sae, word_corpus
+from tests.factories import synthetic_database, synthetic_run, tiny_word_build
 from tests.pipeline.autointerp.scripted import KeywordScorer
 
 HOOK = "blocks.2.hook_resid_post"
@@ -31,13 +30,7 @@ WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", ";
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     root = tmp_path_factory.mktemp("negatives")
-    corpus = word_corpus(root / "docs", WORDS, n_docs=8, lengths=None, name="doc{i}.txt")
-    tiny_topk_sae(root / "sae", d_sae=48, k=6, context_size=32, hook=HOOK)
-    url = f"sqlite:///{root / 'tiny.db'}"
-    build(BuildOptions(sae_path=root / "sae", corpus=str(corpus), n_tokens=24 * 32,
-                       batch_size=8, window_len=10, n_top=4, n_bands=3, per_band=2,
-                       eval_tokens=64, progress=False, db_url=url, cache_dir=root / "cache",
-                       sae_id="tiny"), log=lambda _m: None)
+    url = tiny_word_build(root, WORDS, sae_id="tiny", hook=HOOK)
     engine = make_engine(url)
     yield engine, root
     engine.dispose()
