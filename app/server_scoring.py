@@ -2,12 +2,12 @@
 the server loaded as the scorer, every model step a job on the model worker, so scoring
 interleaves with text search and steering; one label at a time.
 
-The scorer is the loaded model through the chat contract (ChatBackend). Until the engine serves
-chat turns itself, `EngineChat` asks it through the steering generator with no edit: the
-default stream's text is the reply, the model's chat template around the messages when it has
-one, else a plain transcript. Detection's windows at zero come from encoding a seeded sample of
-the run's stored sequences with the loaded model and SAE (the sample `saescope explain` draws
-with its defaults), once per SAE and run.
+The scorer is the loaded model through the chat contract (ChatBackend): `EngineChat` asks it
+through the engine's chat generation (the service's chat_stream, as `POST /v1/chat/completions`
+does: one stream, no steering), the model's chat template around the messages when it has one,
+else a plain transcript, so a reply here is the reply the local backend and /v1 give. Detection's
+windows at zero come from encoding a seeded sample of the run's stored sequences with the loaded
+model and SAE (the sample `saescope explain` draws with its defaults), once per SAE and run.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from app.store.read_models import LabelInfo
 
 POOL_SEQUENCES = 64  # saescope explain's --pool-sequences default
 POOL_SEED = 0  # and its --seed default: the same windows at zero
-MAX_PROMPT_TOKENS = 8192  # the model's own context is the real bound (a clear 422 past it)
+MAX_PROMPT_TOKENS = 8192  # the model's own context is the real bound (a clear 409 past it)
 BUSY_RETRIES = 30  # a full model queue: wait Retry-After and ask again, this many times
 SCORING_RETRY_AFTER = 15  # seconds; a second label while one is being scored
 
@@ -52,8 +52,6 @@ class EngineChat:
         self.stop = stop
         # As the local backend names itself, so scores by the same model agree on their scorer.
         self.name = f"local:{service.model_id}"
-        lm = getattr(service, "lm", None)
-        self.chat_template = bool(getattr(lm, "has_chat_template", False))
 
     def complete(self, messages: Sequence[ChatMessage], options: ChatOptions) -> str:
         if self.stop.is_set():
@@ -66,29 +64,18 @@ class EngineChat:
             raise ConflictError(f"{self.service.model_id} cannot answer the scorer's prompt "
                                 f"({exc})") from None
 
-    def _prompt(self, messages: Sequence[ChatMessage]) -> str:
-        if self.chat_template:  # one user turn: the steering generator's chat form
-            return "\n\n".join(m["content"] for m in messages)
-        names = {"system": "System", "user": "User", "assistant": "Assistant"}
-        turns = [f"{names[m['role']]}: {m['content']}" for m in messages]
-        return "\n\n".join([*turns, "Assistant:"])
-
     async def _reply(self, messages: Sequence[ChatMessage], options: ChatOptions) -> str:
-        prompt = self._prompt(messages)
-
         def steps() -> Any:
-            return self.service.steer_stream(
-                sae_id=self.sae_id, prompt=prompt, max_new_tokens=options.max_tokens,
+            return self.service.chat_stream(
+                messages=list(messages), max_tokens=options.max_tokens,
                 temperature=options.temperature, seed=options.seed,
-                chat_template=self.chat_template, max_prompt_tokens=MAX_PROMPT_TOKENS)
+                max_prompt_tokens=MAX_PROMPT_TOKENS)
 
-        text = ""
+        parts: list[str] = []
         async with await _admitted(self.worker, steps) as stream:
-            async for events in stream:
-                for event in events:
-                    if event["event"] == "done":
-                        text = event["data"]["default"]["text"]
-        return text
+            async for item in stream:
+                parts.append(item["text"])
+        return "".join(parts)
 
 
 async def _admitted(worker: ModelWorker, steps: Callable[[], Any]) -> Any:

@@ -4,14 +4,20 @@ and the loaded model itself answers as the scorer, on the model worker."""
 
 from __future__ import annotations
 
+import asyncio
+import threading
+
 import pytest
+import torch
 from fastapi.testclient import TestClient
 
+from app.engine import chat
 from app.main import create_app
+from app.pipeline.autointerp.backends import ChatOptions
 from app.pipeline.autointerp.explain_job import control_explanation
 from app.pipeline.autointerp.negatives import pool_from_store
 from app.pipeline.autointerp.scoring import ScoringOptions, score_explanation
-from app.server_scoring import POOL_SEED, POOL_SEQUENCES, ServerLabelScorer
+from app.server_scoring import POOL_SEED, POOL_SEQUENCES, EngineChat, ServerLabelScorer
 from app.settings import Settings
 from app.store import queries
 from app.store.db import make_engine, read_session
@@ -116,3 +122,43 @@ def test_the_loaded_model_scores_through_the_worker(served) -> None:
     # The model still answers text search afterwards.
     assert client.post(f"/api/v1/saes/{SAE_ID}/search", json={"text": "the fox"}).status_code \
         == 200
+
+
+class CountingWorker:
+    """The app's model worker, counting the streams asked of it."""
+
+    def __init__(self, worker) -> None:  # noqa: ANN001 - a ModelWorker
+        self.worker = worker
+        self.streams = 0
+
+    def stream(self, steps):  # noqa: ANN001, ANN201
+        self.streams += 1
+        return self.worker.stream(steps)
+
+
+def test_the_scorer_asks_the_engine_chat_not_the_steering_generator(served, monkeypatch) -> None:
+    client, _, _ = served
+    service = client.app.state.engine_state.service
+
+    def no_steering(**_):  # noqa: ANN003, ANN202
+        raise AssertionError("a scorer's reply ran the steering generator")
+
+    monkeypatch.setattr(service, "steer_stream", no_steering)
+    worker = CountingWorker(client.app.state.model_worker)
+    messages = [{"role": "system", "content": "Answer with the window numbers."},
+                {"role": "user", "content": "Description: def and return.\n1. the fox\n2. def"}]
+    options = ChatOptions(max_tokens=12, temperature=1.0, seed=5)
+
+    async def ask() -> str:
+        # As ServerLabelScorer runs it: score_label in a thread, each reply on the app's loop.
+        scorer = EngineChat(service=service, worker=worker, loop=asyncio.get_running_loop(),
+                            sae_id=SAE_ID, stop=threading.Event())
+        return await asyncio.to_thread(scorer.complete, messages, options)
+
+    got = client.portal.call(ask)
+    assert worker.streams == 1  # one stream on the model worker for one reply
+    # The engine's chat reply, the one the local backend and /v1/chat/completions give.
+    with torch.inference_mode():
+        direct = chat.reply(service.lm, messages, max_new_tokens=12, temperature=1.0, seed=5)
+    assert got == direct["text"]
+    assert direct["completion_tokens"] > 0
