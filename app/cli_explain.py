@@ -41,6 +41,10 @@ def explain_command(
                                         "the model name the endpoint serves"),
     explainer_url: str = typer.Option(None, "--explainer-url", help="openai: the endpoint's "
                                       "base URL, e.g. http://127.0.0.1:8080/v1"),
+    prompt_style: str = typer.Option(None, "--prompt-style", help="local and openai: what the "
+                                     "LLM is shown, activations (examples with the active "
+                                     "tokens marked; the default) or output (the tokens the "
+                                     "feature promotes and suppresses)"),
     scorer: str = typer.Option(None, "--scorer", help="local or openai (default: the "
                                "explainer's backend; local for the pattern explainer)"),
     scorer_model: str = typer.Option(None, "--scorer-model", help="as --explainer-model, for "
@@ -54,6 +58,12 @@ def explain_command(
                               "(comma-separated) or none"),
     max_features: int = typer.Option(None, "--max-features", min=1, help="explain at most "
                                      "this many features in this run (the rest: a later run)"),
+    max_tokens: int = typer.Option(None, "--max-tokens", min=1, help="stop once the explainer "
+                                   "and scorer have used this many tokens in all (prompt and "
+                                   "reply); finished features are kept, a rerun goes on"),
+    concurrency: int = typer.Option(1, "--concurrency", min=1, max=64, help="features "
+                                    "explained and scored at once: requests in flight to an "
+                                    "openai endpoint (a local model answers one at a time)"),
     seed: int = typer.Option(0, "--seed", min=0, help="seed for the sampled windows and the "
                              "LLM's sampling; a rerun with the same seed skips finished "
                              "features"),
@@ -78,6 +88,7 @@ def explain_command(
         ExplainJob,
         parse_features,
         parse_methods,
+        parse_prompt_style,
     )
     from app.settings import get_settings
     from app.store import queries
@@ -89,7 +100,11 @@ def explain_command(
     methods = parse_methods(score)
     if explainer not in EXPLAINERS:
         raise ConfigError(f"--explainer {explainer!r}: use one of {', '.join(EXPLAINERS)}")
+    style = parse_prompt_style(prompt_style, explainer=explainer)
     scorer_kind = scorer or ("local" if explainer == "pattern" else explainer)
+    if concurrency > 1 and "openai" not in (explainer, scorer_kind if methods else None):
+        raise ConfigError("--concurrency sends requests to an openai endpoint at once; a local "
+                          "model answers one at a time (use --explainer or --scorer openai)")
     settings = get_settings()
     engine = _open_database(db or settings.db_url)
     try:
@@ -98,11 +113,13 @@ def explain_command(
                                     unlabeled=selection.unlabeled)
         _run(engine, job=ExplainJob(sae_id=sae, selection=selection, explainer=explainer,
                                     methods=tuple(methods), seed=seed,
-                                    max_features=max_features),
+                                    max_features=max_features, concurrency=concurrency),
              explainer_opts={"model": explainer_model, "url": explainer_url,
-                             "api_key_env": api_key_env},
+                             "api_key_env": api_key_env, "max_total_tokens": max_tokens},
              scorer_kind=scorer_kind if methods else None,
-             scorer_opts={"model": scorer_model, "url": scorer_url, "api_key_env": api_key_env},
+             scorer_opts={"model": scorer_model, "url": scorer_url, "api_key_env": api_key_env,
+                          "max_total_tokens": max_tokens},
+             prompt_style=style,
              pool_sequences=pool_sequences, cache_dir=settings.cache_dir,
              device=device, dtype=dtype)
     finally:
@@ -111,7 +128,7 @@ def explain_command(
 
 def _run(engine: Any, *, job: Any, explainer_opts: dict[str, Any], scorer_kind: str | None,
          scorer_opts: dict[str, Any], pool_sequences: int, cache_dir: Any, device: str = "cpu",
-         dtype: str = "float32") -> None:
+         dtype: str = "float32", prompt_style: str | None = None) -> None:
     from app.pipeline.autointerp.backends import make_backend
     from app.pipeline.autointerp.explain_job import llm_explainer, run_explain
     from app.pipeline.autointerp.negatives import pool_from_store
@@ -122,9 +139,11 @@ def _run(engine: Any, *, job: Any, explainer_opts: dict[str, Any], scorer_kind: 
     if job.explainer == "pattern":
         explain = explain_pattern
     else:
+        style = prompt_style or "activations"
         explainer_backend = make_backend(job.explainer, **explainer_opts)
-        explain = llm_explainer(explainer_backend, seed=job.seed)
+        explain = llm_explainer(explainer_backend, seed=job.seed, style=style)
         details["backend"] = explainer_backend.name
+        details["prompt_style"] = style
     scorer = None
     if scorer_kind is not None:
         overrides = {k: v for k, v in scorer_opts.items() if v is not None}
@@ -134,6 +153,9 @@ def _run(engine: Any, *, job: Any, explainer_opts: dict[str, Any], scorer_kind: 
                 make_backend(scorer_kind, **{**explainer_opts, **overrides})
         else:
             scorer = make_backend(scorer_kind, **overrides)
+    if explainer_backend is not None and scorer is not None and scorer is not explainer_backend:
+        # --max-tokens bounds the run: both backends count against one budget.
+        scorer.usage = explainer_backend.usage
     summary = run_explain(
         engine, job, explain=explain, scorer=scorer,
         negatives=lambda: pool_from_store(engine, sae_id=job.sae_id, n_sequences=pool_sequences,
@@ -149,3 +171,6 @@ def _run(engine: Any, *, job: Any, explainer_opts: dict[str, Any], scorer_kind: 
     if summary.kept:
         line += f"; {summary.kept} drafts reviewed meanwhile were left as they are"
     typer.echo(line)
+    if summary.stopped:
+        typer.echo(f"stopped early: {summary.stopped} (--max-tokens); the features finished "
+                   "are stored: run the same command with a larger --max-tokens to go on")

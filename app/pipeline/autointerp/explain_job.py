@@ -3,15 +3,21 @@ as a draft label with its scores, resumably.
 
 Each feature's draft and scores are written in one transaction, so a killed job leaves every
 feature either finished or untouched; a rerun asks the store which features this explainer has
-finished with this seed (and scorer and methods) and skips them, saying how many.
+finished with this seed (and scorer and methods) and skips them, saying how many. With
+``concurrency`` above one, that many features are explained and scored at once on worker
+threads (for remote endpoints, whose requests wait on the network); the main thread stores each
+as it finishes. A backend's token budget used up (TokenBudgetExceeded) ends the job cleanly: the
+finished features stay stored, and the summary says why it stopped.
 """
 
 from __future__ import annotations
 
 import importlib
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -23,10 +29,16 @@ from app.pipeline.autointerp.backends import ChatBackend, ChatOptions
 from app.pipeline.autointerp.negatives import SequencePool
 from app.pipeline.autointerp.pattern import explain_pattern
 from app.pipeline.autointerp.scoring import DETECTION, ScoringOptions, score_explanation
+from app.pipeline.autointerp.usage import TokenBudgetExceeded
 from app.store import queries
 from app.store.db import read_session
 from app.store.labels.edits import MAX_DESCRIPTION
-from app.store.labels.scores import automatic_author, explained_features, save_explanation
+from app.store.labels.scores import (
+    ScoreRecord,
+    automatic_author,
+    explained_features,
+    save_explanation,
+)
 from app.store.read_models import FeatureDetail
 from app.store.tables import SCORE_METHODS
 
@@ -75,20 +87,42 @@ def parse_methods(spec: str) -> list[str]:
     return [m for m in SCORE_METHODS if m in parts]
 
 
-def llm_explainer(backend: ChatBackend, *, seed: int) -> Callable[[FeatureDetail], str]:
-    """An explain function over `backend` from the LLM explainer module (loaded lazily)."""
+def _llm_module() -> Any:
+    """The LLM explainer module, loaded lazily (the pattern explainer needs none of it)."""
     name = "app.pipeline.autointerp.llm_explainer"
     try:
-        module = importlib.import_module(name)
+        return importlib.import_module(name)
     except ModuleNotFoundError as exc:
         if exc.name != name:
             raise
         raise ConfigError(f"LLM explainers are not in this build of saescope ({name} is "
                           "missing); use --explainer pattern") from None
+
+
+def parse_prompt_style(spec: str | None, *, explainer: str) -> str | None:
+    """The LLM explainer's prompt style (None: the default, activations); None for the pattern
+    explainer, which has no prompt (ConfigError when one is asked for)."""
+    if explainer == "pattern":
+        if spec is not None:
+            raise ConfigError(f"--prompt-style {spec!r}: the pattern explainer has no prompt; "
+                              "use it with --explainer local or openai")
+        return None
+    styles = _llm_module().PROMPT_STYLES
+    style = styles[0] if spec is None else spec.strip().lower()
+    if style not in styles:
+        raise ConfigError(f"--prompt-style {spec!r}: use {' or '.join(styles)}")
+    return style
+
+
+def llm_explainer(backend: ChatBackend, *, seed: int, style: str = "activations"
+                  ) -> Callable[[FeatureDetail], str]:
+    """An explain function over `backend` from the LLM explainer module, asking in prompt
+    `style` (activations or output, see llm_explainer.py)."""
+    module = _llm_module()
     llm_explain = getattr(module, "llm_explain", None)
     if llm_explain is None:
-        raise ConfigError(f"{name} has no llm_explain; use --explainer pattern")
-    options = ChatOptions(seed=seed)
+        raise ConfigError(f"{module.__name__} has no llm_explain; use --explainer pattern")
+    options = module.ExplainOptions(style=style, chat=ChatOptions(seed=seed))
     return lambda feature: llm_explain(feature, backend, options)
 
 
@@ -102,6 +136,7 @@ class ExplainJob:
     max_features: int | None = None
     scoring: ScoringOptions = field(default_factory=ScoringOptions)
     progress: bool = True
+    concurrency: int = 1  # features explained and scored at once (worker threads)
 
 
 @dataclass
@@ -113,6 +148,7 @@ class ExplainSummary:
     left: int = 0  # not started because of --max-features
     explained: int = 0
     kept: int = 0  # reviewed while this job ran; left as the reviewer left it
+    stopped: str | None = None  # why the job ended before its last feature (the token budget)
     scores: dict[str, list[float]] = field(default_factory=dict)
     controls: dict[str, list[float]] = field(default_factory=dict)
 
@@ -174,12 +210,17 @@ def run_explain(
             raise ConfigError("detection scoring needs windows where features are zero")
         pool = negatives()
     bar = _progress(len(todo)) if job.progress else None
+    work = partial(_explain_one, engine, job, explain=explain, scorer=scorer, pool=pool,
+                   alive=alive)
     try:
-        for index in todo:
-            _explain_one(engine, job, index, explain=explain, scorer=scorer, pool=pool,
-                         alive=alive, summary=summary, details=explainer_details or {})
+        done = (map(work, todo) if job.concurrency <= 1
+                else _concurrently(work, todo, workers=job.concurrency))
+        for explained in done:
+            _store(engine, job, explained, summary=summary, details=explainer_details or {})
             if bar is not None:
                 bar.update(1)
+    except TokenBudgetExceeded as exc:
+        summary.stopped = str(exc)
     except KeyboardInterrupt:
         raise Interrupted(f"interrupted after {summary.explained} features; each finished one "
                           "is stored, and the same command resumes with the rest") from None
@@ -189,10 +230,50 @@ def run_explain(
     return summary
 
 
+@dataclass(frozen=True)
+class Explained:
+    """One feature's explanation and scores, not stored yet."""
+
+    index: int
+    run_id: int | None
+    text: str
+    scores: list[ScoreRecord]
+
+
+def _concurrently(work: Callable[[int], Explained], indices: Iterable[int], *,
+                  workers: int) -> Iterator[Explained]:
+    """``work(index)`` for each index on ``workers`` threads, yielded as each finishes. The
+    first error stops new work; the features in flight finish and are yielded (their tokens
+    are spent), then that error is raised."""
+    todo = iter(indices)
+    error: BaseException | None = None
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="saescope-explain")
+    try:
+        running: set[Future[Explained]] = set()
+        while True:
+            while error is None and len(running) < workers:
+                index = next(todo, None)
+                if index is None:
+                    break
+                running.add(pool.submit(work, index))
+            if not running:
+                break
+            finished, running = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                if future.exception() is None:
+                    yield future.result()
+                elif error is None:
+                    error = future.exception()
+        if error is not None:
+            raise error
+    finally:
+        # Ctrl-C or a failed store: nothing new starts; requests in flight end on their own.
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
 def _explain_one(engine: Engine, job: ExplainJob, index: int, *,
                  explain: Callable[[FeatureDetail], str], scorer: ChatBackend | None,
-                 pool: SequencePool | None, alive: list[int], summary: ExplainSummary,
-                 details: dict[str, Any]) -> None:
+                 pool: SequencePool | None, alive: list[int]) -> Explained:
     with read_session(engine) as session:
         feature = queries.get_feature(session=session, sae_id=job.sae_id, index=index)
         control = (control_explanation(session, feature=feature, alive=alive, seed=job.seed)
@@ -204,14 +285,21 @@ def _explain_one(engine: Engine, job: ExplainJob, index: int, *,
     scores = [score_explanation(feature, text, method=m, scorer=scorer, seed=job.seed,
                                 control=control, negatives=pool, options=job.scoring)
               for m in job.methods] if scorer is not None else []
-    saved = save_explanation(engine, sae_id=job.sae_id, index=index, explainer=job.explainer,
-                             description=text[:MAX_DESCRIPTION], seed=job.seed,
-                             run_id=feature.run_id, scores=scores, details=details)
+    return Explained(index, feature.run_id, text, scores)
+
+
+def _store(engine: Engine, job: ExplainJob, explained: Explained, *, summary: ExplainSummary,
+           details: dict[str, Any]) -> None:
+    """Write one feature's draft and scores (one transaction) and count it."""
+    saved = save_explanation(engine, sae_id=job.sae_id, index=explained.index,
+                             explainer=job.explainer,
+                             description=explained.text[:MAX_DESCRIPTION], seed=job.seed,
+                             run_id=explained.run_id, scores=explained.scores, details=details)
     if saved.action == "kept":
         summary.kept += 1
         return
     summary.explained += 1
-    for s in scores:
+    for s in explained.scores:
         if s.score is not None:
             summary.scores.setdefault(s.method, []).append(s.score)
         if s.control_score is not None:

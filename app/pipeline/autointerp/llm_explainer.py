@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from app.errors import ConfigError, SaescopeError
 from app.pipeline.autointerp.backends import ChatBackend, ChatMessage, ChatOptions
 from app.pipeline.autointerp.feature_data import FeatureData, LogitEffect, Window
 
 Style = Literal["activations", "output"]
+PROMPT_STYLES: tuple[str, ...] = get_args(Style)  # the first is the default
 OPEN, CLOSE = "<<", ">>"
 
 
@@ -174,7 +175,8 @@ def explain_messages(feature: FeatureData, options: ExplainOptions | None = None
     elif options.style == "output":
         system, example, question = _OUTPUT_SYSTEM, _OUTPUT_EXAMPLE, output_prompt(feature, options)
     else:
-        raise ConfigError(f"unknown prompt style {options.style!r}; use activations or output")
+        raise ConfigError(f"unknown prompt style {options.style!r}; use "
+                          f"{' or '.join(PROMPT_STYLES)}")
     messages: list[ChatMessage] = [{"role": "system", "content": system}]
     if options.few_shot:
         messages += [{"role": "user", "content": example[0]},

@@ -36,7 +36,7 @@ class TokenUsage:
         if self.max_total_tokens is not None and used >= self.max_total_tokens:
             raise TokenBudgetExceeded(
                 f"the token budget is used up: {used:,} of {self.max_total_tokens:,} tokens "
-                f"in {self.requests} requests; raise the budget to go on")
+                f"in {self.requests} requests")  # the caller says how to go on
 
     def add(self, *, prompt_tokens: int, completion_tokens: int) -> None:
         with self._lock:
