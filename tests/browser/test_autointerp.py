@@ -153,11 +153,16 @@ def test_scoring_a_label_with_the_tiny_model_says_why_it_cannot(page, server, sh
     page.goto(f"/{MODEL_ID}/{SAE_ID}/{index}")
     mine = page.locator("[data-all-labels] .label-row", has_text="story words: fox, dog")
     mine.locator("button[data-score]").click()
-    status = page.locator("[data-label-status]")
-    page.wait_for_function(
-        "() => !document.querySelector('[data-label-status]').textContent.startsWith('scoring')")
-    # tiny-llama has 512 positions: a scorer's prompt of ten windows does not fit.
-    assert "tiny-llama cannot answer the scorer's prompt" in status.inner_text()
+    # Said in the label's row, under its Score button, as an alert with the server's message:
+    # tiny-llama has 512 positions, and a scorer's prompt of ten windows does not fit.
+    error = mine.locator("[data-score-note=error]")
+    error.wait_for()
+    assert error.get_attribute("role") == "alert"
+    assert error.inner_text().startswith("could not score the label by local: tiny-llama "
+                                         "cannot answer the scorer's prompt (the messages are ")
+    assert mine.locator("[data-score-note]").count() == 1  # the "scoring…" note is gone
+    assert page.locator("[data-label-status]").inner_text() == ""
+    assert mine.locator("button[data-score]").is_enabled()  # it may be tried again
     shot("autointerp-score-refused")
     page.guard.errors[:] = [e for e in page.guard.errors if "409" not in e]
 

@@ -267,13 +267,32 @@ export function labelEditor(box) {
     box.querySelector("[data-read-only]").hidden = false;
   }
 
+  /** A note under a label's row, where its Score button is: "scoring…", or why the server
+   *  could not score it (its message, as an alert). False when the row is gone. */
+  function scoreNote(labelId, text, { error = false } = {}) {
+    const row = all.querySelector(`.label-row[data-label-id="${labelId}"]`);
+    if (!row) return false;
+    row.querySelector("[data-score-note]")?.remove();
+    const note = el("p", text, `score-note small ${error ? "error-text" : "muted"}`);
+    note.dataset.scoreNote = error ? "error" : "progress";
+    if (error) note.setAttribute("role", "alert");
+    row.insertBefore(note, row.querySelector("table.label-scores"));
+    return true;
+  }
+
   async function onScore(label) {
-    status.textContent = `scoring the label by ${label.author}: the model reads dozens of windows, which can take a minute…`;
+    const who = `the label by ${label.author}`;
+    scoreNote(label.id, "scoring: the model reads dozens of windows, which can take a minute…");
+    status.textContent = `scoring ${who}…`;
     const { res, data } = await scoreLabel(base, label);
     await refresh({ keepForm: true });
-    status.textContent = res.ok
-      ? `scored the label by ${label.author}: ${data.scores.map((s) => `${s.method} ${fmtScore(s.score)} (random ${fmtScore(s.control_score)})`).join(", ")}`
-      : errorText(res, data);
+    if (res.ok) {
+      status.textContent = `scored ${who}: ${data.scores.map((s) => `${s.method} ${fmtScore(s.score)} (random ${fmtScore(s.control_score)})`).join(", ")}`;
+      return;
+    }
+    // Said where the button was (the form's status line is far below it, and muted).
+    const why = `could not score ${who}: ${errorText(res, data)}`;
+    status.textContent = scoreNote(label.id, why, { error: true }) ? "" : why;
   }
 
   async function onReview(label, verdict) {
