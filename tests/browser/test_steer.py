@@ -16,7 +16,10 @@ import pytest
 from app.engine.generate import IncrementalText
 from app.engine.tiny import build_tiny
 from app.main import create_app
+from app.pipeline.demo_steering import DEMO_AUTHOR
 from app.settings import Settings
+from app.store.db import make_engine, write_session
+from app.store.steering import save_run
 from tests.browser.conftest import ARTIFACTS
 from tests.live_server import MODEL_ID, SAE_ID
 
@@ -197,3 +200,30 @@ def test_steer_from_a_feature_page_stream_save_and_sweep(lab_page, lab, server) 
     href = aligned.first.locator("a").get_attribute("href")
     assert href.startswith(f"/{MODEL_ID}/{SAE_ID}/")
     assert page.input_value("#steer-vector-pick") == "story-vs-code"
+
+
+def test_only_a_runs_author_is_offered_its_delete(lab_page, lab, server) -> None:
+    """The server lets only a run's author delete it: the demo's runs (by 'saescope demo')
+    show no delete button to the local admin, whose own run has one that works."""
+    page = lab_page
+    request = {"sae_id": SAE_ID, "prompt": PROMPT, "max_new_tokens": 4}
+    engine = make_engine(server.db_url)
+    try:
+        with write_session(engine) as session:
+            demo = save_run(session=session, name="a demo run", sae_id=SAE_ID, request=request,
+                            default_text="d", steered_text="s", author=DEMO_AUTHOR)
+    finally:
+        engine.dispose()
+    status, mine = server.post_json("/api/v1/steer/runs", {
+        "name": "my run", "request": request, "default_text": "d", "steered_text": "s"})
+    assert status == 201 and mine["author"] == "local"
+    page.goto(f"/steer?sae={SAE_ID}")
+    theirs = page.locator("#steer-runs li", has_text="a demo run")
+    own = page.locator("#steer-runs li", has_text="my run")
+    own.wait_for()
+    assert theirs.locator("button").count() == 0
+    _shot(page, "steer-runs-delete")
+    own.locator(f"[data-delete-run='{mine['id']}']").click()
+    own.wait_for(state="detached")
+    assert theirs.count() == 1 and page.inner_text("#steer-status") == ""
+    assert server.get_json(f"/api/v1/steer/runs/{demo.id}")["author"] == DEMO_AUTHOR

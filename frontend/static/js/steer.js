@@ -304,15 +304,22 @@ async function loadRuns() {
   const res = await fetch(`${api}/runs?sae_id=${encodeURIComponent(saeSelect.value)}`);
   if (!res.ok) return;
   const runs = (await res.json()).data;
+  // Only a run's author may delete it (app/store/steering.py; no role overrides that, admins
+  // included): others, such as the local admin before the demo's runs, get no delete button.
+  const me = document.body.dataset.user;
   list.replaceChildren(...runs.map((run) => {
+    const item = el("li", {}, el("a", { href: `/steer/runs/${run.id}`, textContent: run.name }),
+      el("span", { className: "muted small", textContent: ` · ${run.author}` }));
+    if (run.author !== me) return item;
     const remove = el("button", { type: "button", className: "btn subtle", textContent: "delete" });
+    remove.dataset.deleteRun = String(run.id);
     remove.addEventListener("click", async () => {
       const del = await fetch(`${api}/runs/${run.id}`, { method: "DELETE" });
       if (del.ok) loadRuns();
       else status.textContent = (await del.json()).error.message;
     });
-    return el("li", {}, el("a", { href: `/steer/runs/${run.id}`, textContent: run.name }),
-      el("span", { className: "muted small", textContent: ` · ${run.author}` }), remove);
+    item.append(remove);
+    return item;
   }));
   if (!runs.length) list.append(el("li", { className: "muted", textContent: "none yet" }));
 }
