@@ -252,3 +252,17 @@ def test_concurrency_sends_features_at_once(db_url, endpoint) -> None:
     assert sorted(drafts) == list(range(3, 12))
     assert all(d[0] == DESCRIPTION and d[2] == 1 for d in drafts.values())
     assert "explained 9 features; fuzzing mean" in result.output
+
+
+def test_a_budget_spent_with_features_in_flight_keeps_every_finished_one(db_url,
+                                                                         endpoint) -> None:
+    url, handler = endpoint
+    result = _explain_openai(db_url, url, "--features", "3-12", "--score", "none",
+                             "--concurrency", "2", "--max-tokens", "250")
+    assert result.exit_code == 0, result.output
+    assert "stopped early: the token budget is used up" in result.output
+    # Each request is checked before it is sent; the features in flight when the budget ran
+    # out finish: every answered feature is stored, and the run stopped short of all ten.
+    drafts = _openai_drafts(db_url)
+    assert len(drafts) == len(handler.requests) and 3 <= len(drafts) < 10
+    assert f"explained {len(drafts)} features" in result.output
