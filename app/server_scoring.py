@@ -68,10 +68,10 @@ class EngineChat:
         def steps() -> Any:
             return self.service.chat_stream(
                 messages=list(messages), max_tokens=options.max_tokens,
-                temperature=options.temperature, seed=options.seed,
-                max_prompt_tokens=MAX_PROMPT_TOKENS)
+                temperature=options.temperature, seed=options.seed, stop=options.stop,
+                reply_start=options.reply_start, max_prompt_tokens=MAX_PROMPT_TOKENS)
 
-        parts: list[str] = []
+        parts: list[str] = [options.reply_start]
         async with await _admitted(self.worker, steps) as stream:
             async for item in stream:
                 parts.append(item["text"])

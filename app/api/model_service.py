@@ -49,7 +49,7 @@ class ModelService(Protocol):
     def chat_stream(
         self, *, messages: Sequence[Mapping[str, str]], max_tokens: int,
         temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, stop: Sequence[str] = (),
-        max_prompt_tokens: int = 4096, deadline: float | None = None,
+        max_prompt_tokens: int = 4096, deadline: float | None = None, reply_start: str = "",
     ) -> Iterator[dict[str, Any]]: ...
 
     def caa_vector(self, *, sae_id: str, positive: Sequence[str], negative: Sequence[str],

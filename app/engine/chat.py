@@ -161,20 +161,27 @@ def reply_steps(
 def chat_steps(lm: LanguageModel, messages: Sequence[Mapping[str, str]], *,
                max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                seed: int = 0, stop: Sequence[str] = (), max_prompt_tokens: int | None = None,
-               limit_name: str = "", deadline: float | None = None,
+               limit_name: str = "", deadline: float | None = None, reply_start: str = "",
                ) -> Iterator[dict[str, Any]]:
     """``reply_steps`` for chat messages: the prompt built (and checked, on the first step) by
     ``prompt_ids``; a transcript's reply also stops where the model starts the next turn, and
-    loses its leading space. ``max_prompt_tokens``: default, the model's context less one."""
+    loses its leading space. ``max_prompt_tokens``: default, the model's context less one.
+    ``reply_start``: text written as the start of the assistant's turn, which the model
+    continues (a scorer's "[" keeps a small model to a list); the items hold only what the
+    model wrote after it."""
     limit = max_prompt_tokens or (lm.n_ctx - 1 if lm.n_ctx else 1 << 30)
     if max_prompt_tokens is None:
         limit_name = limit_name or f"{lm.model_id}'s context less one"
     ids = prompt_ids(lm, messages, max_tokens=limit, limit_name=limit_name)
     templated = lm.has_chat_template
+    if reply_start:
+        ids = ids + lm.tokenize(reply_start if templated else f" {reply_start}",
+                                prepend_bos=False)
     yield from reply_steps(lm, ids, max_new_tokens=max_new_tokens, temperature=temperature,
                            top_p=top_p, seed=seed,
                            stop=[*stop, *([] if templated else TRANSCRIPT_STOPS)],
-                           strip_leading=not templated, deadline=deadline)
+                           strip_leading=not templated and not reply_start,
+                           deadline=deadline)
 
 
 def reply(lm: LanguageModel, messages: Sequence[Mapping[str, str]], **options: Any

@@ -288,17 +288,18 @@ class EngineService:
     def chat_stream(
         self, *, messages: Sequence[Mapping[str, str]], max_tokens: int,
         temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, stop: Sequence[str] = (),
-        max_prompt_tokens: int = 4096, deadline: float | None = None,
+        max_prompt_tokens: int = 4096, deadline: float | None = None, reply_start: str = "",
     ) -> Iterator[dict[str, Any]]:
         """The model's reply to chat messages ({role, content}), one forward per item: {text,
         finish_reason (None until the last item: "stop" or "length"), prompt_tokens,
-        completion_tokens} (see app/engine/chat.py)."""
+        completion_tokens} (see app/engine/chat.py; ``reply_start`` as chat_steps')."""
         limit, why = max_prompt_tokens, "SAESCOPE_CHAT_MAX_PROMPT_TOKENS"
         if self.lm.n_ctx and self.lm.n_ctx - 1 < limit:
             limit, why = self.lm.n_ctx - 1, f"{self.model_id}'s context less one"
         yield from chat.chat_steps(
             self.lm, messages, max_new_tokens=max_tokens, temperature=temperature, top_p=top_p,
-            seed=seed, stop=stop, max_prompt_tokens=limit, limit_name=why, deadline=deadline)
+            seed=seed, stop=stop, max_prompt_tokens=limit, limit_name=why, deadline=deadline,
+            reply_start=reply_start)
 
 
 def _top_over_text(

@@ -149,16 +149,23 @@ def test_the_scorer_asks_the_engine_chat_not_the_steering_generator(served, monk
                 {"role": "user", "content": "Description: def and return.\n1. the fox\n2. def"}]
     options = ChatOptions(max_tokens=12, temperature=1.0, seed=5)
 
-    async def ask() -> str:
+    async def ask(options: ChatOptions) -> str:
         # As ServerLabelScorer runs it: score_label in a thread, each reply on the app's loop.
         scorer = EngineChat(service=service, worker=worker, loop=asyncio.get_running_loop(),
                             sae_id=SAE_ID, stop=threading.Event())
         return await asyncio.to_thread(scorer.complete, messages, options)
 
-    got = client.portal.call(ask)
+    got = client.portal.call(ask, options)
     assert worker.streams == 1  # one stream on the model worker for one reply
     # The engine's chat reply, the one the local backend and /v1/chat/completions give.
     with torch.inference_mode():
         direct = chat.reply(service.lm, messages, max_new_tokens=12, temperature=1.0, seed=5)
     assert got == direct["text"]
     assert direct["completion_tokens"] > 0
+    # A scorer's options (the reply started with "[", stopped at "]") reach the engine.
+    stop = direct["text"].strip()[-1]
+    listed = ChatOptions(max_tokens=12, temperature=1.0, seed=5, stop=(stop,), reply_start="[")
+    with torch.inference_mode():
+        direct = chat.reply(service.lm, messages, max_new_tokens=12, temperature=1.0, seed=5,
+                            stop=(stop,), reply_start="[")
+    assert client.portal.call(ask, listed) == "[" + direct["text"]

@@ -117,3 +117,19 @@ def test_end_of_turn_tokens_stop_too(templated):
     assert chat.stop_token_ids(templated) >= templated.eos_token_ids
     vocab = templated.tokenizer.get_vocab()
     assert vocab["<|endoftext|>"] in chat.stop_token_ids(templated)
+
+
+@pytest.mark.parametrize("model", ["lm", "templated"])
+def test_reply_start_is_written_into_the_prompt_and_left_out_of_the_reply(model, request):
+    lm = request.getfixturevalue(model)
+    ids = chat.prompt_ids(lm, MESSAGES, max_tokens=100)
+    start_ids = lm.tokenize("[" if lm.has_chat_template else " [", prepend_bos=False)
+    continued = Generation(lm, max_new_tokens=8, stop_ids=chat.stop_token_ids(lm)).run(
+        [ids + start_ids])[0]
+    out = chat.reply(lm, MESSAGES, max_new_tokens=8, reply_start="[")
+    assert out["prompt_tokens"] == len(ids) + len(start_ids)
+    ended_on_stop = continued[-1] in chat.stop_token_ids(lm)
+    expected = lm.decode(continued[:-1] if ended_on_stop else continued)
+    # a transcript's reply loses a leading space only when nothing was written before it
+    assert out["text"] == expected
+    assert out["text"] != chat.reply(lm, MESSAGES, max_new_tokens=8)["text"]

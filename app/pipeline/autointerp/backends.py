@@ -22,11 +22,18 @@ class ChatMessage(TypedDict):
 
 @dataclass(frozen=True)
 class ChatOptions:
-    """Sampling for one completion; temperature 0 is greedy; a seed makes sampling repeatable."""
+    """Sampling for one completion; temperature 0 is greedy; a seed makes sampling repeatable;
+    the reply ends before the first of the ``stop`` strings (which it does not include), as
+    OpenAI's ``stop`` does. ``reply_start``: text the reply should begin with; a backend that
+    can write it into the prompt (the local one) has the model continue it and returns the
+    reply with it; an endpoint has no standard way to, so its reply comes as the model wrote
+    it: readers of replies accept both."""
 
     max_tokens: int = 256
     temperature: float = 0.0
     seed: int = 0
+    stop: tuple[str, ...] = ()
+    reply_start: str = ""
 
 
 class ChatBackend(Protocol):

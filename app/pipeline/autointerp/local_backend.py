@@ -59,10 +59,11 @@ class LocalBackend:
         with self._lock, torch.inference_mode():
             out = chat.reply(self.lm, messages, max_new_tokens=options.max_tokens,
                              temperature=options.temperature, seed=options.seed,
+                             stop=options.stop, reply_start=options.reply_start,
                              max_prompt_tokens=self.max_prompt_tokens)
         self.usage.add(prompt_tokens=out["prompt_tokens"],
                        completion_tokens=out["completion_tokens"])
-        return out["text"]
+        return options.reply_start + out["text"]
 
     def complete_many(self, conversations: Sequence[Sequence[ChatMessage]],
                       options: ChatOptions, *, workers: int = 1) -> list[str]:

@@ -126,6 +126,8 @@ class OpenAIBackend:
         payload = {"model": self.model, "messages": [dict(m) for m in messages],
                    "max_tokens": options.max_tokens, "temperature": options.temperature,
                    "seed": options.seed, "stream": False}
+        if options.stop:
+            payload["stop"] = list(options.stop)
         data = self._request("POST", self.url, json=payload)
         try:
             choice = data["choices"][0]

@@ -1,5 +1,7 @@
 """What a scorer is asked and how its answer is read: one prompt per batch of numbered excerpts,
-answered with a JSON list of excerpt numbers (read leniently: the last [...] in the reply)."""
+answered with a JSON list of excerpt numbers (read leniently: the last [...] in the reply). The
+scorer's reply is started with "[" where the backend can (a small model then writes numbers, not
+prose) and stopped at the list's "]", so it writes no more than the list."""
 
 from __future__ import annotations
 
@@ -46,6 +48,7 @@ def fuzzing_messages(explanation: str, texts: Sequence[str], fraction: float
     ]
 
 
+LIST_START, LIST_END = "[", "]"  # the scorer's reply starts and stops with its list
 _LIST = re.compile(r"\[([^\[\]]*)\]")
 _THINK = re.compile(r"<think>.*?</think>", re.DOTALL | re.IGNORECASE)
 _ITEM = re.compile(r"""^\s*["']?\s*(\d+)\s*["']?\s*$""")
@@ -57,9 +60,12 @@ def parse_numbers(answer: str, n: int) -> tuple[set[int], int] | None:
     the answer holds no readable list (a list with anything but numbers in it is not readable).
 
     Accepted: the last JSON-like list in the reply ("[1, 3]", "Answer: [2]", '["1"]', a code
-    fence around it, reasoning before it in <think> tags), or a bare "none".
+    fence around it, reasoning before it in <think> tags), or a bare "none". A list left open
+    at the end ("[1, 3") is read as closed: a reply stopped at LIST_END does not include it.
     """
     text = _THINK.sub("", answer or "").strip()
+    if text.rfind("[") > text.rfind(LIST_END):
+        text += LIST_END
     lists = _LIST.findall(text)
     if not lists:
         return (set(), 0) if text.strip("`. \n").lower() in _NONE else None

@@ -24,6 +24,8 @@ import numpy as np
 from app.pipeline.autointerp.backends import ChatBackend, ChatOptions
 from app.pipeline.autointerp.negatives import SequencePool
 from app.pipeline.autointerp.scorer_prompts import (
+    LIST_END,
+    LIST_START,
     detection_messages,
     fuzzing_messages,
     parse_numbers,
@@ -94,7 +96,8 @@ def ask(explanation: str, items: list[Item], *, method: str, scorer: ChatBackend
         options: ScoringOptions, seed: int) -> Tally:
     """One prompt per batch of items (in the items' order); the tally of right and wrong."""
     tally = Tally()
-    chat = ChatOptions(max_tokens=options.answer_tokens, temperature=0.0, seed=seed)
+    chat = ChatOptions(max_tokens=options.answer_tokens, temperature=0.0, seed=seed,
+                       stop=(LIST_END,), reply_start=LIST_START)
     for start in range(0, len(items), options.batch_size):
         batch = items[start:start + options.batch_size]
         texts = [item.text() for item in batch]

@@ -200,3 +200,19 @@ def test_5xx_past_the_retries_is_a_one_line_error(misbehaving):
         backend.complete(ASK, GREEDY)
     assert len(Misbehaving.seen) == 2
     assert "answered 503 after 2 tries: busy" in one_line(err)
+
+
+def test_a_stop_string_cuts_the_reply_before_it_remote_and_local(server):
+    from app.engine.tiny import build_tiny
+    from app.pipeline.autointerp.local_backend import LocalBackend
+
+    local = LocalBackend.from_model(build_tiny(MODEL_ID))
+    wide = ChatOptions(max_tokens=12, temperature=0.0, seed=1)
+    with OpenAIBackend(f"{server.url}/v1", MODEL_ID) as backend:
+        full = backend.complete(ASK, wide)
+        assert local.complete(ASK, wide) == full  # the same model on both sides
+        stop = full.strip()[len(full.strip()) // 2]  # a character the reply really holds
+        expected = full[:full.index(stop)]
+        cut = ChatOptions(max_tokens=12, temperature=0.0, seed=1, stop=(stop,))
+        assert backend.complete(ASK, cut) == expected
+        assert local.complete(ASK, cut) == expected

@@ -164,6 +164,9 @@ def test_a_fixed_seed_draws_the_same_windows(big) -> None:
     ("the first and third", None),
     ("[1, two]", None),
     ("", None),
+    ("[1, 3", ({1, 3}, 0)),  # stopped at the list's end, which the reply leaves out
+    ("[", (set(), 0)),
+    ("[2] and then [4", ({4}, 0)),
 ])
 def test_parse_numbers(answer, expected) -> None:
     assert parse_numbers(answer, 10) == expected
