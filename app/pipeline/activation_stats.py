@@ -62,10 +62,9 @@ class ActivationStats(ArrayState):
         self.n_counted += batch.n_counted
         self.count += np.bincount(f, minlength=self.d_sae)
         exact_sum.add(self.act_sum, f, limbs=batch.value_limbs)
-        if f.size:
-            np.maximum.at(self.max_act, f, v)
-        self.hist += np.bincount(f * self.n_hist + self.hist_bin(v),
-                                 minlength=self.d_sae * self.n_hist).reshape(self.d_sae, -1)
+        feats = batch.feature_runs[0]
+        self.max_act[feats] = np.maximum(self.max_act[feats], batch.feature_max)
+        np.add.at(self.hist.reshape(-1), f * self.n_hist + self.hist_bin(v), 1)
         l0 = np.bincount(batch.token, minlength=batch.counted.size)[batch.counted]
         self.l0_counts += np.bincount(l0, minlength=self.d_sae + 1)
 

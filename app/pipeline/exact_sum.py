@@ -14,10 +14,9 @@ exact) for every ``v >= 2^-40`` (about 9.1e-13); smaller values are truncated to
 2^-64, an error under 5.5e-20 per value, the same in every split. ``v`` must be below 2^32
 (``add`` raises otherwise): SAE activations are nowhere near.
 
-Speed: a batch is split into its three 32-bit limb pieces (integer shifts of the float32
-mantissa), each summed per bin with ``np.bincount``, whose float64 sums are exact while a bin
-receives fewer than 2^21 values per call (n * (2^32 - 1) < 2^53); ``add`` feeds at most 2^21
-records per call, and touches only the bins it adds to when they are few (interval bins).
+Speed: a batch is split into its three 32-bit limb pieces (float64 floors and exact scalings),
+each added per bin with ``np.add.at`` on int64; ``add`` feeds at most 2^21 records per call
+and normalizes only the bins it added to when they are few (interval bins).
 
 Overflow: after ``normalize`` each limb is below 2^32, so one call adds less than 2^53 to a limb
 and the limbs stay far below 2^63 when normalized after every call (``add`` does). Only l2, the
@@ -37,7 +36,7 @@ LIMB_BITS = 32
 FRAC_BITS = 64  # the grid: multiples of 2^-64
 MAX_VALUE = 2.0 ** 32  # values must be below this
 _MASK = np.int64((1 << LIMB_BITS) - 1)
-_CHUNK = 1 << 21  # records per bincount call (exactness bound above)
+_CHUNK = 1 << 21  # records per add call (the overflow bound above)
 
 
 def zeros(*shape: int) -> np.ndarray:
@@ -46,26 +45,22 @@ def zeros(*shape: int) -> np.ndarray:
 
 
 def pieces(values: np.ndarray) -> np.ndarray:
-    """float64 ``[n, 3]``: the limbs of ``floor(v * 2^64)`` for each value, each < 2^32.
+    """int64 ``[n, 3]``: the limbs of ``floor(v * 2^64)`` for each value, each < 2^32.
 
-    From the float32 bits: ``v = M * 2^(p - 149)`` with the 24-bit integer mantissa M (the
-    implicit bit included) and ``p = max(biased exponent, 1) - 1``, so ``v * 2^64 = M *
-    2^(p - 85)`` and limb j is ``(M << (p - 85 - 32 j)) mod 2^32`` (a right shift, truncating,
-    for negative amounts)."""
-    v = np.ascontiguousarray(values, dtype=np.float32)
+    In float64, exactly: ``l2 = floor(v)``; ``r = (v - l2) * 2^32``, ``l1 = floor(r)``; ``l0 =
+    floor((r - l1) * 2^32)``. Every step is exact: v has 24 significant bits, subtracting its
+    integer part and scaling by a power of two lose nothing, and the last floor is the
+    truncation to the 2^-64 grid."""
+    v = np.asarray(values, dtype=np.float32)
     if v.size and not (v.min() >= 0 and v.max() < MAX_VALUE):
         raise ValueError(f"exact sum: values must lie in [0, 2^32), got [{v.min()}, {v.max()}]")
-    bits = v.view(np.uint32).astype(np.uint64)
-    biased = bits >> np.uint64(23)  # the sign bit is 0
-    mantissa = (bits & np.uint64(0x7FFFFF)) | (biased != 0).astype(np.uint64) << np.uint64(23)
-    shift = np.maximum(biased.astype(np.int64), 1) - (1 + 149 - FRAC_BITS)
-    out = np.empty((v.size, N_LIMBS), dtype=np.float64)
-    for j in range(N_LIMBS):
-        s = shift - LIMB_BITS * j
-        # A left shift of 32 or more leaves nothing in this limb; 40 keeps M << s in 64 bits.
-        left = np.clip(s, 0, 40).astype(np.uint64)
-        right = np.clip(-s, 0, 63).astype(np.uint64)
-        out[:, j] = ((mantissa << left) >> right) & np.uint64(_MASK)
+    out = np.empty((v.size, N_LIMBS), dtype=np.int64)
+    rest = v.astype(np.float64).reshape(-1)
+    for j in range(N_LIMBS - 1, -1, -1):
+        limb = np.floor(rest)
+        out[:, j] = limb
+        if j:
+            rest = (rest - limb) * float(1 << LIMB_BITS)
     return out
 
 
@@ -83,18 +78,12 @@ def add(total: np.ndarray, index: np.ndarray, values: np.ndarray | None = None, 
         raise IndexError(f"exact sum index out of [0, {n_bins})")
     for a in range(0, index.size, _CHUNK):
         idx, chunk = index[a:a + _CHUNK], part[a:a + _CHUNK]
-        if n_bins <= 4 * idx.size:  # most bins touched: whole columns
-            for j in range(N_LIMBS):
-                flat[:, j] += np.bincount(idx, weights=chunk[:, j],
-                                          minlength=n_bins).astype(np.int64)
-            normalize(flat)
-            continue
-        touched, where = np.unique(idx, return_inverse=True)
-        grown = np.take(flat, touched, axis=0)  # (take: much faster than fancy rows)
         for j in range(N_LIMBS):
-            grown[:, j] += np.bincount(where, weights=chunk[:, j],
-                                       minlength=touched.size).astype(np.int64)
-        flat[touched] = normalize(grown)
+            np.add.at(flat[:, j], idx, chunk[:, j])
+        if n_bins <= 4 * idx.size:  # most bins touched: normalize them all
+            normalize(flat)
+        else:  # only the rows added to (a repeated row is written twice, the same)
+            flat[idx] = normalize(np.take(flat, idx, axis=0))
 
 
 def normalize(limbs: np.ndarray) -> np.ndarray:

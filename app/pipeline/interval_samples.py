@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from app.pipeline import exact_sum
-from app.pipeline.array_state import ArrayState
+from app.pipeline.array_state import ArrayState, put_rows
 from app.pipeline.sparse import SparseBatch
 from app.records import (
     INTERVAL_FINE_BINS,
@@ -93,6 +93,7 @@ class IntervalSamples(ArrayState):
         self.start = np.zeros(shape, dtype=np.int32)
         self.length = np.zeros(shape, dtype=np.int16)
         self.values = np.zeros((*shape, window_len), dtype=np.float16)
+        self._reset_limit()
 
     _slot_fields = ("prio", "value", "gpos", "start", "length", "values")
     _fields = ("exponent", "bin_count", "bin_sum", *_slot_fields)
@@ -106,12 +107,8 @@ class IntervalSamples(ArrayState):
         f, v = batch.feature, batch.value
         if f.size == 0:
             return
-        order = np.argsort(f, kind="stable")
-        fs = f[order]
-        starts = np.flatnonzero(np.r_[True, fs[1:] != fs[:-1]])
-        feats = fs[starts]
-        batch_max = np.maximum.reduceat(v[order], starts)
-        new_exp = np.frexp(batch_max)[1].astype(np.int32)
+        feats = batch.feature_runs[0]
+        new_exp = np.frexp(batch.feature_max)[1].astype(np.int32)
         old_exp = self.exponent[feats]
         grow = (old_exp != NO_EXPONENT) & (new_exp > old_exp)
         if grow.any():
@@ -120,8 +117,7 @@ class IntervalSamples(ArrayState):
 
         fine = self.fine_bin(v, self.exponent[f])
         flat = f * self.n_fine + fine
-        size = self.d_sae * self.n_fine
-        self.bin_count += np.bincount(flat, minlength=size).reshape(self.d_sae, self.n_fine)
+        np.add.at(self.bin_count.reshape(-1), flat, 1)
         exact_sum.add(self.bin_sum, flat, limbs=batch.value_limbs)
         self._insert(batch, fine >> self.sample_shift)
 
@@ -152,6 +148,7 @@ class IntervalSamples(ArrayState):
                 fresh[:] = EMPTY_PRIORITY
             fresh[row[sel], new_bin[sel], slot] = old[name][sel]
             arr[feats] = fresh
+        self._reset_limit(feats)
 
     def _coarsened_sums(self, sums: np.ndarray, shift: np.ndarray) -> np.ndarray:
         """Exact bin sums [n, n_fine, 3] re-binned b -> b >> shift: runs of 2^shift adjacent
@@ -167,29 +164,46 @@ class IntervalSamples(ArrayState):
     def _insert(self, batch: SparseBatch, sample_bin: np.ndarray) -> None:
         """Merge records into the per-(feature, sample bin) bottom-s sets. The s slots of a set
         are unordered; a new winner takes the slot of the candidate it evicts, so only new
-        winners' payload is written."""
+        winners' payload is written.
+
+        Per set touched, the s old priorities and the s smallest new ones (no other new record
+        can enter) form one row of 2s, sorted stably (an old entry before a new one on a tie):
+        the first s are the set after the merge."""
         f = batch.feature
         gpos = batch.global_pos(batch.token)
         prio = _priority(f, gpos, self.seed)
-        keep = prio < self.prio[f, sample_bin].max(axis=1)
-        if not keep.any():
-            return
-        idx = np.flatnonzero(keep)
         nb, s = self.n_sample_bins, self.s
+        order = batch.by_feature
+        idx = order[prio[order] < self._limit[f[order], sample_bin[order]]]
+        if not idx.size:
+            return
+        # Group the entrants by (feature, sample bin); in feature order that is nearly sorted.
         group = f[idx] * nb + sample_bin[idx]
-        groups = np.unique(group)
-        n_old = groups.size * s
+        by = np.argsort(group, kind="stable")
+        idx, group = idx[by], group[by]
+        first = np.r_[True, group[1:] != group[:-1]]
+        run_start = np.flatnonzero(first)
+        run_of = np.cumsum(first) - 1
+        rank = np.arange(idx.size) - run_start[run_of]
+        if rank.max() >= s:  # a set with more than s entrants: keep its s smallest priorities
+            by = np.lexsort((prio[idx], group))
+            idx, run_of = idx[by], run_of[by]
+            sel = rank < s  # rank depends on the run alone, which sorting kept in place
+            idx, run_of, rank = idx[sel], run_of[sel], rank[sel]
+        groups = group[run_start]
         g_f, g_b = groups // nb, groups % nb
-        all_group = np.concatenate([np.repeat(groups, s), group])
-        all_prio = np.concatenate([self.prio[g_f, g_b].ravel(), prio[idx]])
-        order = np.lexsort((all_prio, all_group))
-        rank = _group_rank(all_group[order])
-        win = order[rank < s]
-        lost = order[rank >= s]
-        freed = lost[lost < n_old]  # evicted old candidates, grouped like the new winners
-        new = win[win >= n_old]
-        rec = idx[new - n_old]
-        rf, rb, rs = f[rec], sample_bin[rec], freed % s
+        row = np.full((groups.size, 2 * s), EMPTY_PRIORITY, dtype=np.uint64)
+        row[:, :s] = self.prio[g_f, g_b]
+        row[run_of, s + rank] = prio[idx]
+        place = np.argsort(row, axis=1, kind="stable")
+        # New winners and evicted slots, each in priority order within a set: paired up.
+        won, lost = place[:, :s], place[:, s:]
+        new_at = np.nonzero(won >= s)
+        freed = lost[lost < s]
+        entrant = np.full((groups.size, s), -1, dtype=np.int64)
+        entrant[run_of, rank] = idx
+        rec = entrant[new_at[0], won[new_at] - s]
+        rf, rb, rs = f[rec], sample_bin[rec], freed
         start, length, values = batch.windows(token=batch.token[rec], feature=rf,
                                               window_len=self.window_len)
         self.prio[rf, rb, rs] = prio[rec]
@@ -197,7 +211,16 @@ class IntervalSamples(ArrayState):
         self.gpos[rf, rb, rs] = gpos[rec]
         self.start[rf, rb, rs] = start
         self.length[rf, rb, rs] = length
-        self.values[rf, rb, rs] = values
+        put_rows(self.values, (rf, rb, rs), values)
+        self._limit[g_f, g_b] = np.take_along_axis(row, won[:, -1:], axis=1)[:, 0]
+
+    def _reset_limit(self, feats: np.ndarray | None = None) -> None:
+        """``_limit[f, b]``: the largest priority in set (f, b) (EMPTY while it has a free
+        slot), below which a record enters; derived from ``prio``, for ``feats`` or all."""
+        if feats is None:
+            self._limit = self.prio.max(axis=2)
+        else:
+            self._limit[feats] = self.prio[feats].max(axis=2)
 
     def merge(self, other: IntervalSamples) -> None:
         """Fold in the state of other records (associative, commutative, exact); ``other`` is
@@ -222,13 +245,18 @@ class IntervalSamples(ArrayState):
             both = np.concatenate([getattr(self, name), getattr(other, name)], axis=2)
             index = keep.reshape(*keep.shape, *([1] * (both.ndim - 3)))
             setattr(self, name, np.take_along_axis(both, index, axis=2))
+        self._reset_limit()
 
     def copy(self) -> IntervalSamples:
         twin = object.__new__(IntervalSamples)
         twin.__dict__.update(self.__dict__)
-        for name in self._fields:
+        for name in (*self._fields, "_limit"):
             setattr(twin, name, getattr(self, name).copy())
         return twin
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        super().load_state_dict(state)
+        self._reset_limit()
 
     def canonical_state_dict(self) -> dict[str, np.ndarray]:
         """``state_dict`` with each bin's candidates in priority order (empty slots last): equal

@@ -48,10 +48,33 @@ class SparseBatch:
         """``exact_sum.pieces`` of the values (shared by the accumulators that sum them)."""
         return exact_sum.pieces(self.value)
 
-    @property
-    def key(self) -> np.ndarray:
-        """``token * d_sae + feature``, ascending (the records' order)."""
-        return self.token * self.d_sae + self.feature
+    @cached_property
+    def by_feature(self) -> np.ndarray:
+        """Record order sorted by (feature, token): a stable sort by feature of records in token
+        order (a radix sort on 16 bits when the features fit, else a merge sort)."""
+        narrow = np.uint16 if self.d_sae <= 1 << 16 else np.int64
+        return np.argsort(self.feature.astype(narrow), kind="stable")
+
+    @cached_property
+    def feature_runs(self) -> tuple[np.ndarray, np.ndarray]:
+        """(features that fire, ascending; where each one's run starts in ``by_feature``)."""
+        fs = self.feature[self.by_feature]
+        starts = np.flatnonzero(np.r_[True, fs[1:] != fs[:-1]]) if fs.size else fs[:0]
+        return fs[starts], starts
+
+    @cached_property
+    def feature_max(self) -> np.ndarray:
+        """float32 [len(feature_runs[0])]: each firing feature's largest value in the batch."""
+        starts = self.feature_runs[1]
+        if not starts.size:
+            return np.zeros(0, dtype=np.float32)
+        return np.maximum.reduceat(self.value[self.by_feature], starts)
+
+    @cached_property
+    def _feature_keys(self) -> np.ndarray:
+        """``feature * n_rows + token`` in ``by_feature`` order: ascending."""
+        order = self.by_feature
+        return self.feature[order] * self.counted.size + self.token[order]
 
     def global_pos(self, token: np.ndarray) -> np.ndarray:
         """Global token position ``seq * ctx + pos`` of batch rows."""
@@ -62,23 +85,26 @@ class SparseBatch:
         """Windows of ``window_len`` tokens centred on each (token, feature), clipped to the
         sequence: (start int32, length int16, values float16 [n, window_len], zero padded).
         A value is the record's when (token, feature) fired, else 0 (as in the dense code,
-        whose special rows are zeroed)."""
+        whose special rows are zeroed).
+
+        A window's records are one run of the (feature, token)-sorted records, found with two
+        binary searches, so the cost is the records inside windows, not n * window_len."""
         pos = token % self.ctx
         first = pos - window_len // 2
         start = np.maximum(first, 0)
         end = np.minimum(first + window_len, self.ctx)
-        length = end - start
-        offsets = np.arange(window_len)
-        cols = np.minimum(start[:, None] + offsets, self.ctx - 1)
-        want = ((token - pos)[:, None] + cols) * self.d_sae + feature[:, None]
-        vals = np.zeros(want.shape, dtype=np.float32)
-        key = self.key
-        if key.size:
-            at = np.minimum(np.searchsorted(key, want), key.size - 1)
-            hit = key[at] == want
-            vals[hit] = self.value[at[hit]]
-        vals[offsets[None, :] >= length[:, None]] = 0.0
-        return start.astype(np.int32), length.astype(np.int16), vals.astype(np.float16)
+        row0 = token - pos + start  # batch row of each window's first token
+        vals = np.zeros((token.size, window_len), dtype=np.float16)
+        keys = self._feature_keys
+        if keys.size and token.size:
+            base = feature * self.counted.size + row0
+            lo = np.searchsorted(keys, base)
+            count = np.searchsorted(keys, base + (end - start)) - lo
+            owner = np.repeat(np.arange(token.size), count)
+            run_start = np.cumsum(count) - count
+            at = np.arange(owner.size) - run_start[owner] + lo[owner]  # index into the sorted
+            vals[owner, keys[at] - base[owner]] = self.value[self.by_feature[at]]
+        return start.astype(np.int32), (end - start).astype(np.int16), vals
 
 
 def sparsify(acts: torch.Tensor, *, special_mask: np.ndarray | torch.Tensor,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from app.pipeline.array_state import ArrayState
+from app.pipeline.array_state import ArrayState, put_rows
 from app.pipeline.sparse import SparseBatch
 from app.records import WINDOW_KIND_TOP, WindowArrays
 
@@ -49,14 +49,18 @@ class TopWindows(ArrayState):
         f, tok, v = batch.feature, batch.token, batch.value
         if f.size == 0:
             return
-        # One candidate per (feature, sequence): its max, earliest position on ties (records
-        # come in token order and lexsort is stable).
-        fseq = f * (batch.counted.size // batch.ctx) + tok // batch.ctx
-        order = np.lexsort((-v, fseq))
-        sorted_key = fseq[order]
-        first = np.ones(order.size, dtype=bool)
-        first[1:] = sorted_key[1:] != sorted_key[:-1]
-        cand = order[first]
+        # One candidate per (feature, sequence): its max, earliest position on ties. In
+        # (feature, token) order a (feature, sequence) is one run: its max by reduceat, then the
+        # run's first record reaching it.
+        order = batch.by_feature
+        fseq = f[order] * (batch.counted.size // batch.ctx) + tok[order] // batch.ctx
+        vs = v[order]
+        new_run = np.r_[True, fseq[1:] != fseq[:-1]]
+        run_of = np.cumsum(new_run) - 1
+        run_max = np.maximum.reduceat(vs, np.flatnonzero(new_run))
+        at_max = np.flatnonzero(vs == run_max[run_of])
+        firsts = at_max[np.r_[True, run_of[at_max[1:]] != run_of[at_max[:-1]]]]
+        cand = order[firsts]
         cf, cv, ctok = f[cand], v[cand], tok[cand]
         cg = batch.global_pos(ctok)
         # Only candidates that beat the current k-th can enter (keys are sorted).
@@ -101,7 +105,7 @@ class TopWindows(ArrayState):
                                               window_len=self.window_len)
         self.start[nf, ns] = start
         self.length[nf, ns] = length
-        self.values[nf, ns] = values
+        put_rows(self.values, (nf, ns), values)
 
     def merge(self, other: TopWindows) -> None:
         """Fold in the state of other records (associative, commutative, exact)."""
