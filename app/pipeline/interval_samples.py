@@ -185,10 +185,12 @@ class IntervalSamples(ArrayState):
         run_start = np.flatnonzero(first)
         run_of = np.cumsum(first) - 1
         rank = np.arange(idx.size) - run_start[run_of]
-        if rank.max() >= s:  # a set with more than s entrants: keep its s smallest priorities
-            by = np.lexsort((prio[idx], group))
-            idx, run_of = idx[by], run_of[by]
-            sel = rank < s  # rank depends on the run alone, which sorting kept in place
+        run_len = np.diff(np.r_[run_start, idx.size])
+        if run_len.max() > s:  # sets with more than s entrants keep their s smallest priorities
+            crowded = np.flatnonzero(run_len[run_of] > s)
+            by = crowded[np.lexsort((prio[idx[crowded]], run_of[crowded]))]
+            idx[crowded] = idx[by]  # reordered within their runs, which stay in place
+            sel = rank < s
             idx, run_of, rank = idx[sel], run_of[sel], rank[sel]
         groups = group[run_start]
         g_f, g_b = groups // nb, groups % nb

@@ -11,6 +11,20 @@ from app.records import WINDOW_KIND_TOP, WindowArrays
 INT64_MAX = np.iinfo(np.int64).max
 
 
+def _by_rank(cf: np.ndarray, cv: np.ndarray, ctok: np.ndarray, cg: np.ndarray, *,
+             gpos_ascending: bool) -> tuple[np.ndarray, ...]:
+    """Candidates (feature, value, token, global position), given in feature order, sorted by
+    feature, then value descending, then position. When the positions already ascend within
+    each feature (sequences fed in order), one stable sort of (feature, value bits) does it: a
+    positive float32's bits order like its value."""
+    if gpos_ascending:
+        flipped = np.uint64(0xFFFFFFFF) - cv.view(np.uint32).astype(np.uint64)
+        by = np.argsort((cf.astype(np.uint64) << np.uint64(32)) | flipped, kind="stable")
+    else:
+        by = np.lexsort((cg, -cv, cf))
+    return cf[by], cv[by], ctok[by], cg[by]
+
+
 class TopWindows(ArrayState):
     """Per feature, the ``k`` sequences where it fires hardest, with a window around the max.
 
@@ -72,9 +86,10 @@ class TopWindows(ArrayState):
         # Merge without sorting the k old entries again: a candidate's new rank is the number
         # of old entries that beat it plus the number of the feature's candidates that beat it;
         # the old entries fill the remaining places in their order.
-        by = np.lexsort((cg, -cv, cf))
-        cf, cv, ctok, cg = cf[by], cv[by], ctok[by], cg[by]
-        feats, row_start = np.unique(cf, return_index=True)
+        cf, cv, ctok, cg = _by_rank(cf, cv, ctok, cg, gpos_ascending=bool(
+            np.all(np.diff(batch.seq_index) > 0)))
+        row_start = np.flatnonzero(np.r_[True, cf[1:] != cf[:-1]])
+        feats = cf[row_start]
         row = np.repeat(np.arange(feats.size), np.diff(np.r_[row_start, cf.size]))
         k = self.k
         old_v, old_g = self.value[feats], self.gpos[feats]

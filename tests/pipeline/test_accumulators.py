@@ -291,3 +291,41 @@ def test_coarsening_keeps_exact_bins_when_the_max_jumps():
         assert np.array_equal(iv.bin_count[f], want)
         assert np.array_equal(exact_sum.to_float(iv.bin_sum[f]), np.bincount(
             np.floor(col * 16 / 2.0 ** e).astype(int), weights=col, minlength=16))
+
+
+def test_sequences_fed_out_of_order_within_a_batch_give_the_same_result(data):
+    """A batch whose sequences are not in corpus order (seq_index descending) takes the
+    general sort of top-window candidates; the result is the in-order one."""
+    acts, special, _, res = data
+    acc = FeatureAccumulators(D_SAE, ctx=CTX, n_top=K, window_len=WIN, n_bands=BANDS,
+                              per_band=PER_BAND, seed=3)
+    bounds = np.cumsum((0, *BATCH_SIZES))
+    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+        rev = np.arange(a, b)[::-1]
+        acc.update(torch.from_numpy(acts[rev].copy()), special_mask=special[rev], seq_index=rev)
+    assert_same_result(res, acc.finalize())
+
+
+def test_windows_of_a_code_wider_than_2_to_the_16_match_a_lookup():
+    """Past 65,536 latents the records' feature order takes a 64-bit sort; windows looked up
+    in the records equal a dictionary lookup of every position."""
+    rng = np.random.default_rng(5)
+    d_sae, n_seq, m = 70_000, 3, 6
+    indices = torch.from_numpy(rng.choice(d_sae, (n_seq * CTX, m)))
+    indices[::2, 0] = 69_999  # one latent fires often, far past 2^16
+    values = torch.from_numpy(rng.exponential(1.0, (n_seq * CTX, m)).astype(np.float32))
+    special = np.zeros((n_seq, CTX), dtype=bool)
+    special[:, 0] = True
+    batch = sparse_records(values, indices, ctx=CTX, d_sae=d_sae, special_mask=special,
+                           seq_index=np.arange(10, 10 + n_seq))
+    order = batch.by_feature
+    assert np.array_equal(order, np.lexsort((batch.token, batch.feature)))
+    lookup = {(int(t), int(f)): v for t, f, v in zip(batch.token, batch.feature, batch.value,
+                                                    strict=True)}
+    start, length, vals = batch.windows(token=batch.token, feature=batch.feature,
+                                        window_len=WIN)
+    for i, (t, f) in enumerate(zip(batch.token.tolist(), batch.feature.tolist(), strict=True)):
+        row0 = t - t % CTX
+        want = [lookup.get((row0 + start[i] + j, f), 0.0) if j < length[i] else 0.0
+                for j in range(WIN)]
+        assert vals[i].tolist() == np.array(want, dtype=np.float16).tolist()

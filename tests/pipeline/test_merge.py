@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -199,3 +200,17 @@ def test_static_feature_units_run_in_groups_and_merged_in_any_order_equal_one_ru
     assert np.array_equal(got.neighbour_cos, whole.neighbour_cos)
     with pytest.raises(ValueError, match="no output"):
         job().finish_parts(parts[0])
+
+
+def test_exact_sum_limbs_are_the_floor_of_each_value_times_2_to_the_64():
+    """``pieces`` against integer arithmetic on every scale a float32 below 2^32 takes,
+    subnormals included."""
+    rng = np.random.default_rng(1)
+    values = np.ldexp(rng.uniform(0.5, 1.0, 4000), rng.integers(-150, 33, 4000))
+    values = values.astype(np.float32)
+    values = np.r_[values[values < 2.0 ** 32], np.float32(0.0), np.float32(1e-45),
+                   np.nextafter(np.float32(2.0 ** 32), np.float32(0.0))]
+    limbs = exact_sum.pieces(values)
+    for v, row in zip(values, limbs, strict=True):
+        x = math.floor(Fraction(float(v)) * 2 ** 64)
+        assert row.tolist() == [x & 0xFFFFFFFF, (x >> 32) & 0xFFFFFFFF, x >> 64], v
