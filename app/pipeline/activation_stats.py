@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from app.pipeline import exact_sum
-from app.pipeline.array_state import ArrayState
+from app.pipeline.array_state import ArrayState, flat_view
 from app.pipeline.sparse import SparseBatch
 
 
@@ -64,7 +64,7 @@ class ActivationStats(ArrayState):
         exact_sum.add(self.act_sum, f, limbs=batch.value_limbs)
         feats = batch.feature_runs[0]
         self.max_act[feats] = np.maximum(self.max_act[feats], batch.feature_max)
-        np.add.at(self.hist.reshape(-1), f * self.n_hist + self.hist_bin(v), 1)
+        np.add.at(flat_view(self.hist), f * self.n_hist + self.hist_bin(v), 1)
         l0 = np.bincount(batch.token, minlength=batch.counted.size)[batch.counted]
         self.l0_counts += np.bincount(l0, minlength=self.d_sae + 1)
 

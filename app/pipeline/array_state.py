@@ -19,18 +19,22 @@ class ArrayState:
             if got.shape != want.shape or got.dtype != want.dtype:
                 raise ValueError(f"checkpoint field {name}: {got.dtype}{got.shape}, "
                                  f"expected {want.dtype}{want.shape}")
-            setattr(self, name, np.array(got))
+            setattr(self, name, np.array(got, order="C"))
 
+
+def flat_view(arr: np.ndarray) -> np.ndarray:
+    """``arr`` as one axis, a view (so in-place adds reach ``arr``; a copy would lose them)."""
+    if not arr.flags.c_contiguous:
+        raise ValueError("flat_view needs a C-contiguous array")
+    return arr.reshape(-1)
 
 
 def put_rows(arr: np.ndarray, index: tuple[np.ndarray, ...], rows: np.ndarray) -> None:
     """``arr[index] = rows`` for index arrays over the leading axes, each target a contiguous
     row of the trailing axes (a window's values), written as one opaque item per row: several
     times faster than fancy assignment into a large array. Indices must be distinct."""
-    if not arr.flags.c_contiguous:
-        raise ValueError("put_rows needs a C-contiguous array")
-    lead = arr.shape[: len(index)]
-    row = np.dtype((np.void, arr.dtype.itemsize * int(np.prod(arr.shape[len(index):]))))
-    src = np.ascontiguousarray(rows, dtype=arr.dtype).reshape(index[0].size, -1)
-    np.put(arr.reshape(-1).view(row), np.ravel_multi_index(index, lead),
+    lead, width = arr.shape[: len(index)], int(np.prod(arr.shape[len(index):]))
+    row = np.dtype((np.void, arr.dtype.itemsize * width))
+    src = np.ascontiguousarray(rows, dtype=arr.dtype).reshape(index[0].size, width)
+    np.put(flat_view(arr).view(row), np.ravel_multi_index(index, lead),
            src.view(row).reshape(-1))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from app.pipeline import exact_sum
-from app.pipeline.array_state import ArrayState, put_rows
+from app.pipeline.array_state import ArrayState, flat_view, put_rows
 from app.pipeline.sparse import SparseBatch
 from app.records import (
     INTERVAL_FINE_BINS,
@@ -117,7 +117,7 @@ class IntervalSamples(ArrayState):
 
         fine = self.fine_bin(v, self.exponent[f])
         flat = f * self.n_fine + fine
-        np.add.at(self.bin_count.reshape(-1), flat, 1)
+        np.add.at(flat_view(self.bin_count), flat, 1)
         exact_sum.add(self.bin_sum, flat, limbs=batch.value_limbs)
         self._insert(batch, fine >> self.sample_shift)
 
