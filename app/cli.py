@@ -192,8 +192,10 @@ def demo_command(
                                  "database already holds this SAE's features"),
 ) -> None:
     """Everything on the defaults: train the default SAE if absent, build, save the steering
-    lab's example runs, then serve."""
+    lab's example runs, draft a description of every feature (pattern explainer), then
+    serve."""
     from app.engine.service import EngineService, SAESpec
+    from app.pipeline.demo_drafts import ensure_demo_drafts
     from app.pipeline.demo_steering import ensure_demo_runs
     from app.pipeline.precompute import BuildOptions, build
     from app.pipeline.train_sae import (
@@ -213,20 +215,20 @@ def demo_command(
 
         check_auth_settings(settings)
     typer.echo(data_folder_line(settings, saes=True))
-    typer.echo(f"[1/4] default SAE {DEFAULT_SAE_ID} on {DEFAULT_MODEL} ({DEFAULT_HOOK})")
+    typer.echo(f"[1/5] default SAE {DEFAULT_SAE_ID} on {DEFAULT_MODEL} ({DEFAULT_HOOK})")
     folder = ensure_sae(saes_dir=settings.saes_dir, cache_dir=settings.cache_dir, log=typer.echo)
     typer.echo(f"      using {folder}")
     n_tokens = tokens or DEFAULT_TOKENS
     if not rebuild and _has_run(settings.db_url, sae_id=DEFAULT_SAE_ID, n_tokens=n_tokens):
-        typer.echo(f"[2/4] {settings.db_url} already holds {DEFAULT_SAE_ID} over "
+        typer.echo(f"[2/5] {settings.db_url} already holds {DEFAULT_SAE_ID} over "
                    f"{n_tokens} tokens; skipping the build (--rebuild forces it)")
     else:
-        typer.echo(f"[2/4] precomputing features into {settings.db_url}")
+        typer.echo(f"[2/5] precomputing features into {settings.db_url}")
         build(BuildOptions(sae_path=folder, model=DEFAULT_MODEL, n_tokens=n_tokens,
                            eval_tokens=DEFAULT_EVAL_TOKENS, sae_id=DEFAULT_SAE_ID,
                            db_url=settings.db_url, cache_dir=settings.cache_dir),
               log=lambda msg: typer.echo(f"      {msg}"))
-    typer.echo("[3/4] saved steering runs (the steering lab's examples)")
+    typer.echo("[3/5] saved steering runs (the steering lab's examples)")
     runs = ensure_demo_runs(
         db_url=settings.db_url, sae_id=DEFAULT_SAE_ID,
         load_service=lambda: EngineService.load(
@@ -236,11 +238,18 @@ def demo_command(
         log=lambda msg: typer.echo(f"      {msg}"))
     for name, run_id in runs.items():
         typer.echo(f"      /steer/runs/{run_id}  {name}")
+    typer.echo("[4/5] draft descriptions (pattern explainer, unscored; `saescope explain` "
+               "scores them or writes LLM drafts)")
+    drafts = ensure_demo_drafts(db_url=settings.db_url, sae_id=DEFAULT_SAE_ID,
+                                log=lambda msg: typer.echo(f"      {msg}"))
+    if drafts.explained:
+        typer.echo(f"      drafted {drafts.explained} features; reviewers accept them at "
+                   f"/{DEFAULT_MODEL}/{DEFAULT_SAE_ID}/queue?order=draft_highest&mode=review")
     if not serve:
-        typer.echo("[4/4] skipped serving (--no-serve)")
+        typer.echo("[5/5] skipped serving (--no-serve)")
         return
     _first_admin(settings)
-    typer.echo(f"[4/4] serving on http://{settings.host}:{settings.port}/ (Ctrl+C stops)")
+    typer.echo(f"[5/5] serving on http://{settings.host}:{settings.port}/ (Ctrl+C stops)")
     _serve(settings)
 
 
