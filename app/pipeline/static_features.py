@@ -2,10 +2,11 @@
 
 Both are split into independent units of work (a band of features against the whole vocabulary;
 a square block of the decoder-cosine matrix), so each thread holds one unit's product whatever
-the SAE width (the neighbours' per-block candidates, n keys per row per block, are kept until
-the merge: d_sae^2 / block * n * 8 bytes), and any thread or process may run any unit:
-``StaticFeatures`` hands them to a lowest-priority worker process (``idle_worker.py``) while a
-build streams, then runs what is left on every core (see ``StaticFeatures.start_background``);
+the SAE width, and any thread or process may run any unit. A neighbour block's candidates are
+merged into its rows' running best n as the block is done (``_Units.merge_band``), so nothing
+grows as d_sae^2: the outputs are O(d_sae x n) whatever the width. ``StaticFeatures`` hands
+the units to a lowest-priority worker process (``idle_worker.py``) while a build streams, then
+runs what is left on every core (see ``StaticFeatures.start_background``);
 a sharded build sends groups of units to other machines (``run_units``) and merges the
 ``StaticPart`` s they return (``StaticFeatures.finish_parts``).
 Ranking is a total order, so results do not depend on the units' order or on who ran them
@@ -55,14 +56,21 @@ class LogitEffects:
 
 @dataclass
 class StaticPart:
-    """The outputs of some units (unit index -> its arrays: rows of the logit effects, or one
-    block's neighbour candidates), as a process that ran them returns them. A unit's output is
-    a function of the weights alone, so ``merge`` (a union) is associative and commutative."""
+    """The outputs of some units, as a process that ran them returns them: each logit-effect
+    unit's rows (unit index -> its arrays), and for the neighbour units it ran (``nb_units``)
+    every row's best n candidate keys among their blocks (``nb_best``, int64 [d_sae, n], padded
+    with the worst key; None when it ran none). A unit's output is a function of the weights
+    alone and the best n of a union of keys does not depend on how it is grouped, so ``merge``
+    is associative and commutative (a unit in both parts counts once)."""
 
     outputs: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
+    nb_units: frozenset[int] = frozenset()
+    nb_best: np.ndarray | None = None
 
     def merge(self, other: StaticPart) -> StaticPart:
-        return StaticPart({**self.outputs, **other.outputs})
+        best = self.nb_best if other.nb_best is None else (
+            other.nb_best if self.nb_best is None else _merge_keys(self.nb_best, other.nb_best))
+        return StaticPart({**self.outputs, **other.outputs}, self.nb_units | other.nb_units, best)
 
 
 @dataclass
@@ -94,6 +102,22 @@ def _from_keys(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     bits = (keys >> 32).astype(np.int32)
     values = np.where(bits < 0, bits ^ np.int32(0x7FFFFFFF), bits).view(np.float32)
     return values, 0xFFFFFFFF - (keys & 0xFFFFFFFF)
+
+
+_WORST = np.iinfo(np.int64).min  # the key of no candidate (pads rows with fewer than n)
+
+
+def _merge_keys(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per row, the best ``a.shape[1]`` distinct keys of ``a`` and ``b`` (each [r, *]), best
+    first, padded with ``_WORST``. Distinct: the same candidate merged twice (a unit run again
+    after its worker was killed) is one key, as it is the same (value, column)."""
+    n = a.shape[1]
+    keys = ~np.sort(~np.concatenate([a, b], axis=1), axis=1)  # best first
+    dup = np.zeros(keys.shape, dtype=bool)
+    dup[:, 1:] = keys[:, 1:] == keys[:, :-1]
+    if dup.any():
+        keys = ~np.sort(~np.where(dup, _WORST, keys), axis=1)
+    return keys[:, :n]
 
 
 def _group_rank(sorted_groups: np.ndarray) -> np.ndarray:
@@ -167,6 +191,9 @@ class _Units:
         if n_nb:
             self.units += [("neighbours", a, c) for a in range(0, d, self.step)
                            for c in range(a, d, self.step)]
+        self.n_bands = -(-d // self.step)
+        # One lock per band of rows: two threads may merge blocks of the same rows at once.
+        self._band_locks = [threading.Lock() for _ in range(self.n_bands if n_nb else 0)]
         self._local = threading.local()
 
     @property
@@ -177,11 +204,12 @@ class _Units:
 
     def output_shapes(self) -> dict[str, tuple[tuple[int, ...], type]]:
         d, n = self.d_sae, self.n_logits
-        n_nb_units = len(self.units) - self.first_nb
         return {"pos_ids": ((d, n), np.int32), "pos_values": ((d, n), np.float32),
                 "neg_ids": ((d, n), np.int32), "neg_values": ((d, n), np.float32),
-                # per neighbour unit: its rows' candidate keys, then its columns'
-                "nb_keys": ((max(n_nb_units, 1), 2, self.step, max(self.n_nb, 1)), np.int64)}
+                # every row's best neighbour keys so far, in two copies per band of rows, and
+                # per band which copy is current (0: none yet, 1 or 2); see ``merge_band``
+                "nb_best": ((2, d, max(self.n_nb, 1)), np.int64),
+                "nb_sel": ((max(self.n_bands, 1),), np.int64)}
 
     def attach(self, arrays: dict[str, np.ndarray]) -> None:
         """Use these arrays: the inputs and the outputs (``output_shapes``)."""
@@ -212,50 +240,67 @@ class _Units:
         sims = self._product(unit[a:b], unit[c:c1].T)
         if c == a:
             np.fill_diagonal(sims, -np.inf)  # never its own neighbour
-        keys = out["nb_keys"][i - self.first_nb]
-        parts = [(0, sims, c)] if c == a else [(0, sims, c), (1, sims.T, a)]
-        for side, block, col0 in parts:
-            best = _best(block, self.n_nb, largest=True, col0=col0)
-            # A block narrower than n gives fewer candidates: pad with the worst key.
-            keys[side, : best.shape[0]] = np.iinfo(np.int64).min
-            keys[side, : best.shape[0], : best.shape[1]] = best
+        parts = [(a, sims, c)] if c == a else [(a, sims, c), (c, sims.T, a)]
+        for row0, block, col0 in parts:
+            self.merge_band(row0 // self.step, _best(block, self.n_nb, largest=True, col0=col0))
 
-    def unit_output(self, i: int) -> dict[str, np.ndarray]:
-        """Unit i's part of the outputs (copies)."""
-        kind, a, c = self.units[i]
-        if kind == "logits":
-            return {name: np.array(self.a[name][a:c])
-                    for name in ("pos_ids", "pos_values", "neg_ids", "neg_values")}
-        return {"nb_keys": np.array(self.a["nb_keys"][i - self.first_nb])}
+    def current_best(self, band: int) -> np.ndarray:
+        """The band's rows' best neighbour keys so far ([rows, n], padded with ``_WORST``)."""
+        r0, r1 = band * self.step, min((band + 1) * self.step, self.d_sae)
+        sel = int(self.a["nb_sel"][band])
+        if not sel:
+            return np.full((r1 - r0, self.n_nb), _WORST, dtype=np.int64)
+        return np.array(self.a["nb_best"][sel - 1, r0:r1])
 
-    def set_unit_output(self, i: int, out: dict[str, np.ndarray]) -> None:
-        kind, a, c = self.units[i]
-        if kind == "logits":
+    def merge_band(self, band: int, keys: np.ndarray) -> None:
+        """Merge candidate keys ([rows, <= n]) into the band's running best n. The merged rows go
+        to the band's other copy, then one 8-byte store makes that copy current: a worker killed
+        mid-merge leaves the band as it was (the unit, unreported, runs again; merging the same
+        keys twice changes nothing, see ``_merge_keys``)."""
+        pad = np.full((keys.shape[0], self.n_nb - keys.shape[1]), _WORST, dtype=np.int64)
+        with self._band_locks[band]:
+            merged = _merge_keys(self.current_best(band), np.concatenate([keys, pad], axis=1))
+            sel = int(self.a["nb_sel"][band])
+            other = 2 if sel == 1 else 1
+            r0 = band * self.step
+            self.a["nb_best"][other - 1, r0:r0 + merged.shape[0]] = merged
+            self.a["nb_sel"][band] = other
+
+    def part(self, unit_ids: list[int]) -> StaticPart:
+        """These units' outputs as a ``StaticPart`` (copies)."""
+        outputs = {}
+        nb = frozenset(i for i in unit_ids if self.units[i][0] == "neighbours")
+        for i in unit_ids:
+            _, a, c = self.units[i]
+            if i not in nb:
+                outputs[i] = {name: np.array(self.a[name][a:c])
+                              for name in ("pos_ids", "pos_values", "neg_ids", "neg_values")}
+        best = self.all_best() if nb else None
+        return StaticPart(outputs, nb, best)
+
+    def set_part(self, part: StaticPart) -> None:
+        """Take a (merged) part's outputs as this job's."""
+        for i, out in part.outputs.items():
+            _, a, c = self.units[i]
             for name, arr in out.items():
                 self.a[name][a:c] = arr
-        else:
-            self.a["nb_keys"][i - self.first_nb] = out["nb_keys"]
+        if part.nb_best is not None:
+            for band in range(self.n_bands):
+                r0 = band * self.step
+                self.a["nb_best"][0, r0:r0 + self.step] = part.nb_best[r0:r0 + self.step]
+                self.a["nb_sel"][band] = 1
+
+    def all_best(self) -> np.ndarray:
+        """Every row's best neighbour keys so far, int64 [d_sae, n]."""
+        return np.concatenate([self.current_best(b) for b in range(self.n_bands)]) \
+            if self.n_bands else np.zeros((0, self.n_nb), dtype=np.int64)
 
     def merge_neighbours(self) -> tuple[np.ndarray, np.ndarray]:
         d, n = self.d_sae, self.n_nb
-        idx = np.zeros((d, n), dtype=np.int32)
-        cos = np.zeros((d, n), dtype=np.float32)
         if not n:
-            return idx, cos
-        parts: dict[int, list[np.ndarray]] = {}
-        for j, (_, a, c) in enumerate(self.units[self.first_nb:]):
-            keys = self.a["nb_keys"][j]
-            parts.setdefault(a, []).append(keys[0, : min(self.step, d - a)])
-            if c != a:
-                parts.setdefault(c, []).append(keys[1, : min(self.step, d - c)])
-        for row0, got in parts.items():
-            keys = np.concatenate(got, axis=1)
-            # Each column of a row comes from one block only, so keys are distinct.
-            best = ~np.sort(~keys, axis=1)[:, :n]
-            v, cols = _from_keys(best)
-            idx[row0:row0 + keys.shape[0]] = cols
-            cos[row0:row0 + keys.shape[0]] = v
-        return idx, cos
+            return np.zeros((d, n), dtype=np.int32), np.zeros((d, n), dtype=np.float32)
+        v, cols = _from_keys(self.all_best())
+        return cols.astype(np.int32), v
 
 
 def run_units(meta: dict[str, int], inputs: dict[str, np.ndarray], unit_ids: list[int], *,
@@ -268,7 +313,7 @@ def run_units(meta: dict[str, int], inputs: dict[str, np.ndarray], unit_ids: lis
     units.attach({**inputs, **{name: np.zeros(shape, dtype) for name, (shape, dtype)
                                in units.output_shapes().items()}})
     run_on_threads(units.run, unit_ids, max(1, threads))
-    return StaticPart({i: units.unit_output(i) for i in unit_ids})
+    return units.part(unit_ids)
 
 
 def worker_units(meta: dict[str, int], arrays: dict[str, np.ndarray]) -> Callable[[int], None]:
@@ -399,12 +444,11 @@ class StaticFeatures:
 
     def finish_parts(self, part: StaticPart) -> StaticResult:
         """The result from the outputs of every unit, run elsewhere (``run_units``)."""
-        missing = set(range(self.units_total)) - set(part.outputs)
+        missing = set(range(self.units_total)) - set(part.outputs) - part.nb_units
         if missing:
             raise ValueError(f"static features: {len(missing)} units have no output")
         t0 = time.perf_counter()
-        for i, out in part.outputs.items():
-            self._units.set_unit_output(i, out)
+        self._units.set_part(part)
         idx, cos = self._units.merge_neighbours()
         a = self._units.a
         logits = LogitEffects(**{name: np.array(a[name]) for name in

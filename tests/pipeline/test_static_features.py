@@ -209,3 +209,50 @@ def test_no_room_for_the_worker_only_makes_it_slower(monkeypatch, capsys):
     assert np.array_equal(got.neighbour_idx, alone.neighbour_idx)
     if os.name == "posix":
         assert "no background worker" in capsys.readouterr().err
+
+
+def test_outputs_grow_linearly_with_the_width():
+    """No output grows as d_sae^2: the bytes per feature of every shared output array (what the
+    worker's files and a build hold) are the same at 4k and 1M latents, for the default unit
+    budget (the neighbour blocks' candidates are merged per block, not kept per block)."""
+    from app.pipeline.static_features import DEFAULT_BUDGET, _Units
+
+    def per_feature(d_sae: int) -> float:
+        units = _Units(d_sae=d_sae, vocab=49152, n_logits=10, n_nb=10,
+                       budget_elems=DEFAULT_BUDGET)
+        total = sum(int(np.prod(shape)) * np.dtype(dtype).itemsize
+                    for shape, dtype in units.output_shapes().values())
+        return total / d_sae
+
+    assert per_feature(1 << 20) <= per_feature(4096) * 1.01
+    assert per_feature(131072) < 400  # 4 x 10 logit-effect entries + 2 x 10 neighbour keys
+
+
+def test_a_unit_run_again_or_a_merge_cut_short_changes_nothing():
+    """A worker killed mid-unit: the unit was not reported, so it runs again, possibly after
+    its candidates were already merged into one band (the same keys count once), and a merge cut
+    short wrote only the band's spare copy (the current one is untouched). The result equals an
+    uninterrupted run."""
+    w_dec = four_hot(8, d_sae=300, d_in=16)
+    w_dec[20:40] = w_dec[19]
+    kwargs = dict(w_dec=w_dec, norm_scale=torch.ones(16), w_u=torch.zeros(16, 0), n_logits=0,
+                  n_neighbours=10, budget_elems=3000)
+    alone = StaticFeatures(**kwargs).run(threads=1)
+    job = StaticFeatures(**kwargs)
+    units = job._units
+    assert units.n_bands > 3
+    for i in range(len(units.units)):
+        units.run(i)
+    for i in (0, 1, len(units.units) - 1):  # run again: merged twice
+        units.run(i)
+    sel = units.a["nb_sel"]
+    for band in range(units.n_bands):  # a cut-short merge: garbage in every spare copy
+        spare = 2 if sel[band] == 1 else 1
+        r0 = band * units.step
+        units.a["nb_best"][spare - 1, r0:r0 + units.step] = 12345
+    idx, cos = units.merge_neighbours()
+    assert np.array_equal(idx, alone.neighbour_idx)
+    assert np.array_equal(cos, alone.neighbour_cos)
+    again = job.finish(threads=2)  # no worker reported a unit: every unit merged once more
+    assert np.array_equal(again.neighbour_idx, alone.neighbour_idx)
+    assert np.array_equal(again.neighbour_cos, alone.neighbour_cos)
