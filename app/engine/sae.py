@@ -31,6 +31,9 @@ from app.errors import ConfigError
 # few tokens the BLAS runs that shape (d_sae rows) faster than x @ W_enc; beyond it the strided
 # result costs more than the product saves.
 _TRANSPOSED_MAX_ROWS = 256
+# encode_sparse's pre-activations of a TopK SAE are ranked in row chunks of at most this many
+# entries (128 MB in float32): a 2,048-token batch of a 131k-wide SAE would be 1 GB at once.
+_SPARSE_CHUNK_ELEMS = 1 << 25
 
 
 @dataclass(frozen=True)
@@ -221,10 +224,21 @@ class SAE(nn.Module):
 
         Equal to ``encode``: a TopK SAE's code is the ReLU of its k largest pre-activations, so
         that top-k is the whole code (m = k, no [n, d_sae] tensor but the pre-activations);
-        other architectures encode densely and keep the widest row's nonzeros."""
+        other architectures encode densely and keep the widest row's nonzeros. A TopK SAE's
+        rows go in chunks of ``_SPARSE_CHUNK_ELEMS`` pre-activations, so a wide SAE's batch
+        never holds its whole [n, d_sae] product (each row's top k is its own)."""
         if self.cfg.architecture == "topk":
-            values, indices = self.hidden_pre(x).topk(int(self.cfg.k), dim=-1)  # type: ignore[arg-type]
-            return values.relu_(), indices
+            k = int(self.cfg.k)  # type: ignore[arg-type]
+            flat = x.reshape(-1, x.shape[-1])
+            rows = max(1, _SPARSE_CHUNK_ELEMS // int(self.cfg.d_sae))
+            if flat.shape[0] <= rows:
+                values, indices = self.hidden_pre(x).topk(k, dim=-1)
+                return values.relu_(), indices
+            parts = [self.hidden_pre(flat[i:i + rows]).topk(k, dim=-1)
+                     for i in range(0, flat.shape[0], rows)]
+            values = torch.cat([v for v, _ in parts]).relu_()
+            indices = torch.cat([i for _, i in parts])
+            return values.reshape(*x.shape[:-1], k), indices.reshape(*x.shape[:-1], k)
         feats = self.encode(x)
         width = max(1, int((feats > 0).sum(dim=-1).max())) if feats.numel() else 1
         return feats.topk(min(width, feats.shape[-1]), dim=-1)

@@ -87,6 +87,25 @@ def test_topk_keeps_k_largest_then_relu() -> None:
     assert int((acts > 0).sum(-1).max()) <= 6
 
 
+def test_topk_encode_sparse_in_row_chunks_equals_one_product(monkeypatch) -> None:
+    """A wide SAE's batch is ranked in row chunks (no whole [n, d_sae] product): the same
+    values and latents as ranking every row at once, for a row count that is no multiple of
+    the chunk."""
+    import app.engine.sae as sae_module
+
+    cfg = SAEConfig(architecture="topk", d_in=8, d_sae=64, k=5)
+    sae = SAE.from_config(cfg, seed=3)
+    x = torch.randn(3, 37, 8, generator=torch.Generator().manual_seed(1))
+    whole = sae.encode_sparse(x)
+    monkeypatch.setattr(sae_module, "_SPARSE_CHUNK_ELEMS", 64 * 10)  # 10 rows a chunk
+    chunked = sae.encode_sparse(x)
+    assert chunked[0].shape == (3, 37, 5) and chunked[1].shape == (3, 37, 5)
+    assert torch.equal(chunked[1], whole[1])
+    torch.testing.assert_close(chunked[0], whole[0], rtol=1e-6, atol=1e-6)
+    dense = sae.encode(x)
+    torch.testing.assert_close(dense.gather(-1, chunked[1]), chunked[0], rtol=1e-6, atol=1e-6)
+
+
 def test_topk_latent_in_top_k_with_negative_preactivation_stays_zero() -> None:
     sae = make_sae("topk", k=D_SAE)  # every latent is in the top k
     x = inputs()
