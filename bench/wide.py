@@ -144,7 +144,7 @@ def child(args: argparse.Namespace) -> None:
     t = time.perf_counter()
     opts = BuildOptions(sae_path=Path(args.sae), model=MODEL, n_tokens=args.tokens,
                         db_url=args.urls[0], cache_dir=Path(args.cache), eval_tokens=0,
-                        use_activation_cache=False, progress=False, sae_id="wide-random")
+                        use_activation_cache=False, progress=True, sae_id="wide-random")
     records, result = compute_records(opts, log=lambda m: print(m, file=sys.stderr, flush=True))
     out["compute_s"] = time.perf_counter() - t
     out["tokens"] = result.n_tokens
@@ -157,6 +157,10 @@ def child(args: argparse.Namespace) -> None:
         writes.append(time.perf_counter() - t)
         print(f"wrote {url.split(':')[0]} in {writes[-1]:.1f} s", file=sys.stderr, flush=True)
     out["write_s"] = writes
+    out["resumed_at_seq"] = result.resumed_at_seq
+    from app.pipeline.checkpoint import Checkpoint
+
+    Checkpoint(result.checkpoint_dir, "").remove()  # as build() does once the run is written
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out["peak_tree_rss_mb"] = tree.stop() / 2**20
     out["peak_rss_children_mb"] = tree.peak_child / 2**20
@@ -219,6 +223,9 @@ def main() -> None:
         res = json.loads(proc.stdout.strip().splitlines()[-1])
         d = args.d_sae
         tm = res["timings"]
+        if res["resumed_at_seq"]:
+            print(f"NOTE: resumed from a checkpoint at sequence {res['resumed_at_seq']}: the "
+                  "stream's time is not a whole build's")
         print(f"\nbuild of {res['tokens']:,} tokens, d_sae {d:,}: {res['compute_s']:.0f} s to "
               f"the records (prepare {tm['prepare']:.0f} s, stream {tm['stream']:.0f} s, "
               f"statistics {tm['finalize_stats']:.0f} s, static features' wait "
