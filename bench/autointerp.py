@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/autointerp.py [--db URL] [--sae ID] [--features 200] [--seed 0]
                                          [--results FILE] [--pool-sequences 64] [--windows 20]
+                                         [--batch 10] [--explain-tokens 64]
 
 For a seeded sample of `--features` live features it scores, with one local scorer (the default
 model unless --scorer-model) and the same windows for every explanation of a feature:
@@ -59,6 +60,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--pool-sequences", type=int, default=64)
     ap.add_argument("--windows", type=int, default=20, help="detection: this many activating "
                     "and this many zero windows; fuzzing: this many windows (explain's default 20)")
+    ap.add_argument("--batch", type=int, default=10, help="windows per scorer prompt")
+    ap.add_argument("--explain-tokens", type=int, default=64, help="the local explainer's reply "
+                    "budget (explain's default 64)")
     ap.add_argument("--results", type=Path, default=REPO / "data" / "bench-autointerp.jsonl")
     ap.add_argument("--report-only", action="store_true", help="print the table of --results")
     return ap.parse_args()
@@ -126,7 +130,7 @@ def main() -> None:
     with read_session(engine) as session:
         sae_id = args.sae or queries.list_saes(session=session)[0].id
     options = ScoringOptions(n_activating=args.windows, n_zero=args.windows,
-                             n_fuzz=args.windows, answer_tokens=32)
+                             n_fuzz=args.windows, batch_size=args.batch, answer_tokens=32)
     if args.report_only:
         lines = [json.loads(x) for x in args.results.read_text().splitlines() if x.strip()]
         report(lines[1:], lines[0]["header"])
@@ -135,7 +139,7 @@ def main() -> None:
     scorer = LocalBackend(args.scorer_model)
     header = {"sae": sae_id, "seed": args.seed, "features": args.features,
               "scorer": scorer.name, "pool_sequences": args.pool_sequences,
-              "options": dataclasses.asdict(options)}
+              "options": dataclasses.asdict(options), "explain_tokens": args.explain_tokens}
     done = load_done(args.results, header)
     todo = [i for i in features if i not in done]
     print(f"{len(features)} live features sampled of {len(alive)}; {len(done)} done before, "
@@ -155,8 +159,8 @@ def main() -> None:
         row: dict = {"feature": index}
         explainers = {
             "pattern": explain_pattern,
-            "local": lambda f: llm_explain(f, scorer, ChatOptions(max_tokens=64,
-                                                                  seed=args.seed)),
+            "local": lambda f: llm_explain(f, scorer, ChatOptions(
+                max_tokens=args.explain_tokens, seed=args.seed)),
             "control": lambda f, c=control: c[0] if c else "",
         }
         for name, explain in explainers.items():
