@@ -23,7 +23,6 @@ initdb/pg_ctl, as tests/store/conftest.py does), each write timed on its own. Pr
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import resource
@@ -53,41 +52,15 @@ def make_sae(folder: Path, *, d_sae: int) -> Path:
     return folder
 
 
-def _pg_bin(name: str) -> str | None:
-    found = shutil.which(name)
-    if found:
-        return found
-    candidates = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
-    return candidates[-1] if candidates else None
-
-
 def start_pg(workdir: Path) -> tuple[str, list[str]]:
-    """A PostgreSQL cluster on a loopback port (as the postgres user when run as root); returns
-    its base URL and the command that stops it."""
-    import pwd
-    import socket
+    """A PostgreSQL cluster in `workdir` (fsync on, a real server's setting); its base URL and
+    the command that stops it."""
+    from tests.pg_cluster import ClusterUnavailable, start_cluster
 
-    initdb, pg_ctl = _pg_bin("initdb"), _pg_bin("pg_ctl")
-    if not (initdb and pg_ctl):
-        raise SystemExit("PostgreSQL server binaries not found (apt-get install postgresql), "
-                         "or run with --no-pg")
-    prefix: list[str] = []
-    if os.geteuid() == 0:
-        pw = pwd.getpwnam("postgres")
-        os.chown(workdir, pw.pw_uid, pw.pw_gid)
-        prefix = ["runuser", "-u", "postgres", "--"]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    data = workdir / "data"
-    subprocess.run([*prefix, initdb, "-D", str(data), "-U", "postgres", "--auth=trust", "-E",
-                    "UTF8", "--no-sync"], check=True, capture_output=True)
-    # fsync stays on (a real server's setting); -k: the socket in our folder.
-    subprocess.run([*prefix, pg_ctl, "-D", str(data), "-o",
-                    f"-p {port} -k {workdir} -c listen_addresses=127.0.0.1", "-l",
-                    str(workdir / "log"), "-w", "start"], check=True, capture_output=True)
-    return (f"postgresql+psycopg://postgres@127.0.0.1:{port}",
-            [*prefix, pg_ctl, "-D", str(data), "-m", "fast", "stop"])
+    try:
+        return start_cluster(workdir)
+    except ClusterUnavailable as exc:
+        raise SystemExit(f"{exc}; or run with --no-pg") from None
 
 
 def _pg(base: str, sql: str, db: str = "postgres") -> list[tuple]:

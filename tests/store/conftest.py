@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import glob
 import os
 import shutil
 import subprocess
@@ -10,58 +9,30 @@ import tempfile
 import time
 from collections.abc import Iterator
 from itertools import count
+from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine
 
 from app.store.db import make_engine, upgrade
-from tests.live_server import free_port
+from tests.pg_cluster import ClusterUnavailable, start_cluster
 
 _db_numbers = count()
-
-
-def _pg_bin(name: str) -> str | None:
-    found = shutil.which(name)
-    if found:
-        return found
-    candidates = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
-    return candidates[-1] if candidates else None
 
 
 @pytest.fixture(scope="session")
 def pg_server() -> Iterator[str]:
     """A PostgreSQL cluster on a loopback port for this test session; yields its base URL."""
-    initdb, pg_ctl = _pg_bin("initdb"), _pg_bin("pg_ctl")
-    if not (initdb and pg_ctl):
-        pytest.skip("PostgreSQL server binaries not found (Debian: apt-get install postgresql)")
-    prefix: list[str] = []
-    workdir = tempfile.mkdtemp(prefix="saescope-pg-")
-    if os.geteuid() == 0:
-        # initdb refuses to run as root; run the cluster as the postgres system user.
-        runuser = shutil.which("runuser")
-        try:
-            import pwd
-
-            pw = pwd.getpwnam("postgres")
-        except KeyError:
-            pytest.skip("running as root and no 'postgres' user to own a test cluster")
-        if not runuser:
-            pytest.skip("running as root without runuser to drop to the postgres user")
-        os.chown(workdir, pw.pw_uid, pw.pw_gid)
-        prefix = [runuser, "-u", "postgres", "--"]
-    data = os.path.join(workdir, "data")
-    port = free_port()
-    subprocess.run([*prefix, initdb, "-D", data, "-U", "postgres", "--auth=trust", "-E", "UTF8",
-                    "--no-sync"], check=True, capture_output=True)
-    log = os.path.join(workdir, "log")
-    opts = f"-p {port} -k {workdir} -c listen_addresses=127.0.0.1 -F"
-    subprocess.run([*prefix, pg_ctl, "-D", data, "-o", opts, "-l", log, "-w", "start"],
-                   check=True, capture_output=True)
+    workdir = Path(tempfile.mkdtemp(prefix="saescope-pg-"))
     try:
-        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}"
+        base, stop = start_cluster(workdir, fsync=False)
+    except ClusterUnavailable as exc:
+        shutil.rmtree(workdir, ignore_errors=True)
+        pytest.skip(str(exc))
+    try:
+        yield base
     finally:
-        subprocess.run([*prefix, pg_ctl, "-D", data, "-m", "immediate", "stop"],
-                       capture_output=True)
+        subprocess.run(stop, capture_output=True)
         shutil.rmtree(workdir, ignore_errors=True)
 
 
