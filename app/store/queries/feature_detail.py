@@ -30,27 +30,36 @@ from app.store.tables import SAE, Feature, Model, Run, Sequence, Window
 # SQLAlchemy constructs per request costs more than SQLite answering them.
 _sae_t, _run_t, _model_t = SAE.__table__, Run.__table__, Model.__table__
 _feature_t, _window_t, _seq_t = Feature.__table__, Window.__table__, Sequence.__table__
-# A feature read starts with one row saying which run is live and which vocabulary to use.
+# A feature read starts with one row: which run is live, which vocabulary to use, and the
+# feature's own row from that run (left-joined, so a missing feature still says which SAE and run
+# it was looked for in). One statement, not two: on PostgreSQL every statement is a round trip to
+# the server, which costs more than the statement itself (bench/serve.py).
 _FEATURE_HEAD = (
     select(_sae_t.c.id, _sae_t.c.model_id, _sae_t.c.d_sae, _sae_t.c.path,
-           _sae_t.c.active_run_id, _run_t.c.created_at, _model_t.c.token_strings_sha)
+           _sae_t.c.active_run_id, _run_t.c.created_at, _model_t.c.token_strings_sha,
+           *_feature_t.c)
     .select_from(
         _sae_t.outerjoin(_run_t, _run_t.c.id == _sae_t.c.active_run_id)
         .outerjoin(_model_t, _model_t.c.id == _sae_t.c.model_id)
+        .outerjoin(_feature_t, and_(_feature_t.c.run_id == _sae_t.c.active_run_id,
+                                    _feature_t.c.index == bindparam("index")))
     )
     .where(_sae_t.c.id == bindparam("sae_id"))
 )
-_FEATURE_ROW = select(_feature_t).where(
-    _feature_t.c.run_id == bindparam("run_id"), _feature_t.c.index == bindparam("index")
-)
 # Windows with their sequence's tokens in one query (a sequence's tokens may come twice when two
-# windows share it; cheaper than a second round trip).
+# windows share it; cheaper than a second round trip). Each window's sequence is read by a
+# correlated subquery on the sequences' key, not a join: given a join, PostgreSQL hashed the
+# run's whole sequences table per request (its default random_page_cost rates a few dozen key
+# lookups dearer than a scan of a ~800-row table; 1.0 vs 0.36 ms on the 131k-wide bench/wide.py
+# run). SQLite looks each one up by key either way.
+_seq_of_window = and_(_seq_t.c.run_id == _window_t.c.run_id,
+                      _seq_t.c.seq_index == _window_t.c.seq_index)
 _WINDOWS = (
     select(_window_t.c.kind, _window_t.c.band, _window_t.c.rank, _window_t.c.seq_index,
            _window_t.c.start, _window_t.c.length, _window_t.c.max_value, _window_t.c.max_pos,
-           _window_t.c["values"], _seq_t.c.doc_index, _seq_t.c.tokens, _seq_t.c.doc_starts)
-    .select_from(_window_t.join(_seq_t, and_(_seq_t.c.run_id == _window_t.c.run_id,
-                                             _seq_t.c.seq_index == _window_t.c.seq_index)))
+           _window_t.c["values"],
+           *(select(col).where(_seq_of_window).scalar_subquery()
+             for col in (_seq_t.c.doc_index, _seq_t.c.tokens, _seq_t.c.doc_starts)))
     .where(_window_t.c.run_id == bindparam("run_id"), _window_t.c.feature == bindparam("index"))
     .order_by(_window_t.c.kind, _window_t.c.band.desc(), _window_t.c.rank)
 )
@@ -73,11 +82,15 @@ def window_documents(starts: list[tuple[int, int]], *, start: int, length: int
 def get_feature(*, session: Session, sae_id: str, index: int) -> FeatureDetail:
     """Everything a feature page shows, from one run's rows and blobs.
 
-    Four indexed queries on one connection (SAE + run + vocabulary hash; the feature row; its
-    windows joined to their sequences; the labels of the feature and its neighbours).
+    Three indexed queries on one connection (SAE + run + vocabulary hash + the feature row; its
+    windows with their sequences; the labels of the feature and its neighbours), a fourth for
+    the scores of its own labels when it has any.
     """
     conn = session.connection()
-    head = conn.execute(_FEATURE_HEAD, {"sae_id": sae_id}).one_or_none()
+    # `feat`: the same row; its feature columns are null when the run has no such feature.
+    # (An index outside int32 matches no row; the range check below reports it.)
+    key = index if 0 <= index < 2**31 else -1
+    head = feat = conn.execute(_FEATURE_HEAD, {"sae_id": sae_id, "index": key}).one_or_none()
     if head is None:
         raise NotFoundError(f"no SAE {sae_id!r} in this database; see /api/v1/saes")
     sae = SAEBrief(*head[:5])
@@ -86,8 +99,7 @@ def get_feature(*, session: Session, sae_id: str, index: int) -> FeatureDetail:
             f"SAE {sae_id!r} has features 0..{sae.d_sae - 1}; there is no feature {index}"
         )
     run = live_run(session, sae, created=head.created_at)
-    feat = conn.execute(_FEATURE_ROW, {"run_id": run.id, "index": index}).one_or_none()
-    if feat is None:
+    if feat.run_id is None:
         raise NotFoundError(f"feature {index} of {sae_id!r} is missing from run {run.id}")
     vocab = (codec.cached_vocab(head.token_strings_sha) if head.token_strings_sha else None) \
         or get_model_vocab(session=session, model_id=sae.model_id)
