@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+from sqlalchemy.exc import ArgumentError, DisconnectionError, NoSuchModuleError
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.errors import ConfigError
@@ -32,6 +33,9 @@ DURABLE = "saescope_durable"
 WRITE = "saescope_write"
 SQLITE_MMAP_BYTES = 1 << 30  # address space, not memory: pages load on first touch
 SQLITE_CACHE_KIB = 32 * 1024
+# A pooled server connection idle at least this long is pinged before it is handed out (see
+# _install_idle_ping); one back in use sooner goes out as it is.
+IDLE_PING_S = 5.0
 
 
 _URL_EXAMPLES = "use e.g. sqlite:///data/saescope.db or postgresql+psycopg://user:pass@host/db"
@@ -55,9 +59,8 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         # psycopg 3 is the driver we depend on; plain postgresql:// would ask for psycopg2.
         parsed = parsed.set(drivername="postgresql+psycopg")
     if parsed.get_backend_name() != "sqlite":
-        kwargs.setdefault("pool_pre_ping", True)
         try:
-            return create_engine(parsed, **kwargs)
+            engine = create_engine(parsed, **kwargs)
         except NoSuchModuleError:
             raise ConfigError(f"unknown database backend {parsed.drivername!r} in "
                               f"{display_url(url)}; {_URL_EXAMPLES}") from None
@@ -66,6 +69,9 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
                 "postgresql" else ""
             raise ConfigError(f"the driver for {display_url(url)} is not installed: "
                               f"no module {exc.name!r}{extra}") from None
+        if not kwargs.get("pool_pre_ping"):
+            _install_idle_ping(engine)
+        return engine
 
     if parsed.database and parsed.database != ":memory:":
         Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
@@ -75,6 +81,31 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     engine = create_engine(parsed, connect_args=connect_args, **kwargs)
     _install_sqlite_events(engine)
     return engine
+
+
+def _install_idle_ping(engine: Engine) -> None:
+    """Ping a pooled connection before use only when it sat idle IDLE_PING_S or longer.
+
+    pool_pre_ping pings on every checkout: one more round trip to the server per request, on a
+    feature read that makes five (bench/serve.py). A connection used a moment ago was alive a
+    moment ago; the ones a server restart or an idle timeout leaves dead are those that sat in
+    the pool. A failed ping makes the pool drop the connection and hand out a fresh one, as
+    pool_pre_ping does (a server that goes away mid-burst fails that request either way).
+    """
+    @event.listens_for(engine, "checkin")
+    def _on_checkin(_dbapi_connection: Any, record: Any) -> None:
+        record.info["idle_since"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _on_checkout(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        # record.info belongs to this DBAPI connection: a fresh one has no entry, no ping.
+        since = record.info.pop("idle_since", None)
+        if since is None or time.monotonic() - since < IDLE_PING_S:
+            return
+        try:
+            engine.dialect.do_ping(dbapi_connection)
+        except engine.dialect.loaded_dbapi.Error as exc:
+            raise DisconnectionError(f"idle connection failed its ping: {exc}") from exc
 
 
 def _install_sqlite_events(engine: Engine) -> None:
