@@ -107,13 +107,7 @@ class ServerLabelScorer:
         self._pools: dict[tuple[str, int], SequencePool] = {}
 
     def _service(self) -> ModelService:
-        state = self.engine_state
-        if state.status == "ready" and state.service is not None:
-            return state.service
-        if state.status == "loading":
-            raise UnavailableError("the model is still loading; retry in a few seconds",
-                                   retry_after=5)
-        raise UnavailableError(f"scoring a label needs the server's model: {state.message}")
+        return self.engine_state.require("scoring a label needs the server's model")
 
     def _finished(self, work: asyncio.Future[Any]) -> None:
         self._running = False

@@ -66,10 +66,12 @@ class EngineState:
                     "SAESCOPE_LOAD_MODEL=false); restart it with `saescope serve --model`")
     service: ModelService | None = None
 
-    def require(self) -> ModelService:
+    def require(self, need: str = "text search and steering need a model") -> ModelService:
+        """The loaded model; UnavailableError (503) while it loads, or saying `need` and why
+        there is none."""
         if self.status == "ready" and self.service is not None:
             return self.service
         if self.status == "loading":
             raise UnavailableError("the model is still loading; retry in a few seconds",
                                    retry_after=5)
-        raise UnavailableError(f"text search and steering need a model: {self.message}")
+        raise UnavailableError(f"{need}: {self.message}")
