@@ -19,6 +19,9 @@ from app.api.security_headers import add_security_headers
 from app.errors import SaescopeError
 
 log = logging.getLogger(__name__)
+# A generation whose client left before its answer: logged with nginx's "client closed request"
+# status, never received.
+CLIENT_GONE = 499
 
 # (request, status_code, message, headers) -> Response | None; set by the web layer when present.
 HtmlRenderer = Callable[[Request, int, str, dict[str, str] | None], Response | None]

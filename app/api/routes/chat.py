@@ -21,6 +21,7 @@ from fastapi import APIRouter, Request, Response
 from sse_starlette import EventSourceResponse
 
 from app.api.deps import EngineStateDep, ModelWorkerDep, SettingsDep
+from app.api.errors import CLIENT_GONE
 from app.api.model_worker import ModelStream
 from app.api.openai_errors import OpenAIErrorBody
 from app.api.openai_schemas import (
@@ -39,7 +40,6 @@ from app.settings import Settings
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", tags=["openai"])
 __all__ = ["MAX_BODY_BYTES", "router"]
-CLIENT_GONE = 499  # nginx's "client closed request": logged, never received
 STARTED = int(time.time())  # a model card's `created`: when this server started
 
 

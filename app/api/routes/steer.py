@@ -24,6 +24,7 @@ from starlette.background import BackgroundTask
 
 from app.api.auth import Principal
 from app.api.deps import CurrentUser, EngineStateDep, ModelWorkerDep, SettingsDep, run_read
+from app.api.errors import CLIENT_GONE
 from app.api.generation_limit import HeldSlot, take_generation_slot
 from app.api.model_service import EngineState, ModelService
 from app.api.model_worker import ModelStream, ModelWorker
@@ -45,7 +46,6 @@ from app.store.read_models import SAEBrief
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/api/v1/steer", tags=["steer"])
 MAX_BODY_BYTES = GENERATION_MAX_BODY_BYTES
-CLIENT_GONE = 499  # nginx's "client closed request": logged, never received
 
 STREAM_RESPONSES: dict[int | str, dict[str, Any]] = {
     **STEER_RESPONSES,
